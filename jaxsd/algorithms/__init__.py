@@ -1,0 +1,1 @@
+"""jaxsd.algorithms (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""jaxsd.losses (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""jaxsd.models (see DESIGN.md)."""

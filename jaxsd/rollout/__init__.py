@@ -1,0 +1,1 @@
+"""jaxsd.rollout (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""jaxsd.tasks (see DESIGN.md)."""

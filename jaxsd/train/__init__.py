@@ -1,0 +1,1 @@
+"""jaxsd.train (see DESIGN.md)."""
