@@ -1,1 +1,55 @@
-"""jaxsd.losses (see DESIGN.md)."""
+"""jaxsd.losses: pure loss functions of arrays (METHODS.md §2–§7); imports no other jaxsd room."""
+
+from jaxsd.losses.aggregate import AGG_MODES, aggregate
+from jaxsd.losses.divergence import (
+    clipped_forward_kl,
+    clipped_forward_kl_from_logprobs,
+    distillation_divergence,
+    entropy_from_logits,
+    entropy_from_logprobs,
+    generalized_jsd_from_logprobs,
+    topk_divergence_from_logprobs,
+    topk_logprobs_and_tail,
+)
+from jaxsd.losses.policy import (
+    clip_indicators,
+    clipped_surrogate,
+    grpo_advantages,
+    importance_weight,
+    kl_penalty,
+    log_ratio,
+)
+from jaxsd.losses.rhythm import entropy_drop, rhythm_gate
+from jaxsd.losses.weights import (
+    difficulty_weights,
+    frontier_weights,
+    hard_filter_weights,
+    paced_weights,
+    pass_rate_weights,
+)
+
+__all__ = [
+    "AGG_MODES",
+    "aggregate",
+    "clip_indicators",
+    "clipped_forward_kl",
+    "clipped_forward_kl_from_logprobs",
+    "clipped_surrogate",
+    "difficulty_weights",
+    "distillation_divergence",
+    "entropy_drop",
+    "entropy_from_logits",
+    "entropy_from_logprobs",
+    "frontier_weights",
+    "generalized_jsd_from_logprobs",
+    "grpo_advantages",
+    "hard_filter_weights",
+    "importance_weight",
+    "kl_penalty",
+    "log_ratio",
+    "paced_weights",
+    "pass_rate_weights",
+    "rhythm_gate",
+    "topk_divergence_from_logprobs",
+    "topk_logprobs_and_tail",
+]

@@ -1,0 +1,225 @@
+"""Per-token distillation divergences (METHODS §2, §6) and entropy.
+
+Two entry points compute the same math:
+- from full-vocabulary logits `[..., V]` (`distillation_divergence`, `clipped_forward_kl`);
+- from already-gathered top-k quantities (`topk_divergence_from_logprobs`), which is what the
+  chunked train step uses so that `[tokens x vocab]` never leaves a chunk.
+`distillation_divergence` is literally `topk_logprobs_and_tail` followed by
+`topk_divergence_from_logprobs`.
+
+All math runs in at least float32 (bf16 inputs are upcast); results have that dtype.
+Zero-probability terms (log-prob -inf) contribute exactly 0, and their gradients are 0, not
+NaN: every `exp(a) * (a - b)` is evaluated on a "safe" copy of its inputs and then selected
+with `where` (the double-where trick), because `where` alone still back-propagates NaN.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "clipped_forward_kl",
+    "clipped_forward_kl_from_logprobs",
+    "distillation_divergence",
+    "entropy_from_logits",
+    "entropy_from_logprobs",
+    "generalized_jsd_from_logprobs",
+    "topk_divergence_from_logprobs",
+    "topk_logprobs_and_tail",
+]
+
+
+def _as_float(x: jax.Array) -> jax.Array:
+    """Upcast to at least float32 (bf16/fp16 logits lose nats in softmax sums)."""
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _check_alpha(alpha: float) -> None:
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"alpha={alpha} must lie in [0, 1] (0 = forward KL, 1 = reverse KL)")
+
+
+def _plogp_ratio(log_a: jax.Array, log_b: jax.Array) -> jax.Array:
+    """Elementwise `a * (log a - log b)` with a = exp(log_a); 0 where a = 0 (value and grad)."""
+    present = log_a > -jnp.inf
+    safe_a = jnp.where(present, log_a, 0.0)
+    safe_b = jnp.where(present, log_b, 0.0)
+    return jnp.where(present, jnp.exp(safe_a) * (safe_a - safe_b), 0.0)
+
+
+def _kl(log_a: jax.Array, log_b: jax.Array) -> jax.Array:
+    """KL(A || B) over the last axis from log-probabilities."""
+    return jnp.sum(_plogp_ratio(log_a, log_b), axis=-1)
+
+
+def _log_mixture(log_p: jax.Array, log_t: jax.Array, alpha: float) -> jax.Array:
+    """log((1-alpha) P + alpha T), -inf where both are 0 (grad-safe)."""
+    both_absent = (log_p == -jnp.inf) & (log_t == -jnp.inf)
+    safe_p = jnp.where(both_absent, 0.0, log_p)
+    safe_t = jnp.where(both_absent, 0.0, log_t)
+    mix = jnp.logaddexp(safe_p + math.log1p(-alpha), safe_t + math.log(alpha))
+    return jnp.where(both_absent, -jnp.inf, mix)
+
+
+def generalized_jsd_from_logprobs(
+    student_logp: jax.Array, teacher_logp: jax.Array, *, alpha: float = 0.5
+) -> jax.Array:
+    """Generalised JSD_alpha(P, T) over the last axis of normalised log-probs, METHODS §2.
+
+    alpha = 0: KL(T || P); alpha = 1: KL(P || T); else (1-a) KL(P || M) + a KL(T || M) with
+    M = (1-a) P + a T. The teacher is stop-gradient. Returns `[...]`.
+    """
+    _check_alpha(alpha)
+    log_p = _as_float(student_logp)
+    log_t = jax.lax.stop_gradient(_as_float(teacher_logp))
+    alpha = float(alpha)
+    if alpha == 0.0:
+        return _kl(log_t, log_p)
+    if alpha == 1.0:
+        return _kl(log_p, log_t)
+    log_m = _log_mixture(log_p, log_t, alpha)
+    return (1.0 - alpha) * _kl(log_p, log_m) + alpha * _kl(log_t, log_m)
+
+
+def topk_logprobs_and_tail(logits: jax.Array, indices: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Top-k log-probs and the exact tail log-mass, METHODS §2.
+
+    `logits [..., V]`, `indices [..., K]` (integer, distinct per row) ->
+    `(topk_logp [..., K], tail_logp [...])` where `topk_logp = log_softmax(logits)[indices]`
+    and `tail_logp = logsumexp_{v not in K} log_softmax(logits)_v`, computed over the
+    complement (never as log(1 - sum), which is 0 in fp32 once the tail is below ~1e-7).
+    An empty complement (K = V) gives -inf.
+    """
+    logits = _as_float(logits)
+    vocab, k = logits.shape[-1], indices.shape[-1]
+    if k > vocab:
+        raise ValueError(f"top_k={k} exceeds vocab size {vocab}")
+    logp_V = jax.nn.log_softmax(logits, axis=-1)
+    topk_logp = jnp.take_along_axis(logp_V, indices, axis=-1)
+    if k == vocab:
+        return topk_logp, jnp.full(logp_V.shape[:-1], -jnp.inf, logp_V.dtype)
+    in_topk_V = jnp.zeros(logp_V.shape, bool)
+    in_topk_V = jnp.put_along_axis(in_topk_V, indices, True, axis=-1, inplace=False)
+    tail_V = jnp.where(in_topk_V, -jnp.inf, logp_V)
+    # Rows whose complement has no mass (e.g. -inf-masked vocabulary padding) would give a
+    # NaN gradient through logsumexp; evaluate those rows on zeros and select -inf after.
+    has_mass = jnp.any(tail_V > -jnp.inf, axis=-1)
+    safe_tail_V = jnp.where(has_mass[..., None], tail_V, 0.0)
+    tail_logp = jnp.where(has_mass, jax.nn.logsumexp(safe_tail_V, axis=-1), -jnp.inf)
+    return topk_logp, tail_logp
+
+
+def topk_divergence_from_logprobs(
+    student_topk_logp: jax.Array,
+    student_tail_logp: jax.Array,
+    teacher_topk_logp: jax.Array,
+    teacher_tail_logp: jax.Array,
+    *,
+    alpha: float = 0.5,
+    add_tail: bool = True,
+) -> jax.Array:
+    """Top-k (+ tail bucket) generalised JSD from gathered log-probs, METHODS §2.
+
+    `*_topk_logp [..., K]` are full-vocabulary log-softmax values gathered at the student's
+    top-k indices, `*_tail_logp [...]` the log-mass outside them. With `add_tail` the
+    distributions live on K ∪ {tail}; without, each is renormalised over K. Returns `[...]`.
+    """
+    if student_topk_logp.shape != teacher_topk_logp.shape:
+        raise ValueError(
+            f"student top-k shape {student_topk_logp.shape} != teacher top-k shape "
+            f"{teacher_topk_logp.shape}; gather both at the student's top-k indices"
+        )
+    log_p = _as_float(student_topk_logp)
+    log_t = _as_float(teacher_topk_logp)
+    if add_tail:
+        log_p = jnp.concatenate([log_p, _as_float(student_tail_logp)[..., None]], axis=-1)
+        log_t = jnp.concatenate([log_t, _as_float(teacher_tail_logp)[..., None]], axis=-1)
+    else:
+        log_p = log_p - jax.nn.logsumexp(log_p, axis=-1, keepdims=True)
+        log_t = log_t - jax.nn.logsumexp(log_t, axis=-1, keepdims=True)
+    return generalized_jsd_from_logprobs(log_p, log_t, alpha=alpha)
+
+
+def distillation_divergence(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    *,
+    top_k: int | None = 100,
+    alpha: float = 0.5,
+    add_tail: bool = True,
+) -> jax.Array:
+    """Per-token top-k (+ tail) generalised JSD between student and teacher, METHODS §2.
+
+    `student_logits, teacher_logits [..., V]` -> `[...]`. `top_k=None` uses the full
+    vocabulary. K = the student's top-k indices. Gradient flows only through the student.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {student_logits.shape} and teacher logits "
+            f"{teacher_logits.shape} must have the same shape [..., V]"
+        )
+    _check_alpha(alpha)
+    teacher_logits = jax.lax.stop_gradient(teacher_logits)
+    vocab = student_logits.shape[-1]
+    if top_k is None:
+        return generalized_jsd_from_logprobs(
+            jax.nn.log_softmax(_as_float(student_logits), axis=-1),
+            jax.nn.log_softmax(_as_float(teacher_logits), axis=-1),
+            alpha=alpha,
+        )
+    if not 1 <= top_k <= vocab:
+        raise ValueError(f"top_k={top_k} must be in [1, vocab size {vocab}] (or None for all)")
+    _, indices = jax.lax.top_k(jax.lax.stop_gradient(student_logits), top_k)
+    s_topk, s_tail = topk_logprobs_and_tail(student_logits, indices)
+    t_topk, t_tail = topk_logprobs_and_tail(teacher_logits, indices)
+    return topk_divergence_from_logprobs(
+        s_topk, s_tail, t_topk, t_tail, alpha=alpha, add_tail=add_tail
+    )
+
+
+def clipped_forward_kl_from_logprobs(
+    student_logp: jax.Array, teacher_logp: jax.Array, *, clip: float = 1.0
+) -> jax.Array:
+    """SSOPD pointwise-clipped forward KL `sum_v min(T (log T - log P), c)`, METHODS §6.
+
+    Inputs are normalised log-probs `[..., N]`; the teacher is stop-gradient. Returns `[...]`.
+    """
+    log_p = _as_float(student_logp)
+    log_t = jax.lax.stop_gradient(_as_float(teacher_logp))
+    return jnp.sum(jnp.minimum(_plogp_ratio(log_t, log_p), clip), axis=-1)
+
+
+def clipped_forward_kl(
+    student_logits: jax.Array, teacher_logits: jax.Array, *, clip: float = 1.0
+) -> jax.Array:
+    """SSOPD pointwise-clipped forward KL over the full vocabulary, METHODS §6.
+
+    `[..., V]` logits -> `[...]`; clip applied per vocabulary summand before the sum.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {student_logits.shape} and teacher logits "
+            f"{teacher_logits.shape} must have the same shape [..., V]"
+        )
+    return clipped_forward_kl_from_logprobs(
+        jax.nn.log_softmax(_as_float(student_logits), axis=-1),
+        jax.nn.log_softmax(_as_float(jax.lax.stop_gradient(teacher_logits)), axis=-1),
+        clip=clip,
+    )
+
+
+def entropy_from_logprobs(logp: jax.Array) -> jax.Array:
+    """Shannon entropy `-sum p log p` over the last axis of normalised log-probs."""
+    logp = _as_float(logp)
+    present = logp > -jnp.inf
+    safe = jnp.where(present, logp, 0.0)
+    return -jnp.sum(jnp.where(present, jnp.exp(safe) * safe, 0.0), axis=-1)
+
+
+def entropy_from_logits(logits: jax.Array) -> jax.Array:
+    """Shannon entropy of softmax(logits) over the last axis: `[..., V] -> [...]`."""
+    return entropy_from_logprobs(jax.nn.log_softmax(_as_float(logits), axis=-1))
