@@ -1,0 +1,214 @@
+"""Host-side types shared by every algorithm: verified rollouts in, per-rollout plans out.
+
+An algorithm turns the verified rollouts of one step (grouped by question) into the
+per-rollout numbers of the train step's batch (notes/batch_contract.md): the teacher's chat
+messages (tokenised later by the loop), the GRPO advantage and the weights of each loss term.
+Its memory between steps (DRIFT's EMA pass rates and success buffer, PACED's frozen pass
+rates, the buffer-draw RNG) is an explicit `HostState` that round-trips through JSON, so a
+checkpoint restores it exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+Message = dict[str, str]  # one chat message: {"role": ..., "content": ...}
+
+# Routing labels (metrics): which branch of the objective a rollout feeds.
+ROUTE_NONE = "none"  # no loss term at all
+ROUTE_SD = "sd"  # distillation (SDPO-style self-teacher)
+ROUTE_PG = "pg"  # clipped surrogate (GRPO)
+ROUTE_PG_SSOPD = "pg+ssopd"  # GRPO plus SSOPD's clipped forward KL on its prefix
+ROUTES = (ROUTE_NONE, ROUTE_SD, ROUTE_PG, ROUTE_PG_SSOPD)
+
+# Where a teacher context came from (metrics).
+SOURCE_NONE = "none"
+SOURCE_SOLUTION = "solution"  # a successful sibling rollout of the same group
+SOURCE_FEEDBACK = "feedback"  # this rollout's environment feedback (SDPO, no solution)
+SOURCE_BUFFER = "buffer"  # DRIFT's success buffer (no success in the group)
+SOURCE_PRIVILEGED = "privileged"  # SSOPD's privileged context with y+
+SOURCES = (SOURCE_NONE, SOURCE_SOLUTION, SOURCE_FEEDBACK, SOURCE_BUFFER, SOURCE_PRIVILEGED)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rollout:
+    """One verified rollout of a question (the verifier's reward and feedback attached)."""
+
+    question_id: str
+    prompt: Sequence[Message]  # chat messages of the student prompt
+    response: str  # decoded response text
+    response_ids: Sequence[int]  # sampled response token ids
+    logprobs: np.ndarray  # [len(response_ids)] rollout engine's sampled-token log-probs
+    reward: float
+    feedback: str | None = None  # environment feedback text (None or "" = none)
+    entropy: float | None = None  # mean token entropy of the response (DRIFT warm-up)
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(float(self.reward)):
+            raise ValueError(
+                f"rollout of question {self.question_id!r} has reward={self.reward}; the "
+                "verifier must return a finite number"
+            )
+        if len(self.logprobs) != len(self.response_ids):
+            raise ValueError(
+                f"rollout of question {self.question_id!r}: logprobs has {len(self.logprobs)} "
+                f"entries but response_ids has {len(self.response_ids)}; pass one log-prob per "
+                "sampled token"
+            )
+
+    @property
+    def length(self) -> int:
+        """Response length in tokens."""
+        return len(self.response_ids)
+
+    @property
+    def mean_logprob(self) -> float:
+        """Mean sampled-token log-prob (length-normalised; 0 for an empty response)."""
+        return float(np.mean(self.logprobs)) if self.length else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """The G rollouts of one question in one step."""
+
+    question_id: str
+    rollouts: tuple[Rollout, ...]
+
+    def __post_init__(self) -> None:
+        if not self.rollouts:
+            raise ValueError(f"group of question {self.question_id!r} has no rollouts")
+        others = {r.question_id for r in self.rollouts} - {self.question_id}
+        if others:
+            raise ValueError(
+                f"group of question {self.question_id!r} holds rollouts of {sorted(others)}; "
+                "group rollouts by question_id (see `group_rollouts`)"
+            )
+
+    @property
+    def rewards(self) -> np.ndarray:
+        """Rewards `[G]` as float64."""
+        return np.asarray([r.reward for r in self.rollouts], dtype=np.float64)
+
+    def __len__(self) -> int:
+        return len(self.rollouts)
+
+
+def group_rollouts(rollouts: Sequence[Rollout]) -> list[Group]:
+    """Group a flat list by question_id, keeping first-appearance order of questions."""
+    by_question: dict[str, list[Rollout]] = {}
+    for rollout in rollouts:
+        by_question.setdefault(rollout.question_id, []).append(rollout)
+    return [Group(q, tuple(rs)) for q, rs in by_question.items()]
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutPlan:
+    """What the train step does with one rollout (fields of `TrainSample`, batch contract)."""
+
+    teacher_messages: list[Message] | None = None  # reprompt chat; None -> no teacher row
+    advantage: float = 0.0
+    pg_weight: float = 0.0
+    sd_weight: float = 0.0
+    ssopd_weight: float = 0.0
+    ssopd_len: int = 0
+    rhythm_beta: float = 0.0
+    route: str = ROUTE_NONE  # metrics label, one of ROUTES
+    teacher_source: str = SOURCE_NONE  # metrics label, one of SOURCES
+
+
+@dataclasses.dataclass(frozen=True)
+class BufferEntry:
+    """One success-buffer entry (METHODS §7): a successful response and its reward."""
+
+    response: str
+    reward: float
+
+
+@dataclasses.dataclass(frozen=True)
+class HostState:
+    """Everything an algorithm remembers between steps; saved with every checkpoint.
+
+    `ema_pass_rates` (DRIFT routing), `success_buffer` (DRIFT), `frozen_pass_rates`
+    (PACED, the whole training set's offline pass rates), `rng_state` (numpy PCG64 state of
+    DRIFT's buffer draws) and `num_plans` (steps planned so far; DRIFT's warm-up counter).
+    """
+
+    ema_pass_rates: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    success_buffer: Mapping[str, tuple[BufferEntry, ...]] = dataclasses.field(default_factory=dict)
+    frozen_pass_rates: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    rng_state: Mapping[str, Any] | None = None
+    num_plans: int = 0
+
+    def to_json(self) -> str:
+        """Serialise exactly (floats round-trip through `repr`, RNG state as integers)."""
+        return json.dumps(
+            {
+                "ema_pass_rates": dict(self.ema_pass_rates),
+                "success_buffer": {
+                    q: [[e.response, e.reward] for e in entries]
+                    for q, entries in self.success_buffer.items()
+                },
+                "frozen_pass_rates": dict(self.frozen_pass_rates),
+                "rng_state": self.rng_state,
+                "num_plans": self.num_plans,
+            },
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> HostState:
+        """Inverse of `to_json`; a malformed record raises naming the field."""
+        try:
+            raw = json.loads(text)
+            return cls(
+                ema_pass_rates={str(q): float(v) for q, v in raw["ema_pass_rates"].items()},
+                success_buffer={
+                    str(q): tuple(BufferEntry(str(resp), float(rew)) for resp, rew in entries)
+                    for q, entries in raw["success_buffer"].items()
+                },
+                frozen_pass_rates={str(q): float(v) for q, v in raw["frozen_pass_rates"].items()},
+                rng_state=raw["rng_state"],
+                num_plans=int(raw["num_plans"]),
+            )
+        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as err:
+            raise ValueError(
+                f"algorithm host state is malformed ({type(err).__name__}: {err}); expected the "
+                "JSON written by HostState.to_json (restore it from an intact checkpoint)"
+            ) from err
+
+
+class Algorithm(Protocol):
+    """A method of METHODS.md, host side: verified groups -> per-rollout plans."""
+
+    name: str
+
+    def init_state(self, seed: int) -> HostState:
+        """The state before the first step."""
+        ...
+
+    def step_switches(self) -> dict[str, Any]:
+        """Static switches of the train-step factory this method needs."""
+        ...
+
+    def plan(
+        self, groups: Sequence[Group], state: HostState, *, epoch: int
+    ) -> tuple[list[RolloutPlan], HostState, dict[str, float]]:
+        """Plans in group-major order (group 0's rollouts first), new state, metrics."""
+        ...
+
+
+def flat_rollouts(groups: Sequence[Group]) -> list[Rollout]:
+    """Rollouts in the order `plan` returns their plans (group-major)."""
+    return [r for g in groups for r in g.rollouts]
+
+
+def check_epoch(epoch: int) -> None:
+    """Epochs count from 0; a negative epoch is a loop bug."""
+    if epoch < 0:
+        raise ValueError(f"epoch={epoch} is negative; pass the 0-based data epoch")

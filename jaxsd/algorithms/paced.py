@@ -1,0 +1,100 @@
+"""PACED baseline (METHODS §5): SDPO weighted by `[p⁰(1−p⁰)]^1` from frozen offline rates.
+
+Before training, one offline rollout pass over the training questions gives `p⁰_i`
+(`estimate_pass_rates`); `freeze_pass_rates` stores them in the host state, where they never
+change again. Weights are normalised globally: mean 1 over the dataset's 0 < p⁰ < 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxsd.algorithms import base, common, sdpo
+from jaxsd.losses import weights as weights_lib
+
+
+def estimate_pass_rates(
+    groups: Sequence[base.Group], *, success_threshold: float = 0.5
+) -> dict[str, float]:
+    """Offline pass rates `p⁰_i`, pooling every rollout of a question across groups."""
+    successes: dict[str, int] = {}
+    totals: dict[str, int] = {}
+    for group in groups:
+        q = group.question_id
+        successes[q] = successes.get(q, 0) + sum(
+            common.is_success(r, success_threshold) for r in group.rollouts
+        )
+        totals[q] = totals.get(q, 0) + len(group)
+    return {q: successes[q] / totals[q] for q in totals}
+
+
+def freeze_pass_rates(state: base.HostState, pass_rates: Mapping[str, float]) -> base.HostState:
+    """The state with PACED's frozen rates set (once, before the first step)."""
+    if not pass_rates:
+        raise ValueError("PACED needs at least one offline pass rate; run estimate_pass_rates")
+    for q, p in pass_rates.items():
+        if not (math.isfinite(p) and 0.0 <= p <= 1.0):
+            raise ValueError(f"frozen pass rate of question {q!r} is {p}; it must lie in [0, 1]")
+    return dataclasses.replace(
+        state, frozen_pass_rates={str(q): float(p) for q, p in pass_rates.items()}
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class PACED:
+    """SDPO with PACED's frozen, globally normalised question weights."""
+
+    exponent: float = 1.0
+    success_threshold: float = 0.5
+    feedback_only_without_solution: bool = True
+    dont_reprompt_on_self_success: bool = True
+    name: str = "paced"
+
+    def init_state(self, seed: int) -> base.HostState:
+        """Empty; the loop must call `freeze_pass_rates` after its offline pass."""
+        return base.HostState()
+
+    def step_switches(self) -> dict[str, Any]:
+        """Distillation only, EMA self-teacher."""
+        return dict(sdpo.DISTILL_SWITCHES)
+
+    def question_weights(self, state: base.HostState) -> dict[str, float]:
+        """`w_i` for every question of the dataset (global normalisation), METHODS §5."""
+        if not state.frozen_pass_rates:
+            raise ValueError(
+                "PACED has no frozen pass rates; run the offline pass "
+                "(paced.estimate_pass_rates) and paced.freeze_pass_rates before training"
+            )
+        ids = sorted(state.frozen_pass_rates)
+        p0 = np.asarray([state.frozen_pass_rates[q] for q in ids], np.float64)
+        w = np.asarray(weights_lib.paced_weights(p0, exponent=self.exponent), np.float64)
+        return dict(zip(ids, w.tolist(), strict=True))
+
+    def plan(
+        self, groups: Sequence[base.Group], state: base.HostState, *, epoch: int
+    ) -> tuple[list[base.RolloutPlan], base.HostState, dict[str, float]]:
+        """SDPO plans with `sd_weight = w_i · sd_mask`; the state is never changed."""
+        base.check_epoch(epoch)
+        table = self.question_weights(state)
+        missing = [g.question_id for g in groups if g.question_id not in table]
+        if missing:
+            raise ValueError(
+                f"questions {missing[:5]} have no frozen PACED pass rate; the offline pass must "
+                "cover every training question"
+            )
+        w = [table[g.question_id] for g in groups]
+        plans = sdpo.weighted_sdpo_plans(
+            groups,
+            w,
+            success_threshold=self.success_threshold,
+            feedback_only_without_solution=self.feedback_only_without_solution,
+            dont_reprompt_on_self_success=self.dont_reprompt_on_self_success,
+        )
+        metrics = common.plan_metrics(plans, groups, self.success_threshold)
+        metrics["question_weight/mean"] = float(np.mean(w)) if w else 0.0
+        return plans, state, metrics

@@ -1,0 +1,68 @@
+"""SRPO baseline (METHODS §8): route each rollout to SDPO or GRPO."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from jaxsd.algorithms import base, common
+
+
+@dataclasses.dataclass(frozen=True)
+class SRPO:
+    """Incorrect rollouts with a correct sibling -> SDPO; every other rollout -> GRPO.
+
+    The GRPO advantage of a GRPO-routed rollout is computed over its whole group.
+    """
+
+    normalize: bool = True
+    eps: float = 1e-6
+    success_threshold: float = 0.5
+    name: str = "srpo"
+
+    def init_state(self, seed: int) -> base.HostState:
+        """Stateless."""
+        return base.HostState()
+
+    def step_switches(self) -> dict[str, Any]:
+        """Both branches live in one step; EMA self-teacher for the SDPO branch."""
+        return dict(
+            use_distillation=True,
+            use_surrogate=True,
+            use_ssopd=False,
+            use_rhythm=False,
+            teacher_mode="ema",
+        )
+
+    def plan(
+        self, groups: Sequence[base.Group], state: base.HostState, *, epoch: int
+    ) -> tuple[list[base.RolloutPlan], base.HostState, dict[str, float]]:
+        """Sample routing, METHODS §8."""
+        base.check_epoch(epoch)
+        plans = []
+        for group in groups:
+            adv = common.group_advantages(group, normalize=self.normalize, eps=self.eps)
+            for j, rollout in enumerate(group.rollouts):
+                solution = None
+                if not common.is_success(rollout, self.success_threshold):
+                    solution = common.first_other_success(group, j, self.success_threshold)
+                if solution is not None:
+                    messages, source = common.sdpo_context(
+                        group, j, threshold=self.success_threshold
+                    )
+                    plans.append(
+                        base.RolloutPlan(
+                            teacher_messages=messages,
+                            sd_weight=1.0,
+                            route=base.ROUTE_SD,
+                            teacher_source=source,
+                        )
+                    )
+                else:
+                    plans.append(
+                        base.RolloutPlan(
+                            advantage=float(adv[j]), pg_weight=1.0, route=base.ROUTE_PG
+                        )
+                    )
+        return plans, state, common.plan_metrics(plans, groups, self.success_threshold)

@@ -1,0 +1,128 @@
+"""SSOPD (METHODS §5–§6): GRPO plus a frontier-weighted clipped forward KL on one pair.
+
+Per group with both correct (C) and wrong (W) rollouts: the wrong rollout y⁻ is distilled on
+its first `L = min(|y⁻|, L_max)` tokens towards a FIXED teacher that sees the correct
+rollout y⁺ as privileged context, weighted by `ω_i = λ p̂_i (1 − p̂_i)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxsd.algorithms import base, common, grpo
+from jaxsd.algorithms.reprompt import ssopd_privileged_messages
+from jaxsd.losses import weights as weights_lib
+
+# Selector -> key whose argmax picks the rollout (ties -> first in group order). "logp" is the
+# mean sampled-token log-prob, so it does not duplicate the length selectors.
+_KEYS: dict[str, Callable[[base.Rollout], float]] = {
+    "shortest": lambda r: -r.length,
+    "longest": lambda r: r.length,
+    "max-logp": lambda r: r.mean_logprob,
+    "min-logp": lambda r: -r.mean_logprob,
+}
+CORRECT_SELECTORS = ("shortest", "longest", "max-logp", "min-logp")
+WRONG_SELECTORS = ("longest", "shortest", "min-logp")
+
+
+def select(candidates: Sequence[int], group: base.Group, selector: str) -> int:
+    """Index (into the group) of the candidate maximising the selector's key; ties -> first."""
+    key = _KEYS[selector]
+    return max(candidates, key=lambda j: (key(group.rollouts[j]), -j))
+
+
+@dataclasses.dataclass(frozen=True)
+class SSOPD:
+    """GRPO + SSOPD auxiliary term; defaults y⁺ = shortest correct, y⁻ = longest wrong."""
+
+    frontier_scale: float = 4.0  # λ
+    max_len: int = 256  # L_max
+    kl_clip: float = 1.0  # c, applied in the train step (switch `ssopd_clip`)
+    correct_selector: str = "shortest"
+    wrong_selector: str = "longest"
+    normalize: bool = True
+    eps: float = 1e-6
+    success_threshold: float = 0.5
+    name: str = "ssopd"
+
+    def __post_init__(self) -> None:
+        if self.correct_selector not in CORRECT_SELECTORS:
+            raise ValueError(
+                f"algorithm.correct_selector={self.correct_selector!r} is unknown; "
+                f"use one of {CORRECT_SELECTORS}"
+            )
+        if self.wrong_selector not in WRONG_SELECTORS:
+            raise ValueError(
+                f"algorithm.wrong_selector={self.wrong_selector!r} is unknown; "
+                f"use one of {WRONG_SELECTORS}"
+            )
+        if self.max_len < 1:
+            raise ValueError(f"algorithm.max_len={self.max_len} must be >= 1 (L_max, default 256)")
+        if self.frontier_scale < 0 or self.kl_clip <= 0:
+            raise ValueError(
+                f"algorithm.frontier_scale={self.frontier_scale} must be >= 0 and "
+                f"algorithm.kl_clip={self.kl_clip} > 0"
+            )
+
+    def init_state(self, seed: int) -> base.HostState:
+        """Stateless."""
+        return base.HostState()
+
+    def step_switches(self) -> dict[str, Any]:
+        """Surrogate + SSOPD term against the fixed initial teacher."""
+        return dict(
+            use_distillation=False,
+            use_surrogate=True,
+            use_ssopd=True,
+            use_rhythm=False,
+            teacher_mode="fixed",
+            ssopd_clip=self.kl_clip,
+        )
+
+    def pair(self, group: base.Group) -> tuple[int, int] | None:
+        """(index of y⁺, index of y⁻) or None when C or W is empty, METHODS §6."""
+        correct = [
+            j for j, r in enumerate(group.rollouts) if common.is_success(r, self.success_threshold)
+        ]
+        wrong = [j for j in range(len(group)) if j not in correct]
+        if not correct or not wrong:
+            return None
+        return select(correct, group, self.correct_selector), select(
+            wrong, group, self.wrong_selector
+        )
+
+    def plan(
+        self, groups: Sequence[base.Group], state: base.HostState, *, epoch: int
+    ) -> tuple[list[base.RolloutPlan], base.HostState, dict[str, float]]:
+        """GRPO on every rollout; y⁻ also carries ω_i, L and the privileged teacher chat."""
+        base.check_epoch(epoch)
+        plans = grpo.grpo_plans(groups, normalize=self.normalize, eps=self.eps)
+        p = common.pass_rates(groups, self.success_threshold)
+        omega = np.asarray(weights_lib.frontier_weights(p, scale=self.frontier_scale), np.float64)
+        offset, lengths = 0, []
+        for i, group in enumerate(groups):
+            pair = self.pair(group)
+            if pair is not None:
+                pos, neg = pair
+                y_neg = group.rollouts[neg]
+                length = min(y_neg.length, self.max_len)
+                lengths.append(length)
+                plans[offset + neg] = dataclasses.replace(
+                    plans[offset + neg],
+                    teacher_messages=ssopd_privileged_messages(
+                        y_neg.prompt, reference=group.rollouts[pos].response
+                    ),
+                    ssopd_weight=float(omega[i]),
+                    ssopd_len=length,
+                    route=base.ROUTE_PG_SSOPD,
+                    teacher_source=base.SOURCE_PRIVILEGED,
+                )
+            offset += len(group)
+        metrics = common.plan_metrics(plans, groups, self.success_threshold)
+        metrics["ssopd/num_pairs"] = float(len(lengths))
+        metrics["ssopd/mean_len"] = float(np.mean(lengths)) if lengths else 0.0
+        return plans, state, metrics
