@@ -1,0 +1,124 @@
+"""Task protocol, verdicts, the task registry and validated record loading."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+# Repo root is three levels above this file (jaxsd/tasks/base.py).
+_REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+DATA_DIR_ENV = "JAXSD_DATA_DIR"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Outcome of verifying one response: reward, environment feedback, voted answer."""
+
+    reward: float
+    feedback: str | None
+    extracted: str | None
+
+
+@runtime_checkable
+class Task(Protocol):
+    """A dataset + prompt + verifier. Records are plain dicts with at least
+    `id`, `system` (str | None), `prompt` (the user message) and `answer`."""
+
+    name: str
+
+    def load(
+        self, split: str, data_dir: str | os.PathLike | None = None
+    ) -> list[dict[str, Any]]: ...
+
+    def messages(self, record: dict[str, Any]) -> list[dict[str, str]]: ...
+
+    def verify(self, response: str, record: dict[str, Any]) -> Verdict: ...
+
+
+class RecordError(ValueError):
+    """A dataset record is malformed (missing field or wrong type)."""
+
+
+_REGISTRY: dict[str, Callable[..., Task]] = {}
+
+
+def register_task(name: str, factory: Callable[..., Task]) -> None:
+    """Register `factory(**kwargs) -> Task` under `name` (a name may be registered once)."""
+    if name in _REGISTRY:
+        raise ValueError(f"task {name!r} is already registered")
+    _REGISTRY[name] = factory
+
+
+def get_task(name: str, **kwargs: Any) -> Task:
+    """Build the task registered as `name`; kwargs go to its constructor."""
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown task {name!r}; registered tasks: {', '.join(task_names())}")
+    return _REGISTRY[name](**kwargs)
+
+
+def task_names() -> list[str]:
+    """Names of all registered tasks, sorted."""
+    return sorted(_REGISTRY)
+
+
+def default_data_dir() -> pathlib.Path:
+    """$JAXSD_DATA_DIR, else ../shared/data next to the repository."""
+    env = os.environ.get(DATA_DIR_ENV)
+    if env:
+        return pathlib.Path(env)
+    return _REPO_ROOT.parent / "shared" / "data"
+
+
+def resolve_data_file(data_dir: str | os.PathLike | None, relative: str) -> pathlib.Path:
+    """`data_dir / relative`, raising a FileNotFoundError that says how to fix it."""
+    root = pathlib.Path(data_dir) if data_dir is not None else default_data_dir()
+    path = root / relative
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"data file {path} not found; pass data_dir=... or set ${DATA_DIR_ENV} to the "
+            f"folder holding {relative}"
+        )
+    return path
+
+
+def load_json_rows(path: pathlib.Path) -> list[dict[str, Any]]:
+    """Rows of a JSON-lines or JSON-array file, read with `datasets`."""
+    import datasets  # heavy import: only when data is actually loaded
+
+    datasets.disable_progress_bars()
+    ds = datasets.load_dataset("json", data_files=str(path), split="train")
+    return [dict(row) for row in ds]
+
+
+def require(row: dict[str, Any], field: str, kind: type | tuple[type, ...], where: str) -> Any:
+    """row[field], checked to be an instance of `kind`; `where` names file and index."""
+    value = row.get(field)
+    if value is None:
+        raise RecordError(f"{where}: missing field {field!r}")
+    # bool is an int subclass; a True where an int belongs is a data bug, not a number.
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        want = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise RecordError(
+            f"{where}: field {field!r} must be {want}, got {type(value).__name__} "
+            f"({str(value)[:60]!r})"
+        )
+    return value
+
+
+def where(path: pathlib.Path, index: int) -> str:
+    """Location string used in every RecordError."""
+    return f"{path} record {index}"
+
+
+def chat(system: str | None, user: str) -> list[dict[str, str]]:
+    """Chat messages: an optional system message, then the user message."""
+    msgs = [] if system is None else [{"role": "system", "content": system}]
+    return [*msgs, {"role": "user", "content": user}]
+
+
+def clip_text(text: str, limit: int = 200) -> str:
+    """Shorten text for feedback messages (the answer may be a 1 MB ramble)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
