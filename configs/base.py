@@ -1,0 +1,166 @@
+"""Shared defaults of every method's config; method files override only what differs.
+
+`get_config(arg)` picks a preset:
+- "" / None (default): the embedded CPU run — a tiny Qwen3 made on the fly
+  (jaxsd.models.tiny), the offline arithmetic task, the embedded JAX sampler, a 1-device mesh.
+- "smoke": the tiniest variant (3 steps) that CI runs end to end for every method.
+- "qwen3_8b": the paper's table A.2 (METHODS §10) with vLLM rollouts.
+Command-line overrides work as usual: `--config.optim.lr=3e-6`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from jaxsd import algorithms
+
+PRESETS = ("default", "smoke", "qwen3_8b")
+
+
+def parse_preset(arg: str | None) -> str:
+    """`get_config` argument -> preset name ("" and None mean "default")."""
+    preset = arg or "default"
+    if preset not in PRESETS:
+        raise ValueError(f"unknown config preset {arg!r}; use one of {PRESETS} (e.g. x.py:smoke)")
+    return preset
+
+
+def algorithm_config(name: str, **overrides) -> ml_collections.ConfigDict:
+    """`algorithm.*`: the method's name and ALL its hyper-parameters (METHODS defaults).
+
+    Defaults come from the method's dataclass in jaxsd.algorithms (one place for them).
+    """
+    cls = algorithms.REGISTRY[name]
+    values = {f.name: f.default for f in dataclasses.fields(cls) if f.name != "name"}
+    unknown = sorted(set(overrides) - set(values))
+    if unknown:
+        raise ValueError(f"algorithm.{unknown[0]} is not a hyper-parameter of {name!r}")
+    values.update(overrides)
+    return ml_collections.ConfigDict({"name": name, **values})
+
+
+def get_config(arg: str | None = None, *, run_name: str = "sdpo") -> ml_collections.ConfigDict:
+    """Base config of a preset; `algorithm` is SDPO until a method file replaces it."""
+    preset = parse_preset(arg)
+    c = ml_collections.ConfigDict()
+    c.preset = preset
+    c.total_steps = 50  # optimizer steps
+    c.seed = 0
+    c.run_dir = "runs/default"  # checkpoints, weights/<step>, metrics.jsonl, TensorBoard
+    c.resume = True  # continue from the latest checkpoint in run_dir when there is one
+    c.eval_every = 25  # steps between evaluations (0 = never)
+    c.checkpoint_every = 10  # steps between checkpoints (0 = only at the end)
+    c.keep_checkpoints = 3
+    c.log_every = 1
+
+    # Policy model. path "" = make the tiny random Qwen3 (jaxsd.models.tiny) in run_dir.
+    c.model = ml_collections.ConfigDict()
+    c.model.path = ""
+    c.model.tiny = ml_collections.ConfigDict(
+        dict(vocab_size=1024, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+             head_dim=16, intermediate_size=128, seed=0)
+    )  # fmt: skip
+    c.model.param_dtype = "float32"
+    c.model.compute_dtype = "float32"
+    c.model.remat = False
+    c.model.enable_thinking = False  # chat template switch (Qwen3)
+
+    # Task (jaxsd.tasks registry name) and how many questions each step samples.
+    c.task = ml_collections.ConfigDict()
+    c.task.name = "arithmetic"
+    c.task.kwargs = ml_collections.ConfigDict(dict(digits=1, train_size=256, test_size=32))
+    c.task.data_dir = ""  # "" = /work/shared/data-style default of jaxsd.tasks
+    c.task.questions_per_step = 4  # Q
+    c.task.max_prompt_len = 128
+    c.task.max_reprompt_len = 512  # teacher prompt, truncated right (SDPO: 10240)
+    c.task.shuffle = True
+
+    # Rollouts (training) and evaluation sampling.
+    c.rollout = ml_collections.ConfigDict()
+    c.rollout.engine = "jax"  # "jax" (embedded sampler) | "vllm" (separate process)
+    c.rollout.n = 4  # G rollouts per question
+    c.rollout.temperature = 1.0
+    c.rollout.top_p = 1.0
+    c.rollout.max_new_tokens = 32
+    c.rollout.eval_n = 16  # mean@16, maj@16, best@16 (METHODS §9)
+    c.rollout.eval_temperature = 0.6
+    c.rollout.eval_top_p = 0.95
+    c.rollout.eval_questions = 32  # test questions per evaluation (0 = whole split)
+
+    c.algorithm = algorithm_config("sdpo")
+
+    # Loss terms (METHODS §2–§4, §6). Which terms are on comes from the algorithm.
+    c.loss = ml_collections.ConfigDict()
+    c.loss.top_k = 100  # student top-k of the distillation divergence
+    c.loss.alpha = 0.5  # generalised JSD interpolation (0 forward KL, 1 reverse KL)
+    c.loss.add_tail = True
+    c.loss.is_clip = 2.0  # importance-weight cap of the distillation loss
+    c.loss.rollout_is_threshold = 2.0  # trainer/rollout log-prob mismatch correction
+    c.loss.loss_agg_mode = "token-mean"
+    c.loss.loss_agg_norm = 1.0  # constant of seq-mean-token-sum-norm (Dr. GRPO)
+    c.loss.chunk_size = 256  # tokens per LM-head/divergence chunk
+    c.loss.clip_low = 0.2
+    c.loss.clip_high = 0.28
+    c.loss.dual_clip = 3.0
+    c.loss.kl_coef = 0.0
+    c.loss.kl_estimator = "k3"
+    c.loss.entropy_coef = 0.0
+    c.loss.teacher_ema = 0.05  # λ of θ_T ← (1−λ) θ_T + λ θ
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-4
+    c.optim.schedule = "constant"  # after linear warm-up
+    c.optim.warmup_steps = 2
+    c.optim.weight_decay = 0.01
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.grad_clip = 1.0
+
+    # Device mesh; one axis may be -1 = all remaining devices.
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
+
+    if preset == "smoke":
+        c.total_steps = 3
+        c.eval_every = 3
+        c.checkpoint_every = 3
+        c.task.kwargs.update(train_size=16, test_size=4)
+        c.task.questions_per_step = 2
+        c.rollout.n = 4
+        c.rollout.max_new_tokens = 8
+        c.rollout.eval_n = 4
+        c.rollout.eval_questions = 2
+        c.loss.top_k = 16
+        c.loss.chunk_size = 64
+        c.optim.warmup_steps = 1
+    elif preset == "qwen3_8b":
+        c.total_steps = 200  # our default; the papers report curves to a few hundred steps
+        c.eval_every = 20
+        c.checkpoint_every = 20
+        c.model.path = "Qwen/Qwen3-8B"  # HF name or local folder
+        c.model.param_dtype = "float32"
+        c.model.compute_dtype = "bfloat16"
+        c.model.remat = True
+        c.task.name = "sciknoweval"
+        c.task.kwargs = ml_collections.ConfigDict()
+        c.task.questions_per_step = 32
+        c.task.max_prompt_len = 2048
+        c.task.max_reprompt_len = 10240
+        c.rollout.engine = "vllm"
+        c.rollout.n = 8
+        c.rollout.temperature = 1.0
+        c.rollout.max_new_tokens = 2048
+        c.rollout.eval_questions = 0
+        c.loss.top_k = 100
+        c.loss.alpha = 0.5
+        c.loss.chunk_size = 1024
+        c.loss.teacher_ema = 0.05
+        c.optim.lr = 1e-5
+        c.optim.warmup_steps = 10
+        c.optim.weight_decay = 0.01
+        c.optim.grad_clip = 1.0
+        c.mesh.update(data=1, fsdp=-1, tensor=1)
+    c.run_dir = f"runs/{run_name}_{preset}"
+    return c

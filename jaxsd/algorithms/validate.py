@@ -1,0 +1,176 @@
+"""Config validation: every bad value fails before any compile, naming the key and the fix."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from jaxsd import algorithms
+
+ENGINES = ("jax", "vllm")
+LOSS_AGG_MODES = (
+    "token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum-norm",
+)
+SCHEDULES = ("constant", "cosine", "linear")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+REQUIRED_KEYS = (
+    "total_steps",
+    "seed",
+    "run_dir",
+    "resume",
+    "eval_every",
+    "checkpoint_every",
+    "model",
+    "task",
+    "rollout",
+    "algorithm",
+    "loss",
+    "optim",
+    "mesh",
+    "rollout.engine",
+    "rollout.n",
+    "rollout.temperature",
+    "rollout.top_p",
+    "rollout.max_new_tokens",
+    "task.questions_per_step",
+    "algorithm.name",
+    "loss.top_k",
+    "loss.alpha",
+    "loss.loss_agg_mode",
+    "optim.lr",
+    "mesh.data",
+    "mesh.fsdp",
+    "mesh.tensor",
+)
+
+
+def _get(cfg: Any, key: str) -> Any:
+    node = cfg
+    for part in key.split("."):
+        if isinstance(node, Mapping) or hasattr(node, "keys"):
+            if part not in node:
+                raise ValueError(f"config key {key!r} is missing; start from configs/base.py")
+            node = node[part]
+        else:
+            raise ValueError(f"config key {key!r} is missing; start from configs/base.py")
+    return node
+
+
+def _check(cfg: Any, key: str, ok: Callable[[Any], bool], rule: str) -> None:
+    value = _get(cfg, key)
+    try:
+        good = ok(value)
+    except TypeError:
+        good = False
+    if not good:
+        raise ValueError(f"config {key}={value!r} is invalid: {rule}")
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def mesh_shape(cfg: Any, num_devices: int | None = None) -> dict[str, int]:
+    """`mesh.{data,fsdp,tensor}` with a -1 axis resolved to the remaining devices."""
+    shape = {axis: _get(cfg, f"mesh.{axis}") for axis in ("data", "fsdp", "tensor")}
+    for axis, size in shape.items():
+        if not (_int(size) and (size >= 1 or size == -1)):
+            raise ValueError(f"config mesh.{axis}={size!r} is invalid: use a size >= 1, or -1")
+    free = [a for a, s in shape.items() if s == -1]
+    if len(free) > 1:
+        raise ValueError(f"config mesh has -1 on {free}; at most one axis may be -1")
+    fixed = math.prod(s for s in shape.values() if s != -1)
+    if num_devices is None:
+        return shape
+    if free:
+        if num_devices % fixed:
+            raise ValueError(
+                f"config mesh.{free[0]}=-1 cannot fill {num_devices} devices: the other axes "
+                f"multiply to {fixed}; pick sizes that divide {num_devices}"
+            )
+        shape[free[0]] = num_devices // fixed
+    elif fixed != num_devices:
+        raise ValueError(
+            f"config mesh data×fsdp×tensor = {fixed} but {num_devices} devices are visible; "
+            "set mesh sizes whose product is the device count (or one axis to -1)"
+        )
+    return shape
+
+
+def validate_config(
+    cfg: Any, *, vocab_size: int | None = None, num_devices: int | None = None
+) -> None:
+    """Raise ValueError naming the first invalid key and the fix; None when the config is good."""
+    for key in REQUIRED_KEYS:
+        _get(cfg, key)
+    _check(cfg, "total_steps", lambda v: _int(v) and v >= 1, "use an integer >= 1")
+    _check(cfg, "seed", _int, "use an integer")
+    _check(cfg, "run_dir", lambda v: isinstance(v, str) and v != "", "use a folder path")
+    _check(cfg, "resume", lambda v: isinstance(v, bool), "use True or False")
+    for key in ("eval_every", "checkpoint_every"):
+        _check(cfg, key, lambda v: _int(v) and v >= 0, "use an integer >= 0 (0 = never)")
+
+    _check(cfg, "rollout.engine", lambda v: v in ENGINES, f"use one of {ENGINES}")
+    _check(cfg, "rollout.n", lambda v: _int(v) and v >= 2, "use >= 2 rollouts per question")
+    _check(cfg, "rollout.temperature", lambda v: _number(v) and v > 0, "use a temperature > 0")
+    _check(cfg, "rollout.top_p", lambda v: _number(v) and 0 < v <= 1, "use 0 < top_p <= 1")
+    _check(cfg, "rollout.max_new_tokens", lambda v: _int(v) and v >= 1, "use an integer >= 1")
+    _check(cfg, "task.questions_per_step", lambda v: _int(v) and v >= 1, "use an integer >= 1")
+
+    name = _get(cfg, "algorithm.name")
+    if name not in algorithms.REGISTRY:
+        raise ValueError(
+            f"config algorithm.name={name!r} is unknown; use one of {sorted(algorithms.REGISTRY)}"
+        )
+    try:
+        algorithms.from_config(_get(cfg, "algorithm"))  # the method's own range checks
+    except TypeError as err:
+        raise ValueError(f"config algorithm.* has a value of the wrong type: {err}") from err
+
+    top_k_rule = "use None (full vocabulary) or an integer >= 1"
+    if vocab_size is not None:
+        top_k_rule += f" and <= the vocab size {vocab_size}"
+    _check(
+        cfg,
+        "loss.top_k",
+        lambda v: v is None or (_int(v) and v >= 1 and (vocab_size is None or v <= vocab_size)),
+        top_k_rule,
+    )
+    _check(cfg, "loss.alpha", lambda v: _number(v) and 0 <= v <= 1, "alpha must lie in [0, 1]")
+    _check(cfg, "loss.loss_agg_mode", lambda v: v in LOSS_AGG_MODES, f"use one of {LOSS_AGG_MODES}")
+    optional = {
+        "loss.is_clip": (lambda v: _number(v) and v > 0, "use a cap > 0 (SDPO: 2)"),
+        "loss.clip_low": (lambda v: _number(v) and 0 <= v < 1, "use 0 <= clip_low < 1"),
+        "loss.clip_high": (lambda v: _number(v) and v >= 0, "use clip_high >= 0"),
+        "loss.dual_clip": (lambda v: v is None or (_number(v) and v > 1), "use None or c > 1"),
+        "loss.teacher_ema": (lambda v: _number(v) and 0 <= v <= 1, "use 0 <= λ <= 1"),
+        "loss.kl_coef": (lambda v: _number(v) and v >= 0, "use a coefficient >= 0"),
+        "loss.kl_estimator": (lambda v: v in KL_ESTIMATORS, f"use one of {KL_ESTIMATORS}"),
+        "loss.chunk_size": (lambda v: _int(v) and v >= 1, "use an integer >= 1"),
+        "optim.weight_decay": (lambda v: _number(v) and v >= 0, "use a decay >= 0"),
+        "optim.grad_clip": (lambda v: _number(v) and v > 0, "use a global-norm clip > 0"),
+        "optim.warmup_steps": (lambda v: _int(v) and v >= 0, "use an integer >= 0"),
+        "optim.schedule": (lambda v: v in SCHEDULES, f"use one of {SCHEDULES}"),
+    }
+    for key, (ok, rule) in optional.items():
+        section, field = key.split(".")
+        if field in _get(cfg, section):
+            _check(cfg, key, ok, rule)
+    _check(cfg, "optim.lr", lambda v: _number(v) and v > 0, "the learning rate must be > 0")
+
+    shape = mesh_shape(cfg, num_devices)
+    batch_shards = shape["data"] * shape["fsdp"]
+    batch = _get(cfg, "task.questions_per_step") * _get(cfg, "rollout.n")
+    if shape["data"] != -1 and shape["fsdp"] != -1 and batch % batch_shards:
+        raise ValueError(
+            f"config batch task.questions_per_step × rollout.n = {batch} is not divisible by "
+            f"mesh.data × mesh.fsdp = {batch_shards}; change task.questions_per_step or the mesh"
+        )
