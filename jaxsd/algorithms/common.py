@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from jaxsd.algorithms import base
-from jaxsd.algorithms.reprompt import sdpo_reprompt_messages
 from jaxsd.losses import policy as policy_lib
+from jaxsd.tasks import reprompt
 
 
 def is_success(rollout: base.Rollout, threshold: float) -> bool:
@@ -33,20 +33,6 @@ def group_advantages(group: base.Group, *, normalize: bool, eps: float) -> np.nd
     )
 
 
-def first_other_success(
-    group: base.Group, index: int, threshold: float, *, exclude_self: bool = True
-) -> base.Rollout | None:
-    """SDPO's solution: the first successful rollout other than `index` (METHODS §1).
-
-    `exclude_self=False` lets a success be its own solution (SDPO's
-    `dont_reprompt_on_self_success=False`).
-    """
-    for j, other in enumerate(group.rollouts):
-        if (j != index or not exclude_self) and is_success(other, threshold):
-            return other
-    return None
-
-
 def sdpo_context(
     group: base.Group,
     index: int,
@@ -57,24 +43,33 @@ def sdpo_context(
 ) -> tuple[list[base.Message] | None, str]:
     """SDPO teacher context of rollout `index`: (messages or None, source label), METHODS §1.
 
-    Solution = first other success; feedback = this rollout's feedback text, used only when
-    no solution exists (or always alongside it when `feedback_only_without_solution=False`).
-    Neither -> (None, "none"), which means sd_mask 0.
+    Solution = first other success (think-stripped); feedback = this rollout's feedback,
+    only when no solution exists. Neither -> (None, "none"), i.e. sd_mask 0. The template
+    lives in jaxsd.tasks.reprompt.
     """
-    rollout = group.rollouts[index]
-    solution = first_other_success(group, index, threshold, exclude_self=exclude_self)
-    feedback = rollout.feedback or None
-    if solution is not None and feedback_only_without_solution:
-        feedback = None
-    if solution is None and feedback is None:
-        return None, base.SOURCE_NONE
-    messages = sdpo_reprompt_messages(
-        rollout.prompt,
-        solution=solution.response if solution is not None else None,
-        feedback=feedback,
+    rollouts = group.rollouts
+    solution = reprompt.select_solution(
+        index,
+        [r.response for r in rollouts],
+        [r.reward for r in rollouts],
+        success_threshold=threshold,
+        dont_reprompt_on_self_success=exclude_self,
     )
-    source = base.SOURCE_SOLUTION if solution is not None else base.SOURCE_FEEDBACK
-    return messages, source
+    teacher = reprompt.build_reprompt(
+        rollouts[index].prompt,
+        solution=solution,
+        feedback=rollouts[index].feedback,
+        feedback_only_without_solution=feedback_only_without_solution,
+    )
+    if not teacher.sd_mask:
+        return None, base.SOURCE_NONE
+    source = base.SOURCE_SOLUTION if teacher.used_solution else base.SOURCE_FEEDBACK
+    return teacher.messages, source
+
+
+def solution_messages(rollout: base.Rollout, solution: str) -> list[base.Message]:
+    """Reprompt of `rollout` with `solution` and no feedback (DRIFT's sib⁺ context, §1/§7)."""
+    return reprompt.build_reprompt(rollout.prompt, solution=solution, feedback=None).messages
 
 
 def plan_metrics(

@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 
 from jaxsd.algorithms import base, common
-from jaxsd.algorithms.reprompt import sdpo_reprompt_messages
 from jaxsd.losses import weights as weights_lib
 
 
@@ -163,9 +162,7 @@ class DRIFT:
 
     def _distill(self, rollout: base.Rollout, solution: str, source: str) -> base.RolloutPlan:
         return base.RolloutPlan(
-            teacher_messages=sdpo_reprompt_messages(
-                rollout.prompt, solution=solution, feedback=None
-            ),
+            teacher_messages=common.solution_messages(rollout, solution),
             sd_weight=1.0,
             route=base.ROUTE_SD,
             teacher_source=source,
@@ -222,9 +219,7 @@ class DRIFT:
                 gate = medium and sib is not None
                 plans.append(
                     base.RolloutPlan(
-                        teacher_messages=sdpo_reprompt_messages(
-                            rollout.prompt, solution=sib.response, feedback=None
-                        )
+                        teacher_messages=common.solution_messages(rollout, sib.response)
                         if gate
                         else None,
                         advantage=float(adv[j]),

@@ -44,13 +44,13 @@ class SRPO:
         for group in groups:
             adv = common.group_advantages(group, normalize=self.normalize, eps=self.eps)
             for j, rollout in enumerate(group.rollouts):
-                solution = None
+                messages, source = None, base.SOURCE_NONE
                 if not common.is_success(rollout, self.success_threshold):
-                    solution = common.first_other_success(group, j, self.success_threshold)
-                if solution is not None:
+                    # Solution only: a wrong rollout without a correct sibling goes to GRPO.
                     messages, source = common.sdpo_context(
                         group, j, threshold=self.success_threshold
                     )
+                if source == base.SOURCE_SOLUTION:
                     plans.append(
                         base.RolloutPlan(
                             teacher_messages=messages,

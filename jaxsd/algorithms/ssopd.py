@@ -8,31 +8,17 @@ rollout y⁺ as privileged context, weighted by `ω_i = λ p̂_i (1 − p̂_i)`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from jaxsd.algorithms import base, common, grpo
-from jaxsd.algorithms.reprompt import ssopd_privileged_messages
 from jaxsd.losses import weights as weights_lib
+from jaxsd.tasks import reprompt
 
-# Selector -> key whose argmax picks the rollout (ties -> first in group order). "logp" is the
-# mean sampled-token log-prob, so it does not duplicate the length selectors.
-_KEYS: dict[str, Callable[[base.Rollout], float]] = {
-    "shortest": lambda r: -r.length,
-    "longest": lambda r: r.length,
-    "max-logp": lambda r: r.mean_logprob,
-    "min-logp": lambda r: -r.mean_logprob,
-}
-CORRECT_SELECTORS = ("shortest", "longest", "max-logp", "min-logp")
-WRONG_SELECTORS = ("longest", "shortest", "min-logp")
-
-
-def select(candidates: Sequence[int], group: base.Group, selector: str) -> int:
-    """Index (into the group) of the candidate maximising the selector's key; ties -> first."""
-    key = _KEYS[selector]
-    return max(candidates, key=lambda j: (key(group.rollouts[j]), -j))
+CORRECT_SELECTORS = reprompt.CORRECT_SIDES  # shortest, longest, max-logp, min-logp
+WRONG_SELECTORS = reprompt.WRONG_SIDES  # longest, shortest, min-logp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,15 +70,19 @@ class SSOPD:
         )
 
     def pair(self, group: base.Group) -> tuple[int, int] | None:
-        """(index of y⁺, index of y⁻) or None when C or W is empty, METHODS §6."""
-        correct = [
-            j for j, r in enumerate(group.rollouts) if common.is_success(r, self.success_threshold)
-        ]
-        wrong = [j for j in range(len(group)) if j not in correct]
-        if not correct or not wrong:
-            return None
-        return select(correct, group, self.correct_selector), select(
-            wrong, group, self.wrong_selector
+        """(index of y⁺, index of y⁻) or None when C or W is empty, METHODS §6.
+
+        "logp" selectors rank by the MEAN sampled-token log-prob (length-normalised, so they
+        do not duplicate the length selectors); ties go to the earliest rollout.
+        """
+        rollouts = group.rollouts
+        return reprompt.select_ssopd_pair(
+            [r.reward for r in rollouts],
+            [r.length for r in rollouts],
+            [r.mean_logprob for r in rollouts],
+            correct_side=self.correct_selector,
+            wrong_side=self.wrong_selector,
+            success_threshold=self.success_threshold,
         )
 
     def plan(
@@ -113,8 +103,8 @@ class SSOPD:
                 lengths.append(length)
                 plans[offset + neg] = dataclasses.replace(
                     plans[offset + neg],
-                    teacher_messages=ssopd_privileged_messages(
-                        y_neg.prompt, reference=group.rollouts[pos].response
+                    teacher_messages=reprompt.build_privileged_context(
+                        y_neg.prompt, group.rollouts[pos].response
                     ),
                     ssopd_weight=float(omega[i]),
                     ssopd_len=length,
