@@ -1,0 +1,328 @@
+"""Flax NNX Qwen3 decoder; Qwen2, Llama and OLMo-3 are switches of `ModelConfig`.
+
+Layer names mirror Hugging Face's (`self_attn.q_proj`, `input_layernorm`, ...), so the
+safetensors mapping in `io.py` is a rename plus a kernel transpose. Kernels are [in, out].
+Shape letters: B batch, T new tokens, S key slots (cache length), H hidden, N query heads,
+K kv heads, G = N / K, D head_dim, V vocab, L layers, F intermediate.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxsd.models.config import ModelConfig
+from jaxsd.models.lora import Linear, LoraConfig, _param
+
+Cache = dict[str, Any]  # {"k": tuple of L [B, S, K, D], "v": same, "index": int32 []}
+# Finite stand-in for -inf: a fully masked row (a left-padding query) then gets uniform
+# weights instead of NaN; its output is never read.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm as in HF Qwen3RMSNorm: normalise in fp32, cast back, then scale."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def apply_rope(x_BxTxNxD: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, HF rotate-half convention: x cos + rotate_half(x) sin."""
+    d = x_BxTxNxD.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    freqs_BxTxD2 = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs_BxTxD2, freqs_BxTxD2], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb).astype(x_BxTxNxD.dtype), jnp.sin(emb).astype(x_BxTxNxD.dtype)
+    x1, x2 = jnp.split(x_BxTxNxD, 2, axis=-1)
+    return x_BxTxNxD * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+def attention_mask(
+    query_slots_T: jax.Array, key_valid_BxS: jax.Array, window: int | None
+) -> jax.Array:
+    """[B, T, S] bool: key slot s is visible to query slot q iff s <= q, valid, within window."""
+    s_S = jnp.arange(key_valid_BxS.shape[1])
+    mask_TxS = s_S[None, :] <= query_slots_T[:, None]
+    if window is not None:
+        # HF sliding window: q - s < window, counted in slots (cache positions).
+        mask_TxS &= query_slots_T[:, None] - s_S[None, :] < window
+    return mask_TxS[None] & key_valid_BxS[:, None, :].astype(bool)
+
+
+def attend(
+    q_BxTxNxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, mask_BxTxS: jax.Array
+) -> jax.Array:
+    """softmax(q k^T / sqrt(D) + mask) v with grouped kv heads (head n uses kv head n // G)."""
+    b, t, n, d = q_BxTxNxD.shape
+    k = k_BxSxKxD.shape[2]
+    q = q_BxTxNxD.reshape(b, t, k, n // k, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_BxSxKxD, preferred_element_type=jnp.float32)
+    scores = scores * d**-0.5
+    scores = jnp.where(mask_BxTxS[:, None, None], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxD.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxD)
+    return out.reshape(b, t, n, d)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, axis_name: str, param_dtype: jnp.dtype):
+        self.weight = _param(jnp.ones((dim,), param_dtype), (axis_name,))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return rms_norm(x, self.weight[...], self.eps)
+
+
+class Attention(nnx.Module):
+    """GQA self-attention with optional q/k RMSNorm (per head or over the full projection)."""
+
+    def __init__(self, cfg: ModelConfig, *, lora: LoraConfig | None, rngs: nnx.Rngs):
+        h, n, k, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        kw = dict(
+            param_dtype=cfg.param_jnp_dtype,
+            compute_dtype=cfg.compute_jnp_dtype,
+            lora=lora,
+            rngs=rngs,
+        )
+        self.q_proj = Linear(
+            h, n * d, axes=("embed", "heads"), name="q", use_bias=cfg.qkv_bias, **kw
+        )
+        self.k_proj = Linear(
+            h, k * d, axes=("embed", "kv_heads"), name="k", use_bias=cfg.qkv_bias, **kw
+        )
+        self.v_proj = Linear(
+            h, k * d, axes=("embed", "kv_heads"), name="v", use_bias=cfg.qkv_bias, **kw
+        )
+        self.o_proj = Linear(n * d, h, axes=("heads", "embed"), name="o", use_bias=cfg.o_bias, **kw)
+        if not cfg.qk_norm:
+            self.q_norm = self.k_norm = None
+        else:
+            full = cfg.qk_norm_scope == "full"
+            pd = cfg.param_jnp_dtype
+            self.q_norm = RMSNorm(
+                n * d if full else d,
+                cfg.rms_norm_eps,
+                axis_name="heads" if full else "head_dim",
+                param_dtype=pd,
+            )
+            self.k_norm = RMSNorm(
+                k * d if full else d,
+                cfg.rms_norm_eps,
+                axis_name="kv_heads" if full else "head_dim",
+                param_dtype=pd,
+            )
+        self.full_qk_norm = cfg.qk_norm and cfg.qk_norm_scope == "full"
+        self.num_heads, self.num_kv_heads, self.head_dim = n, k, d
+        self.rope_theta = cfg.rope_theta
+
+    def __call__(
+        self,
+        x_BxTxH: jax.Array,
+        positions_BxT: jax.Array,
+        mask_BxTxS: jax.Array,
+        kv: tuple[jax.Array, jax.Array] | None = None,
+        cache_index: jax.Array | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Returns the output [B, T, H] and the (k, v) the step attended over ([B, S, K, D])."""
+        b, t, _ = x_BxTxH.shape
+        q, k, v = self.q_proj(x_BxTxH), self.k_proj(x_BxTxH), self.v_proj(x_BxTxH)
+        if self.full_qk_norm:  # OLMo: norm over all heads at once, before the head split
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.reshape(b, t, self.num_heads, self.head_dim)
+        k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and not self.full_qk_norm:  # Qwen3: per-head norm
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q, positions_BxT, self.rope_theta)
+        k = apply_rope(k, positions_BxT, self.rope_theta)
+        if kv is not None:
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
+            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
+            q = q.astype(k.dtype)
+        out = attend(q, k, v, mask_BxTxS).astype(x_BxTxH.dtype)
+        return self.o_proj(out.reshape(b, t, -1)), (k, v)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, lora: LoraConfig | None, rngs: nnx.Rngs):
+        h, f = cfg.hidden_size, cfg.intermediate_size
+        kw = dict(
+            param_dtype=cfg.param_jnp_dtype,
+            compute_dtype=cfg.compute_jnp_dtype,
+            lora=lora,
+            rngs=rngs,
+            use_bias=False,
+        )
+        self.gate_proj = Linear(h, f, axes=("embed", "mlp"), name="gate", **kw)
+        self.up_proj = Linear(h, f, axes=("embed", "mlp"), name="up", **kw)
+        self.down_proj = Linear(f, h, axes=("mlp", "embed"), name="down", **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm (Qwen3/Llama: x + f(norm(x))) or post-norm (OLMo-3: x + norm(f(x)))."""
+
+    def __init__(self, cfg: ModelConfig, *, lora: LoraConfig | None, rngs: nnx.Rngs):
+        self.self_attn = Attention(cfg, lora=lora, rngs=rngs)
+        self.mlp = MLP(cfg, lora=lora, rngs=rngs)
+        norm = lambda: RMSNorm(  # noqa: E731
+            cfg.hidden_size, cfg.rms_norm_eps, axis_name="embed", param_dtype=cfg.param_jnp_dtype
+        )
+        self.post = cfg.norm_placement == "post"
+        self.input_layernorm = None if self.post else norm()
+        self.post_attention_layernorm = norm()
+        self.post_feedforward_layernorm = norm() if self.post else None
+
+    def __call__(self, x, positions_BxT, mask_BxTxS, kv=None, cache_index=None):
+        if self.post:
+            a, kv = self.self_attn(x, positions_BxT, mask_BxTxS, kv, cache_index)
+            x = x + self.post_attention_layernorm(a)
+            return x + self.post_feedforward_layernorm(self.mlp(x)), kv
+        a, kv = self.self_attn(self.input_layernorm(x), positions_BxT, mask_BxTxS, kv, cache_index)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+def default_positions(attention_mask_BxT: jax.Array | None, b: int, t: int) -> jax.Array:
+    """Positions = cumsum(mask) - 1 clipped at 0 (left padding starts real tokens at 0)."""
+    if attention_mask_BxT is None:
+        return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    pos = jnp.cumsum(attention_mask_BxT.astype(jnp.int32), axis=-1) - 1
+    return jnp.maximum(pos, 0)
+
+
+class Transformer(nnx.Module):
+    """Decoder-only LM; see notes/model_contract.md for the public API."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, lora: LoraConfig | None = None):
+        self.config = config
+        self.lora_config = lora
+        emb = nnx.initializers.normal(0.02)(
+            rngs.params(), (config.vocab_size, config.hidden_size), config.param_jnp_dtype
+        )
+        self.embed_tokens = _param(emb, ("vocab", "embed"))
+        self.layers = nnx.List(
+            [DecoderLayer(config, lora=lora, rngs=rngs) for _ in range(config.num_layers)]
+        )
+        self.norm = RMSNorm(
+            config.hidden_size,
+            config.rms_norm_eps,
+            axis_name="embed",
+            param_dtype=config.param_jnp_dtype,
+        )
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = Linear(
+                config.hidden_size,
+                config.vocab_size,
+                axes=("embed", "vocab"),
+                name="lm_head",
+                use_bias=False,
+                param_dtype=config.param_jnp_dtype,
+                compute_dtype=config.compute_jnp_dtype,
+                lora=None,
+                rngs=rngs,
+            )
+
+    def lm_head_weight(self) -> jax.Array:
+        """[H, V] output projection (the embedding transposed when tied)."""
+        if self.lm_head is None:
+            return self.embed_tokens[...].T
+        return self.lm_head.kernel[...]
+
+    def _embed(self, input_ids_BxT: jax.Array) -> jax.Array:
+        return jnp.take(self.embed_tokens[...], input_ids_BxT, axis=0).astype(
+            self.config.compute_jnp_dtype
+        )
+
+    def _run_layers(self, x, positions_BxT, query_slots_T, key_valid_BxS, cache=None):
+        masks: dict[int | None, jax.Array] = {}
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            window = self.config.layer_window(i)
+            if window not in masks:
+                masks[window] = attention_mask(query_slots_T, key_valid_BxS, window)
+            kv = None if cache is None else (cache["k"][i], cache["v"][i])
+            index = None if cache is None else cache["index"]
+            x, (k, v) = layer(x, positions_BxT, masks[window], kv, index)
+            new_k.append(k)
+            new_v.append(v)
+        return self.norm(x), (tuple(new_k), tuple(new_v))
+
+    def hidden_states(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
+        """Final-norm hidden states [B, T, H] (the train step applies the LM head in chunks)."""
+        b, t = input_ids.shape
+        chex.assert_rank(input_ids, 2)
+        if attention_mask is not None:
+            chex.assert_shape(attention_mask, (b, t))
+        if positions is None:
+            positions = default_positions(attention_mask, b, t)
+        chex.assert_shape(positions, (b, t))
+        valid_BxT = jnp.ones((b, t), bool) if attention_mask is None else attention_mask
+        h, _ = self._run_layers(self._embed(input_ids), positions, jnp.arange(t), valid_BxT)
+        return h
+
+    def logits(self, h_BxTxH: jax.Array) -> jax.Array:
+        """LM head: fp32 logits [B, T, V] from hidden states."""
+        w = self.lm_head_weight().astype(self.config.compute_jnp_dtype)
+        return jnp.einsum("bth,hv->btv", h_BxTxH, w, preferred_element_type=jnp.float32)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
+        """Logits [B, T, V] (fp32) of a causal forward over `input_ids` [B, T]."""
+        return self.logits(self.hidden_states(input_ids, attention_mask, positions))
+
+    def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> Cache:
+        """Empty KV cache with `max_length` slots (dtype defaults to the compute dtype)."""
+        cfg = self.config
+        dtype = cfg.compute_jnp_dtype if dtype is None else dtype
+        shape = (batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+        return {
+            "k": zeros,
+            "v": tuple(jnp.zeros(shape, dtype) for _ in zeros),
+            "index": jnp.zeros((), jnp.int32),
+        }
+
+    def decode(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array,
+        cache: Cache,
+        cache_mask: jax.Array,
+    ) -> tuple[jax.Array, Cache]:
+        """Write T new tokens at slot cache["index"], attend causally over valid slots.
+
+        `cache_mask` [B, S] marks the slots holding real tokens, including the T new ones.
+        The caller keeps index + T <= S (slot writes past the end would be clamped).
+        Returns fp32 logits [B, T, V] and the cache advanced by T.
+        """
+        b, t = input_ids.shape
+        s = cache["k"][0].shape[1]
+        chex.assert_shape(positions, (b, t))
+        chex.assert_shape(cache_mask, (b, s))
+        query_slots_T = cache["index"] + jnp.arange(t)
+        h, (k, v) = self._run_layers(
+            self._embed(input_ids), positions, query_slots_T, cache_mask, cache
+        )
+        return self.logits(h), {"k": k, "v": v, "index": cache["index"] + t}
