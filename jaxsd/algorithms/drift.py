@@ -67,14 +67,13 @@ def warmup_sibling(
 
 def stage2_sibling(group: base.Group, index: int, *, threshold: float) -> base.Rollout | None:
     """Stage-2 sib⁺: the other success with max reward, ties -> shortest, then first."""
-    others = [
-        (r, j)
-        for j, r in enumerate(group.rollouts)
-        if j != index and common.is_success(r, threshold)
-    ]
-    if not others:
-        return None
-    return min(others, key=lambda rj: (-rj[0].reward, rj[0].length, rj[1]))[0]
+    return next((r for j, r in _ranked_successes(group, threshold) if j != index), None)
+
+
+def _ranked_successes(group: base.Group, threshold: float) -> list[tuple[int, base.Rollout]]:
+    """Successes ordered by (max reward, shortest, first); the head is everyone's sib⁺."""
+    ok = [(j, r) for j, r in enumerate(group.rollouts) if common.is_success(r, threshold)]
+    return sorted(ok, key=lambda jr: (-jr[1].reward, jr[1].length, jr[0]))
 
 
 @dataclasses.dataclass(frozen=True)
