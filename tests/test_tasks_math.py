@@ -1,0 +1,131 @@
+"""Math tasks (GSM8K, MATH-500, AIME, HMMT) on the real files in ../shared/data."""
+
+import json
+from fractions import Fraction
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jaxsd.tasks import default_data_dir, get_task
+from jaxsd.tasks.math import FORMAT_FEEDBACK, answers_match, last_boxed, normalize_answer
+
+
+def test_gsm8k_answer_extraction_on_all_1319_test_answers():
+    records = get_task("gsm8k").load("test")
+    raw = [json.loads(line) for line in (default_data_dir() / "gsm8k/test.jsonl").open()]
+    assert len(records) == len(raw) == 1319
+    for rec, row in zip(records, raw, strict=True):
+        # Independent reference: the text after "####", commas dropped, read as an int.
+        expected = str(int(row["answer"].split("####")[-1].strip().replace(",", "")))
+        assert rec["answer"] == expected
+    answers = [r["answer"] for r in records]
+    assert "2125" in answers and "-10" in answers and "1450000" in answers
+
+
+@pytest.mark.parametrize(
+    "name,split,size",
+    [
+        ("gsm8k", "test", 1319),
+        ("math500", "test", 500),
+        ("aime", "test", 30),
+        ("aime", "2024", 30),
+        ("aime", "2025", 30),
+        ("hmmt", "test", 30),
+    ],
+)
+def test_ground_truth_scores_one_and_corruption_zero(name, split, size):
+    task = get_task(name)
+    records = task.load(split)
+    assert len(records) == size
+    for r in records:
+        assert r["prompt"].endswith("put your final answer within \\boxed{}.")
+        v = task.verify(f"Some reasoning.\nThe answer is $\\boxed{{{r['answer']}}}$.", r)
+        assert v.reward == 1.0 and v.feedback is None, r["answer"]
+        bad = task.verify(f"So \\boxed{{{r['answer']}+1}}.", r)
+        assert bad.reward == 0.0 and "incorrect" in bad.feedback, r["answer"]
+
+
+def test_gsm8k_accepts_hash_marker_with_commas():
+    task = get_task("gsm8k")
+    r = next(r for r in task.load("test") if r["answer"] == "1450000")
+    assert task.verify("so it is\n#### 1,450,000", r).reward == 1.0
+    assert task.verify("#### $1,450,000.00", r).reward == 1.0
+    assert task.verify("\\boxed{1450001}", r).reward == 0.0
+    # A later "####" wins over an earlier box and vice versa.
+    assert task.verify("\\boxed{3}\n#### 1450000", r).reward == 1.0
+    assert task.verify("#### 3 ... \\boxed{1450000}", r).reward == 1.0
+
+
+def test_missing_box_gets_sdpo_format_feedback():
+    v = get_task("math500").verify("The answer is 5.", {"answer": "5"})
+    assert (v.reward, v.extracted) == (0.0, None)
+    assert v.feedback == (
+        "Your answer had the wrong format. The solution must be given in the format: "
+        "\\boxed{your_answer}."
+    )
+    assert FORMAT_FEEDBACK == v.feedback
+    assert (
+        get_task("math500", feedback_style="sdpo").verify("\\boxed{4}", {"answer": "5"}).feedback
+        is None
+    )
+
+
+def test_last_boxed_matches_braces():
+    assert last_boxed("\\boxed{1} and \\boxed{\\frac{1}{2}} end") == "\\frac{1}{2}"
+    assert last_boxed("\\fbox{7}") == "7"
+    assert last_boxed("\\boxed{\\frac{1}{2}") is None  # unclosed
+    assert last_boxed("no box") is None
+
+
+@pytest.mark.parametrize(
+    "a,b",
+    [
+        ("10,\\!080", "10080"),
+        ("\\dfrac{3}{2}", "\\frac32"),
+        ("1.5", "\\frac{3}{2}"),
+        ("90^\\circ", "90"),
+        ("x=5", "5"),
+        ("025", "25"),
+        ("\\text{Evelyn}", "Evelyn"),
+        ("\\frac{270}7\\text{ degrees}", "\\frac{270}{7}"),
+        ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\frac{\\pi}{2})"),
+        ("-0.50", "-1/2"),
+        ("50\\%", "50"),
+        ("\\$18", "18"),
+        ("11\\sqrt2", "11\\sqrt{2}"),
+        ("5.", "5"),
+    ],
+)
+def test_equivalent_forms_match(a, b):
+    assert answers_match(a, b)
+
+
+@pytest.mark.parametrize(
+    "a,b",
+    [
+        ("1,-2", "-2,1"),
+        ("2", "-2"),
+        ("\\frac{1}{2}", "\\frac{1}{3}"),
+        ("1,000", "1"),
+        ("x^2", "x^3"),
+        ("(3,4]", "(3,4)"),
+    ],
+)
+def test_different_answers_do_not_match(a, b):
+    assert not answers_match(a, b)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(-(10**6), 10**6), st.integers(1, 10**4))
+def test_rational_forms_agree_with_fractions(num, den):
+    value = Fraction(num, den)
+    sign = "-" if value < 0 else ""
+    frac = f"{sign}\\frac{{{abs(value.numerator)}}}{{{value.denominator}}}"
+    slash = f"{value.numerator}/{value.denominator}"
+    assert normalize_answer(frac) == normalize_answer(slash)
+    if 10**6 % value.denominator == 0 or value.denominator in (1, 2, 4, 5, 8):
+        decimal = f"{float(value):.6f}"
+        assert Fraction(decimal) == value  # the decimal is exact
+        assert normalize_answer(decimal) == normalize_answer(frac)
+    assert normalize_answer(frac) != normalize_answer(f"{value.numerator + 1}/{value.denominator}")
