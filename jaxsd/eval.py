@@ -1,0 +1,181 @@
+"""Evaluation: mean@k, maj@k, best@k per task and averaged over tasks (METHODS §9).
+
+The metrics are pure functions of per-sample correctness `[P, K]` (P prompts, K samples) and
+extracted answers; `evaluate` drives any engine through a `generate_fn` callable, so the
+embedded JAX sampler and vLLM are evaluated by the same code.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from jaxsd.tasks.reprompt import SUCCESS_THRESHOLD
+
+# METHODS §9 sampling: n = 16 samples per question at temperature 0.6, top-p 0.95.
+EVAL_N = 16
+EVAL_TEMPERATURE = 0.6
+EVAL_TOP_P = 0.95
+
+Messages = list[dict[str, str]]
+
+
+class GenerateFn(Protocol):
+    """`generate_fn(prompts, n=..., temperature=..., top_p=..., seed=...) -> [P][n] texts`."""
+
+    def __call__(
+        self, prompts: Sequence[Messages], *, n: int, temperature: float, top_p: float, seed: int
+    ) -> Sequence[Sequence[str]]: ...
+
+
+def _as_correct(correct_PxK: Any) -> np.ndarray:
+    arr = np.asarray(correct_PxK)
+    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"correctness must be a non-empty [P, K] array, got shape {arr.shape}")
+    if arr.dtype != np.bool_:
+        if not np.all(np.isin(arr, (0, 1))):
+            raise ValueError("correctness must be boolean or 0/1; threshold rewards first")
+        arr = arr.astype(bool)
+    return arr
+
+
+def mean_at_k(correct_PxK: Any) -> float:
+    """mean@k: mean correctness over all P x K samples (METHODS §9)."""
+    return float(np.mean(_as_correct(correct_PxK)))
+
+
+def best_at_k(correct_PxK: Any) -> float:
+    """best@k: fraction of prompts with at least one correct sample (METHODS §9)."""
+    return float(np.mean(np.any(_as_correct(correct_PxK), axis=1)))
+
+
+def majority_index(answers: Sequence[str | None]) -> int:
+    """Index of the sample whose answer wins the vote (METHODS §9).
+
+    The most frequent non-None answer wins; ties go to the answer seen first in sample order;
+    None wins only when every answer is None (then index 0).
+    """
+    if len(answers) == 0:
+        raise ValueError("majority vote over zero answers")
+    counts: dict[str, int] = {}
+    first: dict[str, int] = {}
+    for i, ans in enumerate(answers):
+        if ans is None:
+            continue
+        counts[ans] = counts.get(ans, 0) + 1
+        first.setdefault(ans, i)
+    if not counts:
+        return 0
+    # dicts keep insertion (= first-seen) order and max() keeps the first maximum: ties -> first.
+    winner = max(counts, key=counts.__getitem__)
+    return first[winner]
+
+
+def maj_at_k(extracted_PxK: Sequence[Sequence[str | None]], correct_PxK: Any) -> float:
+    """maj@k: correctness of the majority-voted extracted answer, averaged over prompts (§9)."""
+    correct = _as_correct(correct_PxK)
+    if len(extracted_PxK) != correct.shape[0]:
+        raise ValueError(f"{len(extracted_PxK)} answer lists for {correct.shape[0]} prompts")
+    votes = []
+    for p, answers in enumerate(extracted_PxK):
+        if len(answers) != correct.shape[1]:
+            raise ValueError(f"prompt {p}: {len(answers)} answers for {correct.shape[1]} samples")
+        votes.append(correct[p, majority_index(answers)])
+    return float(np.mean(votes))
+
+
+def task_report(
+    rewards_PxK: Any,
+    extracted_PxK: Sequence[Sequence[str | None]],
+    *,
+    success_threshold: float = SUCCESS_THRESHOLD,
+) -> dict[str, float | int]:
+    """mean@k, maj@k, best@k of one task; a sample is correct when reward >= the threshold."""
+    rewards = np.asarray(rewards_PxK, dtype=np.float64)
+    if rewards.ndim != 2 or not np.all(np.isfinite(rewards)):
+        raise ValueError(f"rewards must be a finite [P, K] array, got shape {rewards.shape}")
+    correct = rewards >= success_threshold
+    k = correct.shape[1]
+    return {
+        f"mean@{k}": mean_at_k(correct),
+        f"maj@{k}": maj_at_k(extracted_PxK, correct),
+        f"best@{k}": best_at_k(correct),
+        "mean_reward": float(rewards.mean()),
+        "num_prompts": int(correct.shape[0]),
+        "k": k,
+    }
+
+
+_AVERAGED = ("mean@", "maj@", "best@", "mean_reward")
+
+
+def average_reports(reports: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Per-task reports plus their unweighted average over tasks (METHODS §9, §10)."""
+    if not reports:
+        raise ValueError("no task reports to average")
+    ks = {r["k"] for r in reports.values()}
+    if len(ks) != 1:
+        raise ValueError(f"tasks were evaluated with different k {sorted(ks)}; use one n")
+    keys = [k for k in next(iter(reports.values())) if k.startswith(_AVERAGED)]
+    average = {key: float(np.mean([r[key] for r in reports.values()])) for key in keys}
+    return {"tasks": {name: dict(r) for name, r in reports.items()}, "average": average}
+
+
+def evaluate(
+    generate_fn: GenerateFn,
+    task: Any,
+    records: Sequence[dict[str, Any]],
+    *,
+    n: int = EVAL_N,
+    temperature: float = EVAL_TEMPERATURE,
+    top_p: float = EVAL_TOP_P,
+    seed: int = 0,
+    success_threshold: float = SUCCESS_THRESHOLD,
+    keep_responses: bool = False,
+) -> dict[str, Any]:
+    """Sample n responses per record, verify them, and report mean@n / maj@n / best@n (§9)."""
+    if n < 1:
+        raise ValueError(f"n={n} must be >= 1")
+    if not records:
+        raise ValueError(f"no records to evaluate for task {getattr(task, 'name', task)!r}")
+    prompts = [task.messages(r) for r in records]
+    start = time.perf_counter()
+    responses = generate_fn(prompts, n=n, temperature=temperature, top_p=top_p, seed=seed)
+    gen_seconds = time.perf_counter() - start
+    if len(responses) != len(records):
+        raise ValueError(f"generate_fn returned {len(responses)} groups for {len(records)} prompts")
+    rewards = np.zeros((len(records), n))
+    extracted: list[list[str | None]] = []
+    per_record = []
+    for p, (record, group) in enumerate(zip(records, responses, strict=True)):
+        if len(group) != n:
+            raise ValueError(f"generate_fn returned {len(group)} responses for prompt {p}, not {n}")
+        verdicts = [task.verify(text, record) for text in group]
+        rewards[p] = [v.reward for v in verdicts]
+        extracted.append([v.extracted for v in verdicts])
+        row = {"id": record.get("id", p), "rewards": rewards[p].tolist(), "extracted": extracted[p]}
+        if keep_responses:
+            row["responses"] = list(group)
+        per_record.append(row)
+    report = task_report(rewards, extracted, success_threshold=success_threshold)
+    report.update(
+        task=getattr(task, "name", type(task).__name__),
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        generate_seconds=gen_seconds,
+    )
+    return {"report": report, "per_record": per_record}
+
+
+def eval_metrics_for_log(reports: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """Flat `eval/<task>/<metric>` and `eval/<metric>` (averaged) scalars for MetricsWriter."""
+    combined = average_reports(reports)
+    flat: dict[str, float] = {}
+    for name, rep in combined["tasks"].items():
+        flat.update({f"eval/{name}/{k}": v for k, v in rep.items() if k.startswith(_AVERAGED)})
+    flat.update({f"eval/{k}": v for k, v in combined["average"].items()})
+    return flat
