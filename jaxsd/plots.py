@@ -1,0 +1,123 @@
+"""PNG curves from run folders' metrics.jsonl: one run's dashboard, or one metric across runs."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from jaxsd.metrics import FRAC_INTERMEDIATE, GRAD_NORM, LOSS, PASS_RATE, read_metrics  # noqa: E402
+
+_EVAL_AVG = re.compile(r"^eval/(mean|maj)@\d+$")
+
+
+def series(rows: Sequence[dict[str, Any]], metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of `metric` over the rows that have a finite value for it."""
+    pts = [
+        (r["step"], float(r[metric]))
+        for r in rows
+        if isinstance(r.get(metric), int | float) and not isinstance(r.get(metric), bool)
+    ]
+    if not pts:
+        return np.zeros(0, np.int64), np.zeros(0)
+    steps, values = zip(*sorted(pts), strict=True)
+    return np.asarray(steps), np.asarray(values)
+
+
+def _panels(rows: Sequence[dict[str, Any]]) -> list[tuple[str, list[str]]]:
+    """(title, metric names) of every dashboard panel that has data, in a fixed order."""
+    keys = sorted({k for r in rows for k in r})
+    loss_terms = [k for k in keys if k == LOSS or k.startswith(LOSS + "/")]
+    candidates = [
+        ("pass rate", [PASS_RATE]),
+        ("eval (test split)", [k for k in keys if _EVAL_AVG.match(k)]),
+        ("grad norm", [GRAD_NORM]),
+        ("fraction of questions with 0<p<1", [FRAC_INTERMEDIATE]),
+        ("loss terms", loss_terms),
+    ]
+    return [
+        (title, [m for m in names if series(rows, m)[0].size])
+        for title, names in candidates
+        if any(series(rows, m)[0].size for m in names)
+    ]
+
+
+def make_run_figure(rows: Sequence[dict[str, Any]], *, title: str = "") -> Figure:
+    """Dashboard of one run: pass rate, mean@k/maj@k, grad norm, 0<p<1 fraction, loss terms."""
+    panels = _panels(rows)
+    if not panels:
+        raise ValueError(
+            f"no plottable metric among {sorted({k for r in rows for k in r})}; expected some "
+            f"of {PASS_RATE}, eval/mean@k, {GRAD_NORM}, {FRAC_INTERMEDIATE}, {LOSS}"
+        )
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.6 * len(panels)), squeeze=False)
+    for ax, (panel_title, names) in zip(axes[:, 0], panels, strict=True):
+        for name in names:
+            steps, values = series(rows, name)
+            ax.plot(steps, values, marker="." if steps.size < 30 else None, label=name)
+        ax.set_title(panel_title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if len(names) > 1:
+            ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _save(fig: Figure, out_png: str | os.PathLike) -> str:
+    out = os.fspath(out_png)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def plot_run(run_dir: str | os.PathLike, out_png: str | os.PathLike | None = None) -> str:
+    """Write the dashboard of `run_dir` (default `<run_dir>/plots/curves.png`); return the path."""
+    rows = read_metrics(run_dir)
+    out = out_png or os.path.join(os.fspath(run_dir), "plots", "curves.png")
+    return _save(make_run_figure(rows, title=os.path.basename(os.path.normpath(run_dir))), out)
+
+
+def plot_runs(
+    run_dirs: Sequence[str | os.PathLike],
+    out_png: str | os.PathLike,
+    metric: str,
+    *,
+    labels: Sequence[str] | None = None,
+) -> str:
+    """One curve of `metric` per run (methods compared on one axis); return the PNG path."""
+    if not run_dirs:
+        raise ValueError("plot_runs needs at least one run folder")
+    labels = (
+        list(labels)
+        if labels is not None
+        else [os.path.basename(os.path.normpath(d)) for d in run_dirs]
+    )
+    if len(labels) != len(run_dirs):
+        raise ValueError(f"{len(labels)} labels for {len(run_dirs)} run folders")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for run_dir, label in zip(run_dirs, labels, strict=True):
+        rows = read_metrics(run_dir)
+        steps, values = series(rows, metric)
+        if steps.size == 0:
+            plt.close(fig)
+            available = sorted({k for r in rows for k in r} - {"step", "time"})
+            raise ValueError(f"{run_dir} has no values of {metric!r}; it has {available}")
+        ax.plot(steps, values, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return _save(fig, out_png)
