@@ -1,0 +1,166 @@
+"""Every config file × preset loads (by path, as config_flags does) and validates; bad values
+fail naming their key; the qwen3_8b preset carries the paper's table A.2."""
+
+import dataclasses
+import importlib.util
+import pathlib
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from jaxsd import algorithms
+from jaxsd.algorithms.validate import validate_config
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+METHOD_FILES = (
+    "sc_sdpo",
+    "sdpo",
+    "grpo",
+    "grpo_no_norm",
+    "paced",
+    "hard_filter",
+    "srpo",
+    "ssopd",
+    "drift",
+)
+PRESETS = (None, "smoke", "qwen3_8b")
+EXPECTED_ALGORITHM = {"grpo_no_norm": "grpo"}
+
+
+def load(name, preset=None):
+    spec = importlib.util.spec_from_file_location(f"cfg_{name}", CONFIG_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(preset)
+
+
+@pytest.fixture(scope="module")
+def configs():
+    return {(m, p): load(m, p) for m in METHOD_FILES for p in PRESETS}
+
+
+def devices_and_vocab(preset):
+    return (8, 151936) if preset == "qwen3_8b" else (1, 1024)
+
+
+@pytest.mark.parametrize("method", METHOD_FILES)
+def test_every_preset_loads_validates_and_has_the_shared_keys(configs, method):
+    for preset in PRESETS:
+        cfg = configs[(method, preset)]
+        num_devices, vocab = devices_and_vocab(preset)
+        validate_config(cfg, vocab_size=vocab, num_devices=num_devices)
+        for key in ("total_steps", "seed", "run_dir", "resume", "eval_every", "checkpoint_every"):
+            assert key in cfg
+        assert cfg.rollout.engine == ("vllm" if preset == "qwen3_8b" else "jax")
+        assert cfg.algorithm.name == EXPECTED_ALGORITHM.get(method, method)
+        assert cfg.run_dir == f"runs/{method}_{preset or 'default'}"
+        # algorithm.* holds every hyper-parameter of the method and builds it
+        algo = algorithms.from_config(cfg.algorithm)
+        fields = {f.name for f in dataclasses.fields(algo)} - {"name"}
+        assert set(cfg.algorithm) - {"name"} == fields
+    assert configs[(method, "smoke")].total_steps == 3
+
+
+def test_algorithm_defaults_are_methods_defaults_except_documented_overrides(configs):
+    defaults = {n: algorithms.get_algorithm(n) for n in algorithms.REGISTRY}
+    overrides = {("grpo_no_norm", "normalize"): False}
+    for method in METHOD_FILES:
+        cfg = configs[(method, "qwen3_8b")].algorithm
+        algo = defaults[cfg.name]
+        for key in set(cfg) - {"name"}:
+            want = overrides.get((method, key), getattr(algo, key))
+            assert cfg[key] == want, (method, key)
+    assert configs[("sc_sdpo", None)].algorithm.exponent == 0.5
+    assert configs[("paced", None)].algorithm.exponent == 1.0
+    assert configs[("ssopd", None)].algorithm.max_len == 256
+    drift = configs[("drift", None)].algorithm
+    assert (drift.ema_alpha, drift.delta, drift.theta_r, drift.buffer_size) == (0.7, 0.1, 0.5, 3)
+
+
+@pytest.mark.parametrize("method", METHOD_FILES)
+def test_qwen3_8b_preset_is_table_a2(configs, method):
+    c = configs[(method, "qwen3_8b")]
+    assert (c.task.questions_per_step, c.rollout.n) == (32, 8)
+    assert (c.optim.lr, c.optim.schedule, c.optim.warmup_steps) == (1e-5, "constant", 10)
+    assert (c.optim.weight_decay, c.optim.grad_clip) == (0.01, 1.0)
+    assert (c.loss.top_k, c.loss.alpha, c.loss.teacher_ema) == (100, 0.5, 0.05)
+    assert (c.task.max_prompt_len, c.rollout.temperature) == (2048, 1.0)
+    want_response = 8192 if method.startswith("grpo") else 2048
+    assert c.rollout.max_new_tokens == want_response
+
+
+INVALID = [
+    ("algorithm.name", "ppo", "algorithm.name"),
+    ("loss.alpha", 1.5, "loss.alpha"),
+    ("loss.alpha", -0.1, "loss.alpha"),
+    ("loss.top_k", 2000, "loss.top_k"),  # > vocab 1024
+    ("loss.top_k", 0, "loss.top_k"),
+    ("optim.lr", -1e-5, "optim.lr"),
+    ("loss.loss_agg_mode", "mean", "loss.loss_agg_mode"),
+    ("rollout.engine", "sglang", "rollout.engine"),
+    ("rollout.n", 1, "rollout.n"),
+    ("rollout.top_p", 0.0, "rollout.top_p"),
+    ("rollout.temperature", 0.0, "rollout.temperature"),
+    ("total_steps", 0, "total_steps"),
+    ("checkpoint_every", -1, "checkpoint_every"),
+    ("optim.grad_clip", 0.0, "optim.grad_clip"),
+    ("loss.is_clip", 0.0, "loss.is_clip"),
+    ("loss.teacher_ema", 2.0, "loss.teacher_ema"),
+    ("task.questions_per_step", 3, "task.questions_per_step"),  # 3 × 4 = 12 on 8 shards
+    ("mesh.fsdp", 3, "mesh"),  # 3 devices != 8
+    ("algorithm.ema_alpha", 1.5, "algorithm.ema_alpha"),
+    ("algorithm.buffer_size", 0, "algorithm.buffer_size"),
+]
+
+
+@pytest.mark.parametrize("key,value,named", INVALID)
+def test_invalid_values_fail_naming_the_key(key, value, named):
+    cfg = load("drift")
+    cfg.mesh.fsdp = 8  # batch 4 × 4 = 16 splits over 8 shards
+    validate_config(cfg, vocab_size=1024, num_devices=8)
+    with cfg.unlocked():
+        section, _, field = key.rpartition(".")
+        node = cfg[section] if section else cfg
+        with node.ignore_type():
+            node[field] = value
+    with pytest.raises(ValueError, match=named.replace(".", r"\.")):
+        validate_config(cfg, vocab_size=1024, num_devices=8)
+
+
+def test_missing_key_and_mesh_fill_rules():
+    cfg = load("sdpo")
+    del cfg["checkpoint_every"]
+    with pytest.raises(ValueError, match="'checkpoint_every' is missing"):
+        validate_config(cfg)
+    cfg = load("sdpo")
+    cfg.mesh.update(data=-1, fsdp=-1)
+    with pytest.raises(ValueError, match="at most one axis"):
+        validate_config(cfg)
+    cfg = load("sdpo")
+    cfg.mesh.update(data=3, fsdp=-1)
+    with pytest.raises(ValueError, match="mesh.fsdp=-1 cannot fill 8"):
+        validate_config(cfg, num_devices=8)
+    with pytest.raises(ValueError, match="preset 'tiny'.*smoke"):
+        load("sdpo", "tiny")
+    # top_k = None is the full-vocabulary mode
+    cfg = load("sdpo")
+    with cfg.loss.ignore_type():
+        cfg.loss.top_k = None
+    validate_config(cfg, vocab_size=1024)
+
+
+def test_command_line_overrides_through_config_flags():
+    argv = [
+        "train.py",
+        f"--config={CONFIG_DIR / 'sc_sdpo.py'}:smoke",
+        "--config.optim.lr=3e-6",
+        "--config.algorithm.exponent=1.0",
+    ]
+    fv = flags.FlagValues()
+    # config_flags registers the override flags from the argv it sees at definition time
+    config_flags.DEFINE_config_file("config", flag_values=fv, sys_argv=argv)
+    fv(argv)
+    cfg = fv.config
+    assert (cfg.optim.lr, cfg.algorithm.exponent, cfg.total_steps) == (3e-6, 1.0, 3)
+    validate_config(cfg, vocab_size=1024, num_devices=1)
