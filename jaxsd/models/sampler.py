@@ -1,0 +1,280 @@
+"""Embedded JAX sampler: jitted prefill + KV-cache decode for a batch of prompts x n samples.
+
+One `jax.jit` runs the prefill and the whole decode loop (`lax.while_loop`, which exits
+early once every row has stopped). Prompts are left-padded to a length bucket and the
+batch to a batch-size bucket, and every sampling knob (temperature, top-k, top-p, stop
+ids, seed) is an array argument, so a run compiles once per (batch bucket, length bucket,
+max_new_tokens) and never per call.
+
+Logprobs. `SampleOutput.logprobs[i][t]` is log_softmax(raw model logits)[token] at
+temperature 1 with no top-k/top-p: the behaviour log-prob that the train step's `old_logp`
+needs for logπ_old in the ratios of METHODS §2 (importance weight) and §4 (GRPO); with
+temperature 1 and no filter (the training default) it is also the sampling distribution.
+`SampleOutput.sampling_logprobs` holds the log-prob under the distribution actually sampled
+from (temperature, top-k, top-p applied; 0 for greedy).
+
+Randomness is per row: row r of a call uses fold_in(key(seed), r) then fold_in(., step),
+so a sample does not change when the batch is padded to a different bucket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+DEFAULT_LENGTH_BUCKETS = tuple(2**i for i in range(4, 16))  # 16 ... 32768
+_STOP_SLOTS = 8  # stop ids are padded to a multiple of this, so their count rarely recompiles
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleOutput:
+    """Per-sample results, prompt-major: samples of prompt 0 first (`prompt_index` says which).
+
+    token_ids: generated tokens (a stop token, when hit, is included as the last token).
+    logprobs: float32 [len(token_ids[i])], log_softmax(raw logits)[token] at temperature 1.
+    sampling_logprobs: same shape, under the tempered, top-k/top-p-filtered distribution.
+    finish_reasons: "stop" (a stop token was generated) or "length" (max_new_tokens reached).
+    """
+
+    token_ids: list[list[int]]
+    logprobs: list[np.ndarray]
+    sampling_logprobs: list[np.ndarray]
+    finish_reasons: list[str]
+    prompt_index: list[int]
+
+
+def bucket_size(size: int, buckets: Sequence[int] | None, what: str) -> int:
+    """Smallest bucket >= size (next power of two when `buckets` is None)."""
+    if buckets is None:
+        return 1 << max(0, size - 1).bit_length()
+    fitting = [b for b in sorted(buckets) if b >= size]
+    if not fitting:
+        raise ValueError(
+            f"{what}={size} exceeds the largest bucket {max(buckets)}; add a larger bucket"
+        )
+    return fitting[0]
+
+
+def filter_logits(logits_BxV: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Top-k, then nucleus top-p (Holtzman et al. 2020) on the top-k renormalised; -inf = out.
+
+    Keeps the k largest logits (top_k=0: all), then the smallest prefix of those, by
+    decreasing probability, whose mass reaches top_p. Tokens tied with the last kept logit
+    are kept too. One sort serves both filters.
+    """
+    v = logits_BxV.shape[-1]
+    sorted_BxV = -jnp.sort(-logits_BxV, axis=-1)
+    in_top_k = (top_k <= 0) | (jnp.arange(v) < top_k)
+    sorted_BxV = jnp.where(in_top_k, sorted_BxV, -jnp.inf)
+    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+    # A sorted token is in the nucleus iff the mass strictly before it is still < top_p,
+    # so the top token always is.
+    mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+    keep_BxV = in_top_k & (mass_before_BxV < top_p)
+    cutoff_Bx1 = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits_BxV >= cutoff_Bx1, logits_BxV, -jnp.inf)
+
+
+def sampling_logits(
+    logits_BxV: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array
+) -> jax.Array:
+    """logits / temperature, then top-k, then top-p (the HF / vLLM order); -inf = excluded."""
+    scaled = logits_BxV / jnp.where(temperature > 0, temperature, 1.0)
+    # Sorting the vocab each step is the costly part; skip it when no filter is on.
+    return jax.lax.cond(
+        (top_k > 0) | (top_p < 1.0),
+        lambda x: filter_logits(x, top_k, top_p),
+        lambda x: x,
+        scaled,
+    )
+
+
+def sample_step(
+    row_keys_B: jax.Array,
+    step: jax.Array,
+    logits_BxV: jax.Array,
+    temperature: jax.Array,
+    top_k: jax.Array,
+    top_p: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One token per row -> (tokens [B], raw logprobs [B], sampling logprobs [B])."""
+    logits_BxV = logits_BxV.astype(jnp.float32)
+    filtered_BxV = sampling_logits(logits_BxV, temperature, top_k, top_p)
+    keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys_B, step)
+    sampled_B = jax.vmap(jax.random.categorical)(keys_B, filtered_BxV)
+    greedy_B = jnp.argmax(logits_BxV, axis=-1)
+    tokens_B = jnp.where(temperature > 0, sampled_B, greedy_B).astype(jnp.int32)
+    raw_logp_B = _gather(jax.nn.log_softmax(logits_BxV, axis=-1), tokens_B)
+    samp_logp_B = jnp.where(
+        temperature > 0, _gather(jax.nn.log_softmax(filtered_BxV, axis=-1), tokens_B), 0.0
+    )
+    return tokens_B, raw_logp_B, samp_logp_B
+
+
+def _gather(x_BxV: jax.Array, idx_B: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(x_BxV, idx_B[:, None], axis=-1)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("max_new_tokens",))
+def _generate_padded(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    prompt_BxP: jax.Array,
+    prompt_mask_BxP: jax.Array,
+    row_keys_B: jax.Array,
+    temperature: jax.Array,
+    top_k: jax.Array,
+    top_p: jax.Array,
+    stop_ids_K: jax.Array,
+    *,
+    max_new_tokens: int,
+) -> dict[str, jax.Array]:
+    """Prefill the left-padded prompts, then decode up to max_new_tokens tokens per row."""
+    model = nnx.merge(graphdef, state)
+    b, p = prompt_BxP.shape
+    m = max_new_tokens
+    mask_BxS = jnp.concatenate([prompt_mask_BxP, jnp.zeros((b, m), prompt_mask_BxP.dtype)], 1)
+    prompt_len_B = jnp.sum(prompt_mask_BxP, axis=-1).astype(jnp.int32)
+    positions_BxP = jnp.maximum(jnp.cumsum(prompt_mask_BxP, axis=-1) - 1, 0).astype(jnp.int32)
+    cache = model.init_cache(b, p + m)
+    logits_BxPxV, cache = model.decode(prompt_BxP, positions_BxP, cache, mask_BxS)
+    sample = functools.partial(
+        sample_step, row_keys_B, temperature=temperature, top_k=top_k, top_p=top_p
+    )
+    # Left padding puts every row's last prompt token in the last column.
+    tok_B, logp_B, slogp_B = sample(jnp.int32(0), logits_BxPxV[:, -1])
+    done_B = jnp.isin(tok_B, stop_ids_K)
+    out = {
+        "tokens": jnp.zeros((b, m), jnp.int32).at[:, 0].set(tok_B),
+        "logprobs": jnp.zeros((b, m), jnp.float32).at[:, 0].set(logp_B),
+        "sampling_logprobs": jnp.zeros((b, m), jnp.float32).at[:, 0].set(slogp_B),
+        "lengths": jnp.ones((b,), jnp.int32),
+        "stopped": done_B,
+    }
+
+    def cond(carry):
+        step, _, _, out = carry
+        return (step < m) & ~jnp.all(out["stopped"])
+
+    def body(carry):
+        step, cache, mask_BxS, out = carry
+        prev_B = out["tokens"][:, step - 1]
+        mask_BxS = mask_BxS.at[:, p + step - 1].set(1)
+        positions_Bx1 = (prompt_len_B + step - 1)[:, None]
+        logits_Bx1xV, cache = model.decode(prev_B[:, None], positions_Bx1, cache, mask_BxS)
+        tok_B, logp_B, slogp_B = sample(step, logits_Bx1xV[:, 0])
+        live_B = ~out["stopped"]
+        out = {
+            "tokens": out["tokens"].at[:, step].set(tok_B),
+            "logprobs": out["logprobs"].at[:, step].set(logp_B),
+            "sampling_logprobs": out["sampling_logprobs"].at[:, step].set(slogp_B),
+            "lengths": out["lengths"] + live_B.astype(jnp.int32),
+            "stopped": out["stopped"] | (live_B & jnp.isin(tok_B, stop_ids_K)),
+        }
+        return step + 1, cache, mask_BxS, out
+
+    _, _, _, out = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, mask_BxS, out))
+    return out
+
+
+def _validate(
+    prompt_ids: Sequence[Sequence[int]],
+    vocab_size: int,
+    n: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+) -> None:
+    if not prompt_ids:
+        raise ValueError("prompt_ids is empty; pass at least one prompt (a list of token ids)")
+    for i, prompt in enumerate(prompt_ids):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+        bad = [t for t in prompt if not 0 <= int(t) < vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} has token ids {bad[:5]} outside [0, {vocab_size})")
+    if n < 1:
+        raise ValueError(f"n={n} must be >= 1 (samples per prompt)")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if not temperature >= 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+    if not 0 <= top_k <= vocab_size:
+        raise ValueError(f"top_k={top_k} must be in [0, vocab size {vocab_size}] (0 = off)")
+
+
+def generate(
+    model: nnx.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    n: int = 1,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    stop_token_ids: Sequence[int] = (),
+    seed: int = 0,
+    length_buckets: Sequence[int] | None = DEFAULT_LENGTH_BUCKETS,
+    batch_buckets: Sequence[int] | None = None,
+) -> SampleOutput:
+    """Sample n continuations of each prompt with the KV cache (temperature 0 = greedy).
+
+    `length_buckets` pads prompts (on the left) to the smallest bucket that fits the longest;
+    `batch_buckets` pads len(prompt_ids) * n rows (None = next power of two).
+    """
+    vocab_size = model.config.vocab_size
+    _validate(prompt_ids, vocab_size, n, max_new_tokens, temperature, top_p, top_k)
+    rows = [list(map(int, prompt)) for prompt in prompt_ids for _ in range(n)]
+    b = bucket_size(len(rows), batch_buckets, "batch size (prompts x n)")
+    p = bucket_size(max(map(len, rows)), length_buckets, "prompt length")
+    prompt_BxP = np.zeros((b, p), np.int32)
+    mask_BxP = np.zeros((b, p), np.int32)
+    for r in range(b):
+        prompt = rows[r % len(rows)]  # padding rows repeat real ones; their output is dropped
+        prompt_BxP[r, p - len(prompt) :] = prompt
+        mask_BxP[r, p - len(prompt) :] = 1
+    stops = sorted(set(map(int, stop_token_ids)))
+    stop_slots = _STOP_SLOTS * max(1, -(-len(stops) // _STOP_SLOTS))
+    stop_ids_K = np.full((stop_slots,), -1, np.int32)  # -1 never matches a sampled token
+    stop_ids_K[: len(stops)] = stops
+    row_keys_B = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
+        jax.random.key(seed), jnp.arange(b)
+    )
+    graphdef, state = nnx.split(model)
+    out = _generate_padded(
+        graphdef,
+        state,
+        jnp.asarray(prompt_BxP),
+        jnp.asarray(mask_BxP),
+        row_keys_B,
+        jnp.float32(temperature),
+        jnp.int32(top_k),
+        jnp.float32(top_p),
+        jnp.asarray(stop_ids_K),
+        max_new_tokens=max_new_tokens,
+    )
+    out = jax.device_get(out)
+    chex.assert_shape(out["tokens"], (b, max_new_tokens))
+    lengths = out["lengths"][: len(rows)]
+    return SampleOutput(
+        token_ids=[out["tokens"][r, :k].tolist() for r, k in enumerate(lengths)],
+        logprobs=[out["logprobs"][r, :k] for r, k in enumerate(lengths)],
+        sampling_logprobs=[out["sampling_logprobs"][r, :k] for r, k in enumerate(lengths)],
+        finish_reasons=["stop" if s else "length" for s in out["stopped"][: len(rows)]],
+        prompt_index=[i for i in range(len(prompt_ids)) for _ in range(n)],
+    )
+
+
+def compile_count() -> int:
+    """How many (shape, static-argument) variants of the sampler have been compiled so far."""
+    return _generate_padded._cache_size()
