@@ -1,0 +1,358 @@
+"""The rollout worker process: owns a `vllm.LLM`, serves the trainer over a local channel.
+
+Protocol (stdlib `multiprocessing.connection`, pickled dicts, authkey from the environment
+variable `JAXSD_ROLLOUT_AUTHKEY` as hex): the worker listens on 127.0.0.1, writes its address to
+`--address_file`, accepts the trainer, builds the engine, and sends
+`{"type": "ready", "weights_step", "pid"}`. Then, one request at a time:
+
+- `{"type": "generate", "prompts", "n", "sampling"}` -> `{"type": "result", ...}`
+- `{"type": "load_weights", "step", "in_place"}` -> `{"type": "loaded", "ok", "weights_step",
+  "message", "mode", "seconds"}`; a step that fails to restore leaves the engine on its
+  previous step (ok=False says so); an in-place load that fails rebuilds the engine from an
+  HF folder exported from the checkpoint (mode="restart").
+- `{"type": "shutdown"}` -> `{"type": "bye"}`, then the process exits.
+
+Every reply carries `weights_step`. A request that raises gets `{"type": "error", "message"}`
+and the worker keeps serving. The worker exits when the trainer closes the connection or
+exits (parent-death watch), taking its process group (vLLM's engine-core children) along.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import pathlib
+import shutil
+import signal
+import sys
+import threading
+import time
+import traceback
+from multiprocessing.connection import Listener
+from typing import Any
+
+import numpy as np
+
+from jaxsd.rollout.engine import SamplingConfig
+from jaxsd.rollout.vllm_worker import check_state_dict, numpy_to_torch
+from jaxsd.rollout.weights import (
+    CheckpointRestoreError,
+    latest_step,
+    restore_checkpoint,
+    step_path,
+)
+
+AUTHKEY_ENV = "JAXSD_ROLLOUT_AUTHKEY"
+EXTENSION_CLS = "jaxsd.rollout.vllm_worker.OrbaxWeightLoader"
+_WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerOptions:
+    """Everything the worker process needs; the client passes it as command-line flags."""
+
+    name: str
+    model_dir: str  # HF folder: architecture, and the weights of `initial_step`
+    weights_dir: str  # the trainer's published Orbax steps
+    address_file: str  # where the worker writes {"host", "port", "pid"} for the client
+    parent_pid: int  # the trainer; the worker exits when it is gone
+    initial_step: int = 0
+    follow_latest: bool = False  # before each generate, load a newer published step if any
+    reload_mode: str = "in_place"  # "restart": always rebuild the engine from an export
+    export_dir: str = ""  # restart fallback's HF folders (default: <weights_dir>/../hf_export)
+    dtype: str = "float32"
+    max_model_len: int = 2048
+    seed: int = 0
+    gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = True
+
+
+def log(name: str, msg: str) -> None:
+    print(f"[jaxsd rollout worker '{name}' pid={os.getpid()}] {msg}", flush=True)
+
+
+def hf_tensor_shapes(model_dir: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of every tensor in an HF folder's safetensors files (headers only)."""
+    from safetensors import safe_open
+
+    files = sorted(pathlib.Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(
+            f"no *.safetensors in {model_dir}; save the model with save_pretrained() first"
+        )
+    shapes = {}
+    for f in files:
+        with safe_open(str(f), framework="np") as sf:
+            for name in sf.keys():
+                shapes[name] = tuple(sf.get_slice(name).get_shape())
+    return shapes
+
+
+def export_hf_folder(
+    state: dict[str, np.ndarray], model_dir: str | os.PathLike, out_dir: str | os.PathLike
+) -> pathlib.Path:
+    """`model_dir`'s config/tokenizer files plus `state` as model.safetensors, in `out_dir`."""
+    from safetensors.torch import save_file
+
+    src, out = pathlib.Path(model_dir), pathlib.Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.is_file() and not f.name.endswith(_WEIGHT_FILES + (".index.json",)):
+            shutil.copy2(f, tmp / f.name)
+    tensors = {k: numpy_to_torch(v).contiguous() for k, v in state.items()}
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def build_llm(model_dir: str | os.PathLike, opts: WorkerOptions):
+    """A vllm.LLM for token-id prompts, with the Orbax weight loader mixed into its worker."""
+    from vllm import LLM
+
+    return LLM(
+        model=str(model_dir),
+        dtype=opts.dtype,
+        enforce_eager=opts.enforce_eager,
+        skip_tokenizer_init=True,  # the trainer tokenizes; the worker sees token ids only
+        generation_config="vllm",  # never let the folder's generation_config change sampling
+        seed=opts.seed,
+        max_model_len=opts.max_model_len,
+        gpu_memory_utilization=opts.gpu_memory_utilization,
+        worker_extension_cls=EXTENSION_CLS,
+    )
+
+
+def sampling_params(sampling: SamplingConfig, n: int, prompt_index: int):
+    """vLLM SamplingParams for one prompt; seeds differ per prompt so equal prompts differ."""
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        n=n,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k,
+        max_tokens=sampling.max_new_tokens,
+        stop_token_ids=list(sampling.stop_token_ids),
+        ignore_eos=True,  # stop only on the caller's stop ids, as the JAX sampler does
+        seed=sampling.seed + prompt_index * n,  # vLLM gives sample j seed + j
+        logprobs=0,  # the sampled token's raw log-prob only
+        detokenize=False,
+    )
+
+
+class RolloutServer:
+    """The engine and its weights step; one method per request type."""
+
+    def __init__(self, opts: WorkerOptions):
+        self.opts = opts
+        self.step = opts.initial_step
+        self.expected_shapes = hf_tensor_shapes(opts.model_dir)
+        self.export_dir = pathlib.Path(
+            opts.export_dir or pathlib.Path(opts.weights_dir).parent / f"hf_export_{opts.name}"
+        )
+        t0 = time.perf_counter()
+        self.llm = build_llm(opts.model_dir, opts)
+        log(opts.name, f"engine ready in {time.perf_counter() - t0:.1f}s, weights step {self.step}")
+
+    def handle(self, msg: dict[str, Any]) -> dict[str, Any]:
+        kind = msg.get("type")
+        if kind == "generate":
+            return self.generate(msg["prompts"], msg["n"], msg["sampling"])
+        if kind == "load_weights":
+            return self.load_weights(int(msg["step"]), in_place=msg.get("in_place", True))
+        if kind == "ping":
+            return {"type": "pong", "weights_step": self.step}
+        if kind == "shutdown":
+            return {"type": "bye", "weights_step": self.step}
+        raise ValueError(f"unknown request type {kind!r}")
+
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingConfig) -> dict:
+        from vllm.inputs import TokensPrompt
+
+        if self.opts.follow_latest:
+            newest = latest_step(self.opts.weights_dir)
+            if newest is not None and newest > self.step:
+                self.load_weights(newest)  # on failure it logs and keeps the current step
+        params = [sampling_params(sampling, n, i) for i in range(len(prompts))]
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
+        )
+        token_ids, logprobs, reasons, prompt_index = [], [], [], []
+        for i, out in enumerate(outputs):
+            for comp in sorted(out.outputs, key=lambda c: c.index):
+                ids = list(comp.token_ids)
+                token_ids.append(np.asarray(ids, np.int32))
+                logprobs.append(
+                    np.asarray(
+                        [lp[t].logprob for t, lp in zip(ids, comp.logprobs, strict=True)],
+                        np.float32,
+                    )
+                )
+                if comp.finish_reason not in ("stop", "length"):
+                    raise RuntimeError(f"vLLM finished a sample with {comp.finish_reason!r}")
+                reasons.append(comp.finish_reason)
+                prompt_index.append(i)
+        return {
+            "type": "result",
+            "token_ids": token_ids,
+            "logprobs": logprobs,
+            "finish_reasons": reasons,
+            "prompt_index": prompt_index,
+            "weights_step": self.step,
+        }
+
+    def load_weights(self, step: int, *, in_place: bool = True) -> dict:
+        t0 = time.perf_counter()
+        path = step_path(self.opts.weights_dir, step)
+        if in_place and self.opts.reload_mode == "in_place":
+            (res,) = self.llm.collective_rpc(
+                "jaxsd_load_orbax_weights", args=(str(path), self.expected_shapes)
+            )
+            if res["ok"]:
+                self.llm.reset_prefix_cache()  # cached KV blocks were computed by old weights
+                return self._loaded(step, "in_place", t0)
+            if res["stage"] == "restore":
+                return self._refused(step, res["error"])
+            log(
+                self.opts.name,
+                f"in-place load of step {step} failed; falling back to restarting the engine "
+                f"from an exported HF folder. Cause:\n{res['error']}",
+            )
+        try:
+            state = restore_checkpoint(path)
+            check_state_dict(state, self.expected_shapes)
+        except CheckpointRestoreError as e:
+            return self._refused(step, str(e))
+        folder = export_hf_folder(state, self.opts.model_dir, self.export_dir / str(step))
+        del state
+        self._restart_engine(folder)
+        for old in self.export_dir.iterdir():  # the engine has read its folder; keep only it
+            if old != folder:
+                shutil.rmtree(old, ignore_errors=True)
+        return self._loaded(step, "restart", t0)
+
+    def _loaded(self, step: int, mode: str, t0: float) -> dict:
+        seconds = time.perf_counter() - t0
+        self.step = step
+        log(self.opts.name, f"now serving weights step {step} ({mode} load, {seconds:.2f}s)")
+        return {
+            "type": "loaded",
+            "ok": True,
+            "weights_step": step,
+            "mode": mode,
+            "seconds": seconds,
+            "message": f"serving step {step}",
+        }
+
+    def _refused(self, step: int, error: str) -> dict:
+        message = (
+            f"worker '{self.opts.name}' could not load weights step {step}: {error}; "
+            f"it keeps serving step {self.step}"
+        )
+        log(self.opts.name, message)
+        return {"type": "loaded", "ok": False, "weights_step": self.step, "message": message}
+
+    def _restart_engine(self, model_dir: pathlib.Path) -> None:
+        self.close()
+        log(self.opts.name, f"restarting the engine from {model_dir}")
+        self.llm = build_llm(model_dir, self.opts)
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+            del llm
+            gc.collect()
+
+
+def _kill_own_group() -> None:
+    if os.getpgrp() == os.getpid():  # started with start_new_session: take engine children too
+        os.killpg(os.getpid(), signal.SIGKILL)
+    os._exit(1)
+
+
+def watch_parent(name: str, parent_pid: int, period_s: float = 1.0) -> None:
+    """Exit (with the process group) once the trainer that started this worker is gone."""
+
+    def run() -> None:
+        while True:
+            time.sleep(period_s)
+            if os.getppid() != parent_pid:
+                log(name, f"trainer (pid {parent_pid}) exited; stopping")
+                _kill_own_group()
+
+    threading.Thread(target=run, name="parent-watch", daemon=True).start()
+
+
+def _write_address(path: str, address: tuple[str, int]) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"host": address[0], "port": address[1], "pid": os.getpid()}, f)
+    os.replace(tmp, path)  # the client never reads a half-written file
+
+
+def serve(opts: WorkerOptions) -> int:
+    """Run the worker until shutdown or until the trainer goes away; returns the exit code."""
+    authkey_hex = os.environ.get(AUTHKEY_ENV)
+    if not authkey_hex:
+        raise SystemExit(f"{AUTHKEY_ENV} is not set; start the worker through VllmEngine")
+    watch_parent(opts.name, opts.parent_pid)
+    with Listener(("127.0.0.1", 0), authkey=bytes.fromhex(authkey_hex)) as listener:
+        _write_address(opts.address_file, listener.address)
+        conn = listener.accept()
+    server = RolloutServer(opts)
+    conn.send({"type": "ready", "weights_step": server.step, "pid": os.getpid()})
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, ConnectionError):
+            log(opts.name, "trainer closed the connection; stopping")
+            break
+        try:
+            reply = server.handle(msg)
+        except Exception:  # a bad request must not take the worker down
+            message = traceback.format_exc()
+            log(opts.name, f"request {msg.get('type')!r} failed:\n{message}")
+            reply = {"type": "error", "message": message, "weights_step": server.step}
+        conn.send(reply)
+        if msg.get("type") == "shutdown":
+            break
+    server.close()
+    conn.close()
+    log(opts.name, "stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse `WorkerOptions` from flags (`--<field>=<value>`) and serve."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for field in dataclasses.fields(WorkerOptions):
+        required = field.default is dataclasses.MISSING
+        kind = {"int": int, "float": float, "str": str, "bool": _parse_bool}[field.type]
+        parser.add_argument(
+            f"--{field.name}",
+            type=kind,
+            required=required,
+            default=None if required else field.default,
+        )
+    opts = WorkerOptions(**vars(parser.parse_args(argv)))
+    return serve(opts)
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise ValueError(f"expected true/false, got {text!r}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Weights travel from the trainer to rollout workers as Orbax checkpoints (DESIGN.md, decision 4).
+
+The trainer publishes a flat dict keyed by Hugging Face tensor names under
+`<weights_dir>/<step>`. Orbax writes into a temporary folder and renames it when complete (on
+object stores it writes a commit marker instead), so a reader never sees a half-written step.
+Workers restore on host as numpy and hand the tensors to their engine.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+
+class CheckpointRestoreError(RuntimeError):
+    """A published weights step could not be read back."""
+
+
+def step_path(weights_dir: str | os.PathLike, step: int) -> pathlib.Path:
+    """The folder of weights step `step`."""
+    if step < 0:
+        raise ValueError(f"step={step} must be >= 0")
+    return pathlib.Path(weights_dir) / str(int(step))
+
+
+def _is_finalized(path: pathlib.Path) -> bool:
+    import orbax.checkpoint as ocp
+
+    return path.is_dir() and ocp.utils.is_checkpoint_finalized(path)
+
+
+def published_steps(weights_dir: str | os.PathLike) -> list[int]:
+    """Fully written weights steps in `weights_dir`, ascending (empty when none)."""
+    root = pathlib.Path(weights_dir)
+    if not root.is_dir():
+        return []
+    steps = [int(p.name) for p in root.iterdir() if p.name.isdigit() and _is_finalized(p)]
+    return sorted(steps)
+
+
+def latest_step(weights_dir: str | os.PathLike) -> int | None:
+    """The newest fully written weights step, or None when nothing was published yet."""
+    steps = published_steps(weights_dir)
+    return steps[-1] if steps else None
+
+
+def _host_or_device_array(name: str, value: Any) -> Any:
+    import jax
+
+    if isinstance(value, jax.Array):  # sharded trainer params: every process saves its shard
+        return value
+    arr = np.asarray(value)
+    if arr.dtype == object:
+        raise TypeError(f"tensor {name!r} is not a numeric array (got {type(value).__name__})")
+    return arr
+
+
+def publish_weights(
+    hf_state_dict: Mapping[str, Any],
+    weights_dir: str | os.PathLike,
+    step: int,
+    *,
+    keep: int = 3,
+) -> pathlib.Path:
+    """Save HF-named tensors as weights step `step` (atomic), then keep only the newest `keep`.
+
+    Re-publishing an existing step replaces it. Values may be numpy or (sharded) jax arrays.
+    """
+    import jax
+    import orbax.checkpoint as ocp
+
+    if keep < 1:
+        raise ValueError(f"keep={keep} must be >= 1 (a worker needs the step it loads)")
+    if not hf_state_dict:
+        raise ValueError("hf_state_dict is empty; pass to_hf_state_dict(model, config)")
+    bad = [k for k in hf_state_dict if not isinstance(k, str) or not k]
+    if bad:
+        raise TypeError(f"hf_state_dict keys must be HF tensor names (str), got {bad[:3]}")
+    tree = {name: _host_or_device_array(name, v) for name, v in hf_state_dict.items()}
+    path = step_path(weights_dir, step).absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(path, tree, force=True)
+        checkpointer.wait_until_finished()
+    if jax.process_index() == 0:
+        for old in published_steps(weights_dir)[:-keep]:
+            shutil.rmtree(step_path(weights_dir, old), ignore_errors=True)
+    return path
+
+
+def restore_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The flat HF-named dict saved at `path`, as host numpy arrays."""
+    import orbax.checkpoint as ocp
+
+    path = pathlib.Path(path).absolute()
+    if not _is_finalized(path):
+        raise CheckpointRestoreError(
+            f"no finished weights checkpoint at {path}; publish it with publish_weights() "
+            f"(published steps: {published_steps(path.parent)})"
+        )
+    try:
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            tree = checkpointer.metadata(path).item_metadata.tree
+            restore_args = {name: ocp.RestoreArgs(restore_type=np.ndarray) for name in tree}
+            state = checkpointer.restore(
+                path, args=ocp.args.PyTreeRestore(restore_args=restore_args)
+            )
+    except Exception as e:  # Orbax/TensorStore raise many types; the cause is kept
+        raise CheckpointRestoreError(
+            f"weights checkpoint {path} is unreadable ({type(e).__name__}: {e}); "
+            "re-publish the step"
+        ) from e
+    if not isinstance(state, dict) or any(not isinstance(v, np.ndarray) for v in state.values()):
+        raise CheckpointRestoreError(
+            f"weights checkpoint {path} is not a flat dict of HF-named arrays; "
+            "it was not written by publish_weights()"
+        )
+    return state
+
+
+def restore_weights(weights_dir: str | os.PathLike, step: int) -> dict[str, np.ndarray]:
+    """The HF-named tensors published as weights step `step`, on host."""
+    return restore_checkpoint(step_path(weights_dir, step))
