@@ -46,7 +46,11 @@ def grpo_advantages(
     """
     rewards = _as_float(rewards)
     group = rewards.shape[-1]
-    centred = rewards - jnp.mean(rewards, axis=-1, keepdims=True)
+    # Shift by the first reward before averaging: a zero-variance group then centres to
+    # exactly 0 (a plain fp32 mean of 8 equal values can be off by an ulp, and ulp/(ulp+eps)
+    # would be a spurious advantage of ~0.05).
+    shifted = rewards - rewards[..., :1]
+    centred = shifted - jnp.mean(shifted, axis=-1, keepdims=True)
     if not normalize:
         return centred
     if group - ddof <= 0:
