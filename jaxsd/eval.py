@@ -7,6 +7,8 @@ embedded JAX sampler and vLLM are evaluated by the same code.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
@@ -179,3 +181,114 @@ def eval_metrics_for_log(reports: Mapping[str, Mapping[str, Any]]) -> dict[str, 
         flat.update({f"eval/{name}/{k}": v for k, v in rep.items() if k.startswith(_AVERAGED)})
     flat.update({f"eval/{k}": v for k, v in combined["average"].items()})
     return flat
+
+
+def stop_token_ids(model_dir: str | os.PathLike, tokenizer: Any) -> list[int]:
+    """End-of-turn ids: generation_config.json's eos_token_id(s) plus the tokenizer's eos."""
+    ids = set()
+    path = os.path.join(os.fspath(model_dir), "generation_config.json")
+    if os.path.isfile(path):
+        with open(path) as fh:
+            eos = json.load(fh).get("eos_token_id")
+        ids.update([eos] if isinstance(eos, int) else list(eos or []))
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    if not ids:
+        raise ValueError(f"no eos_token_id in {path} or the tokenizer; cannot stop generation")
+    return sorted(ids)
+
+
+def embedded_generate_fn(
+    model: Any,
+    tokenizer: Any,
+    *,
+    max_new_tokens: int,
+    stop_ids: Sequence[int],
+    max_prompt_tokens: int = 2048,
+    prompts_per_batch: int = 8,
+) -> GenerateFn:
+    """A `generate_fn` over the embedded JAX sampler (jaxsd.models.sampler.generate)."""
+    from jaxsd.models.sampler import generate
+    from jaxsd.tasks.reprompt import chat_token_ids
+
+    if prompts_per_batch < 1:
+        raise ValueError(f"prompts_per_batch={prompts_per_batch} must be >= 1")
+
+    def generate_fn(
+        prompts: Sequence[Messages], *, n: int, temperature: float, top_p: float, seed: int
+    ) -> list[list[str]]:
+        groups: list[list[str]] = []
+        for start in range(0, len(prompts), prompts_per_batch):
+            chunk = prompts[start : start + prompts_per_batch]
+            ids = [chat_token_ids(tokenizer, m, max_prompt_tokens) for m in chunk]
+            out = generate(
+                model,
+                ids,
+                n=n,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                stop_token_ids=stop_ids,
+                # Distinct streams per chunk; the same (seed, prompts) always gives the same text.
+                seed=seed * 1_000_003 + start,
+            )
+            texts = tokenizer.batch_decode(out.token_ids, skip_special_tokens=True)
+            groups.extend(texts[i * n : (i + 1) * n] for i in range(len(chunk)))
+        return groups
+
+    return generate_fn
+
+
+def evaluate_model(
+    *,
+    model: str | os.PathLike,
+    task: str,
+    split: str = "test",
+    n: int = EVAL_N,
+    limit: int | None = None,
+    out: str | os.PathLike | None = None,
+    temperature: float = EVAL_TEMPERATURE,
+    top_p: float = EVAL_TOP_P,
+    max_new_tokens: int = 2048,
+    max_prompt_tokens: int = 2048,
+    prompts_per_batch: int = 8,
+    seed: int = 0,
+    data_dir: str | os.PathLike | None = None,
+    keep_responses: bool = False,
+) -> dict[str, Any]:
+    """Load an HF folder and a task split, `evaluate` with the embedded sampler, write `out`."""
+    from transformers import AutoTokenizer
+
+    from jaxsd.models import from_pretrained
+    from jaxsd.tasks import get_task
+
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit={limit} must be >= 1 (or None for the whole split)")
+    the_task = get_task(task)
+    records = the_task.load(split, data_dir)[:limit]
+    net, _ = from_pretrained(model)
+    tokenizer = AutoTokenizer.from_pretrained(os.fspath(model))
+    generate_fn = embedded_generate_fn(
+        net,
+        tokenizer,
+        max_new_tokens=max_new_tokens,
+        stop_ids=stop_token_ids(model, tokenizer),
+        max_prompt_tokens=max_prompt_tokens,
+        prompts_per_batch=prompts_per_batch,
+    )
+    result = evaluate(
+        generate_fn,
+        the_task,
+        records,
+        n=n,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        keep_responses=keep_responses,
+    )
+    result["report"].update(model=os.fspath(model), split=split)
+    if out is not None:
+        os.makedirs(os.path.dirname(os.path.abspath(os.fspath(out))), exist_ok=True)
+        with open(out, "w") as fh:
+            json.dump(result, fh, indent=1)
+    return result

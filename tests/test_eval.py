@@ -1,7 +1,10 @@
 """mean@k / maj@k / best@k against hand-computed cases and Counter; evaluate() on a real task."""
 
 import collections
+import json
+import os
 import re
+import runpy
 
 import numpy as np
 import pytest
@@ -10,6 +13,8 @@ from hypothesis import strategies as st
 
 from jaxsd import eval as E
 from jaxsd.tasks import get_task
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_mean_and_best_by_hand():
@@ -139,3 +144,47 @@ def test_evaluate_rejects_malformed_generation():
         E.evaluate(short, task, records)
     with pytest.raises(ValueError, match="1 groups for 2 prompts"):
         E.evaluate(lambda p, **kw: [["x"] * 16], task, records)
+
+
+def test_eval_script_on_tiny_model_matches_direct_sampling(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from jaxsd.models import from_pretrained
+    from jaxsd.models.sampler import generate
+    from jaxsd.tasks.reprompt import chat_token_ids
+
+    script = runpy.run_path(os.path.join(REPO, "scripts", "eval.py"))
+    out = tmp_path / "eval.json"
+    argv = ["--model", str(tiny_model_dir), "--task", "arithmetic", "--n", "2", "--limit", "3"]
+    argv += ["--max_new_tokens", "8", "--seed", "0", "--out", str(out), "--keep_responses"]
+    script["main"](argv)
+    with open(out) as fh:
+        result = json.load(fh)
+
+    # Independent path: chat template -> sampler -> decode -> verifier, same seed and sampling.
+    task = get_task("arithmetic")
+    records = task.load("test")[:3]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model, _ = from_pretrained(tiny_model_dir)
+    with open(os.path.join(tiny_model_dir, "generation_config.json")) as fh:
+        eos = json.load(fh)["eos_token_id"]
+    sample = generate(
+        model,
+        [chat_token_ids(tokenizer, task.messages(r)) for r in records],
+        n=2,
+        max_new_tokens=8,
+        temperature=0.6,
+        top_p=0.95,
+        stop_token_ids=eos if isinstance(eos, list) else [eos],
+        seed=0,
+    )
+    texts = tokenizer.batch_decode(sample.token_ids, skip_special_tokens=True)
+    assert [r["responses"] for r in result["per_record"]] == [texts[0:2], texts[2:4], texts[4:6]]
+    assert any(texts), "the sampler produced only empty texts; the comparison would be vacuous"
+    rewards = np.array([task.verify(t, records[i // 2]).reward for i, t in enumerate(texts)])
+    rewards = rewards.reshape(3, 2)
+    assert [r["rewards"] for r in result["per_record"]] == rewards.tolist()
+    rep = result["report"]
+    assert rep["mean@2"] == pytest.approx(rewards.mean())
+    assert rep["best@2"] == pytest.approx(np.mean(rewards.max(axis=1) >= 0.5))
+    assert rep["num_prompts"] == 3 and rep["model"] == str(tiny_model_dir)

@@ -1,0 +1,36 @@
+"""Evaluate an HF model folder on a task split with the embedded JAX sampler (METHODS §9).
+
+  python scripts/eval.py --model /path/to/hf_folder --task arithmetic --n 16 --limit 50 \
+      --out eval.json
+"""
+
+import argparse
+import json
+
+from jaxsd.eval import EVAL_N, EVAL_TEMPERATURE, EVAL_TOP_P, evaluate_model
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="local Hugging Face folder")
+    parser.add_argument("--task", required=True, help="registered task name (jaxsd.tasks)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--n", type=int, default=EVAL_N, help="samples per question")
+    parser.add_argument("--limit", type=int, default=None, help="first N records only")
+    parser.add_argument("--out", default=None, help="JSON file for the report and per-record rows")
+    parser.add_argument("--temperature", type=float, default=EVAL_TEMPERATURE)
+    parser.add_argument("--top_p", type=float, default=EVAL_TOP_P)
+    parser.add_argument("--max_new_tokens", type=int, default=2048)
+    parser.add_argument("--max_prompt_tokens", type=int, default=2048)
+    parser.add_argument("--prompts_per_batch", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data_dir", default=None, help="dataset root (default shared/data)")
+    parser.add_argument("--keep_responses", action="store_true", help="store texts in --out")
+    args = parser.parse_args(argv)
+    result = evaluate_model(**vars(args))
+    print(json.dumps(result["report"], indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
