@@ -257,19 +257,30 @@ class VllmEngine:
 
     # -- requests --------------------------------------------------------------------------
     def generate(
-        self, prompt_token_ids: Sequence[Sequence[int]], n: int, sampling: SamplingConfig
+        self,
+        prompt_token_ids: Sequence[Sequence[int]],
+        n: int,
+        sampling: SamplingConfig,
+        *,
+        timeout_s: float | None = None,
     ) -> RolloutResult:
-        """n samples per prompt from the worker (request_timeout_s)."""
-        return self.submit(prompt_token_ids, n, sampling).result()
+        """n samples per prompt from the worker (timeout_s defaults to request_timeout_s)."""
+        return self.submit(prompt_token_ids, n, sampling, timeout_s=timeout_s).result()
 
     def submit(
-        self, prompt_token_ids: Sequence[Sequence[int]], n: int, sampling: SamplingConfig
+        self,
+        prompt_token_ids: Sequence[Sequence[int]],
+        n: int,
+        sampling: SamplingConfig,
+        *,
+        timeout_s: float | None = None,
     ) -> PendingRollout:
         """Send a generate request and return at once; the trainer can work meanwhile."""
         prompts = validate_prompts(prompt_token_ids, n)
         what = f"generating {len(prompts)} prompts x {n}"
         self._send({"type": "generate", "prompts": prompts, "n": n, "sampling": sampling}, what)
-        self._pending = PendingRollout(self, what, time.monotonic() + self.config.request_timeout_s)
+        timeout_s = self.config.request_timeout_s if timeout_s is None else timeout_s
+        self._pending = PendingRollout(self, what, time.monotonic() + timeout_s)
         return self._pending
 
     def _finish_generate(self, what: str, deadline: float) -> RolloutResult:

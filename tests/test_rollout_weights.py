@@ -1,0 +1,107 @@
+"""Orbax weight publishing: exact round trip, atomic visibility, keep-N, clear errors."""
+
+import pathlib
+
+import hypothesis.strategies as st
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from jaxsd.rollout.weights import (
+    CheckpointRestoreError,
+    latest_step,
+    publish_weights,
+    published_steps,
+    restore_weights,
+    step_path,
+)
+
+_DTYPES = (np.float32, np.float16, ml_dtypes.bfloat16, np.int32)
+_NAME = st.from_regex(r"model\.layers\.[0-9]\.[a-z_]{1,8}\.(weight|bias)", fullmatch=True)
+
+
+def _tensor(draw_shape, dtype, seed):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(draw_shape) * 3).astype(dtype)
+
+
+@settings(
+    max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    names=st.lists(_NAME, min_size=1, max_size=4, unique=True),
+    shapes=st.lists(st.lists(st.integers(1, 5), max_size=3), min_size=4, max_size=4),
+    dtypes=st.lists(st.sampled_from(_DTYPES), min_size=4, max_size=4),
+    step=st.integers(0, 10**6),
+)
+def test_publish_then_restore_is_exact_for_any_flat_hf_dict(tmp_path, names, shapes, dtypes, step):
+    weights_dir = tmp_path / f"w{step}"
+    state = {
+        name: _tensor(tuple(shape), dtype, i)
+        for i, (name, shape, dtype) in enumerate(zip(names, shapes, dtypes, strict=False))
+    }
+    path = publish_weights(state, weights_dir, step)
+    assert path == step_path(weights_dir, step).absolute()
+    restored = restore_weights(weights_dir, step)
+    assert sorted(restored) == sorted(state)  # dotted HF names stay flat keys
+    for name, arr in state.items():
+        assert restored[name].dtype == arr.dtype, name
+        np.testing.assert_array_equal(restored[name], arr)
+    assert latest_step(weights_dir) == step
+
+
+def test_jax_arrays_are_published_like_numpy(tmp_path):
+    state = {"lm_head.weight": jnp.arange(12, dtype=jnp.float32).reshape(3, 4)}
+    publish_weights(state, tmp_path, 1)
+    np.testing.assert_array_equal(
+        restore_weights(tmp_path, 1)["lm_head.weight"], np.arange(12).reshape(3, 4)
+    )
+
+
+def test_keep_n_deletes_the_oldest_steps_and_republishing_replaces(tmp_path):
+    for step in range(5):
+        publish_weights({"w": np.full((2,), step, np.float32)}, tmp_path, step, keep=2)
+    assert published_steps(tmp_path) == [3, 4]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["3", "4"]
+    publish_weights({"w": np.full((2,), 40.0, np.float32)}, tmp_path, 4, keep=2)
+    np.testing.assert_array_equal(restore_weights(tmp_path, 4)["w"], [40.0, 40.0])
+
+
+def test_unfinished_steps_are_invisible(tmp_path):
+    publish_weights({"w": np.ones(2, np.float32)}, tmp_path, 3)
+    (tmp_path / "9.orbax-checkpoint-tmp-1795635505").mkdir()  # a save still in progress
+    (tmp_path / "notes").mkdir()
+    assert published_steps(tmp_path) == [3]
+    assert latest_step(tmp_path) == 3
+    assert latest_step(tmp_path / "nothing_here") is None
+
+
+def _corrupt(path: pathlib.Path) -> None:
+    for f in path.rglob("*"):
+        if f.is_file() and not f.name.startswith("_") and f.name != "commit_success.txt":
+            f.write_bytes(b"\x00garbage" * 7)
+
+
+def test_corrupt_and_missing_steps_raise_errors_naming_the_step(tmp_path):
+    publish_weights({"w": np.ones((4, 4), np.float32)}, tmp_path, 1)
+    publish_weights({"w": np.ones((4, 4), np.float32)}, tmp_path, 2)
+    _corrupt(step_path(tmp_path, 2))
+    with pytest.raises(CheckpointRestoreError, match=r"/2 is unreadable.*re-publish"):
+        restore_weights(tmp_path, 2)
+    with pytest.raises(CheckpointRestoreError, match=r"no finished weights checkpoint.*\[1, 2\]"):
+        restore_weights(tmp_path, 5)
+    np.testing.assert_array_equal(restore_weights(tmp_path, 1)["w"], np.ones((4, 4)))
+
+
+def test_bad_inputs_are_rejected_with_the_fix(tmp_path):
+    with pytest.raises(ValueError, match="empty"):
+        publish_weights({}, tmp_path, 0)
+    with pytest.raises(ValueError, match="keep=0"):
+        publish_weights({"w": np.ones(1)}, tmp_path, 0, keep=0)
+    with pytest.raises(TypeError, match="'w' is not a numeric array"):
+        publish_weights({"w": np.array([object()])}, tmp_path, 0)
+    with pytest.raises(ValueError, match="step=-1"):
+        publish_weights({"w": np.ones(1)}, tmp_path, -1)
+    assert published_steps(tmp_path) == []
