@@ -139,6 +139,30 @@ def test_sampled_logprobs_equal_full_forward(model, full_logits, prompts):
             assert abs(out.sampling_logprobs[r][t] - ref) <= 1e-4
 
 
+def test_prefill_equals_model_decode_at_the_last_column(model, prompts):
+    b, p, s = len(prompts), 32, 40
+    prompt_BxP = np.zeros((b, p), np.int32)
+    mask_BxS = np.zeros((b, s), np.int32)
+    for r, prompt in enumerate(prompts):
+        prompt_BxP[r, p - len(prompt) :] = prompt
+        mask_BxS[r, p - len(prompt) : p] = 1
+    positions_BxP = np.maximum(np.cumsum(mask_BxS[:, :p], axis=1) - 1, 0)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def both(state):
+        m = nnx.merge(graphdef, state)
+        args = (jnp.asarray(prompt_BxP), jnp.asarray(positions_BxP))
+        ref_logits, ref_cache = m.decode(*args, m.init_cache(b, s), jnp.asarray(mask_BxS))
+        logits, cache = sampler.prefill(m, *args, m.init_cache(b, s), jnp.asarray(mask_BxS))
+        return ref_logits[:, -1], ref_cache, logits, cache
+
+    ref_logits, ref_cache, logits, cache = both(state)
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-6)
+    jax.tree.map(np.testing.assert_array_equal, cache, ref_cache)
+    assert int(cache["index"]) == p
+
+
 def test_temperature_zero_ignores_seed(model, prompts, greedy):
     again = sampler.generate(model, prompts, temperature=0.0, seed=123, top_p=0.5, **KW)
     assert again.token_ids == greedy.token_ids
