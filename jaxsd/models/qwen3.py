@@ -14,6 +14,7 @@ import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from jaxsd.models.config import ModelConfig
 from jaxsd.models.lora import Linear, LoraConfig, _param
@@ -201,6 +202,22 @@ def default_positions(attention_mask_BxT: jax.Array | None, b: int, t: int) -> j
     return jnp.maximum(pos, 0)
 
 
+def _explicit_mesh(x: Any) -> Any:
+    """The abstract mesh of `x`'s sharding type when it has Explicit axes, else None."""
+    mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+    if mesh is None or mesh.empty:
+        return None
+    if not any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+        return None
+    return getattr(mesh, "abstract_mesh", mesh)
+
+
+def _spec(x: Any) -> tuple[Any, ...]:
+    """PartitionSpec entries of `x`'s sharding type (replicated when it has none)."""
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    return tuple(spec) + (None,) * (x.ndim - len(spec)) if spec is not None else (None,) * x.ndim
+
+
 class Transformer(nnx.Module):
     """Decoder-only LM; see notes/model_contract.md for the public API."""
 
@@ -260,6 +277,21 @@ class Transformer(nnx.Module):
             new_v.append(v)
         return self.norm(x), (tuple(new_k), tuple(new_v))
 
+    def _in_auto_axes(self, method, out_specs, *args):
+        """Run `method` with GSPMD (auto) sharding when the inputs live on an Explicit mesh.
+
+        jax 0.10's make_mesh defaults to Explicit axes, under which ops such as the embedding
+        gather of a vocab-sharded table have no unambiguous output sharding; the model's
+        parameter shardings come from the logical rules, so inside it the compiler decides.
+        """
+        mesh = _explicit_mesh(args[0])
+        if mesh is None:
+            return method(self, *args)
+        graphdef, state = nnx.split(self)
+        body = lambda st, *a: method(nnx.merge(graphdef, st), *a)  # noqa: E731
+        with jax.sharding.use_abstract_mesh(mesh):
+            return jax.sharding.auto_axes(body, out_sharding=out_specs)(state, *args)
+
     def hidden_states(
         self,
         input_ids: jax.Array,
@@ -267,6 +299,12 @@ class Transformer(nnx.Module):
         positions: jax.Array | None = None,
     ) -> jax.Array:
         """Final-norm hidden states [B, T, H] (the train step applies the LM head in chunks)."""
+        spec = P(*_spec(input_ids), None)
+        return self._in_auto_axes(
+            Transformer._hidden_states, spec, input_ids, attention_mask, positions
+        )
+
+    def _hidden_states(self, input_ids, attention_mask, positions):
         b, t = input_ids.shape
         chex.assert_rank(input_ids, 2)
         if attention_mask is not None:
@@ -290,7 +328,11 @@ class Transformer(nnx.Module):
         positions: jax.Array | None = None,
     ) -> jax.Array:
         """Logits [B, T, V] (fp32) of a causal forward over `input_ids` [B, T]."""
-        return self.logits(self.hidden_states(input_ids, attention_mask, positions))
+        spec = P(*_spec(input_ids), None)
+        return self._in_auto_axes(Transformer._forward, spec, input_ids, attention_mask, positions)
+
+    def _forward(self, input_ids, attention_mask, positions):
+        return self.logits(self._hidden_states(input_ids, attention_mask, positions))
 
     def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> Cache:
         """Empty KV cache with `max_length` slots (dtype defaults to the compute dtype)."""
@@ -317,6 +359,12 @@ class Transformer(nnx.Module):
         The caller keeps index + T <= S (slot writes past the end would be clamped).
         Returns fp32 logits [B, T, V] and the cache advanced by T.
         """
+        specs = (P(*_spec(input_ids), None), jax.tree.map(lambda c: P(*_spec(c)), cache))
+        return self._in_auto_axes(
+            Transformer._decode, specs, input_ids, positions, cache, cache_mask
+        )
+
+    def _decode(self, input_ids, positions, cache, cache_mask):
         b, t = input_ids.shape
         s = cache["k"][0].shape[1]
         chex.assert_shape(positions, (b, t))
