@@ -1,0 +1,518 @@
+"""The training loop (DESIGN "data flow of one step").
+
+    rollout (engine) -> verify (task) -> plan (algorithm, host) -> train step (jit)
+      -> publish weights -> periodic eval -> checkpoint
+
+`build_run(cfg)` turns a config into the parts; `train(cfg)` drives them and returns a
+summary. Everything a restart needs is in the checkpoint: the train state (params, teacher,
+optimizer, step, RNG) and the host state (the algorithm's state; the data position is the
+step itself, see `jaxsd.train.data`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxsd import algorithms, metrics as metrics_lib
+from jaxsd.algorithms.validate import mesh_shape, validate_config
+from jaxsd.eval import eval_metrics_for_log, evaluate, stop_token_ids
+from jaxsd.models import from_pretrained, to_hf_state_dict
+from jaxsd.rollout.engine import SamplingConfig
+from jaxsd.tasks import get_task
+from jaxsd.tasks.reprompt import chat_token_ids
+from jaxsd.train import data
+from jaxsd.train.batch import TrainSample, batch_shardings, build_batch, global_batch
+from jaxsd.train.checkpoint import Checkpointer
+from jaxsd.train.mesh import make_mesh
+from jaxsd.train.optimizer import make_optimizer, make_schedule
+from jaxsd.train.state import train_state_from_model
+from jaxsd.train.step import StepConfig, make_train_step
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+LENGTH_BUCKETS = tuple(2**i for i in range(4, 16))  # 16 ... 32768 tokens
+_EVAL_PURPOSE, _ROLLOUT_PURPOSE = 1, 0
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything built from a config; `train` mutates `state` and `host_state`."""
+
+    cfg: Any
+    model_dir: pathlib.Path
+    tokenizer: Any
+    model: nnx.Module  # the rollout engine's copy of the policy (JAX engine)
+    task: Any
+    train_records: list[dict]
+    test_records: list[dict]
+    algorithm: Any
+    step_cfg: StepConfig
+    mesh: jax.sharding.Mesh
+    graphdef: Any
+    state: Any
+    state_shardings: Any
+    batch_shardings: Any
+    train_step: Any
+    engine: Any
+    sync: Any  # WeightSync for the vLLM engine, None for the embedded one
+    stop_ids: list[int]
+    host_state: Any = None
+    start_step: int = 0
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def resolve_model_dir(cfg: Any) -> pathlib.Path:
+    """A local HF folder for `model.path`: made on the fly (""), a path, or a hub download."""
+    if cfg.model.path == "":
+        folder = pathlib.Path(cfg.run_dir) / "tiny_model"
+        if not (folder / "config.json").is_file():
+            from jaxsd.models.tiny import make_tiny_model
+
+            make_tiny_model(folder, **dict(cfg.model.tiny))
+        return folder
+    for candidate in (pathlib.Path(cfg.model.path), REPO_ROOT / cfg.model.path):
+        if (candidate / "config.json").is_file():
+            return candidate
+    if pathlib.Path(cfg.model.path).exists():
+        raise FileNotFoundError(
+            f"model.path={cfg.model.path!r} has no config.json; pass an HF model folder"
+        )
+    try:
+        from huggingface_hub import snapshot_download
+
+        return pathlib.Path(snapshot_download(cfg.model.path))
+    except Exception as err:
+        raise FileNotFoundError(
+            f"model.path={cfg.model.path!r} is neither a local HF folder nor downloadable from "
+            f"the Hugging Face hub ({type(err).__name__}); download it elsewhere and pass the "
+            "local folder"
+        ) from err
+
+
+def step_config(cfg: Any, switches: dict[str, Any]) -> StepConfig:
+    """Static switches of the train step: the algorithm's terms + the config's loss keys."""
+    loss = cfg.loss
+    switches = dict(switches)
+    rhythm = switches.pop("rhythm", None)
+    return StepConfig(
+        top_k=loss.top_k,
+        alpha=loss.alpha,
+        add_tail=loss.add_tail,
+        is_clip=loss.is_clip,
+        loss_agg_mode=loss.loss_agg_mode,
+        chunk_size=loss.chunk_size,
+        kl_coef=loss.kl_coef,
+        kl_kind=loss.kl_estimator,
+        entropy_coef=loss.entropy_coef,
+        ema_rate=loss.teacher_ema,
+        clip_low=loss.clip_low,
+        clip_high=loss.clip_high,
+        dual_clip=loss.dual_clip,
+        rhythm=tuple(sorted(rhythm.items())) if rhythm else (),
+        **switches,
+    )
+
+
+def _make_engine(cfg: Any, model: nnx.Module, model_dir: pathlib.Path):
+    if cfg.rollout.engine == "jax":
+        from jaxsd.rollout.jax_engine import JaxEngine
+
+        return JaxEngine(model, weights_step=0, length_buckets=LENGTH_BUCKETS), None
+    from jaxsd.rollout.sync import SyncConfig, WeightSync
+    from jaxsd.rollout.vllm_engine import VllmEngine, VllmWorkerConfig
+
+    engine = VllmEngine(
+        VllmWorkerConfig(model_dir=str(model_dir), seed=cfg.seed, max_model_len=_max_len(cfg))
+    )
+    weights_dir = pathlib.Path(cfg.run_dir) / "weights"
+    return engine, WeightSync(engine, SyncConfig(weights_dir=weights_dir))
+
+
+def _max_len(cfg: Any) -> int:
+    return cfg.task.max_reprompt_len + cfg.rollout.max_new_tokens + cfg.task.max_prompt_len
+
+
+def build_run(cfg: Any) -> Run:
+    """Validate the config and build model, task, algorithm, mesh, state, step and engine."""
+    validate_config(cfg, num_devices=jax.device_count())
+    model_dir = resolve_model_dir(cfg)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    dtype = jnp.dtype(cfg.model.param_dtype)
+    model, model_config = from_pretrained(model_dir, dtype=dtype)
+    validate_config(cfg, vocab_size=model_config.vocab_size, num_devices=jax.device_count())
+
+    task = get_task(cfg.task.name, **dict(cfg.task.kwargs))
+    data_dir = cfg.task.data_dir or None
+    train_records = task.load("train", data_dir=data_dir)
+    test_records = task.load("test", data_dir=data_dir)
+
+    algorithm = algorithms.from_config(cfg.algorithm)
+    step_cfg = step_config(cfg, algorithm.step_switches())
+    schedule = make_schedule(
+        cfg.optim.lr,
+        warmup_steps=cfg.optim.warmup_steps,
+        kind=cfg.optim.schedule,
+        total_steps=cfg.total_steps,
+    )
+    tx = make_optimizer(
+        schedule,
+        weight_decay=cfg.optim.weight_decay,
+        b1=cfg.optim.b1,
+        b2=cfg.optim.b2,
+        eps=cfg.optim.eps,
+        clip_norm=cfg.optim.grad_clip,
+    )
+    shape = mesh_shape(cfg, jax.device_count())
+    mesh = make_mesh((shape["data"], shape["fsdp"], shape["tensor"]))
+    # The trainer owns its own copy of the weights; `model` stays the engine's copy.
+    train_model, _ = from_pretrained(model_dir, dtype=dtype)
+    graphdef, state, shardings = train_state_from_model(
+        train_model, tx, mesh=mesh, seed=cfg.seed, teacher_mode=step_cfg.teacher_mode
+    )
+    b_shardings = batch_shardings(mesh)
+    train_step = make_train_step(
+        graphdef,
+        tx,
+        step_cfg,
+        state_shardings=shardings,
+        batch_shardings=b_shardings,
+        schedule=schedule,
+    )
+    engine, sync = _make_engine(cfg, model, model_dir)
+    return Run(
+        cfg=cfg,
+        model_dir=model_dir,
+        tokenizer=tokenizer,
+        model=model,
+        task=task,
+        train_records=train_records,
+        test_records=test_records,
+        algorithm=algorithm,
+        step_cfg=step_cfg,
+        mesh=mesh,
+        graphdef=graphdef,
+        state=state,
+        state_shardings=shardings,
+        batch_shardings=b_shardings,
+        train_step=train_step,
+        engine=engine,
+        sync=sync,
+        stop_ids=stop_token_ids(model_dir, tokenizer),
+        host_state=algorithm.init_state(cfg.seed),
+    )
+
+
+# ----------------------------------------------------------------------------- one step
+
+
+def _prompt_ids(run: Run, record: dict) -> list[int]:
+    return chat_token_ids(run.tokenizer, run.task.messages(record), run.cfg.task.max_prompt_len)
+
+
+def collect_groups(run: Run, records: Sequence[dict], step: int) -> tuple[list, dict[str, float]]:
+    """Sample G rollouts per question with the current weights and verify them."""
+    cfg = run.cfg
+    prompt_ids = [_prompt_ids(run, r) for r in records]
+    sampling = SamplingConfig(
+        temperature=cfg.rollout.temperature,
+        top_p=cfg.rollout.top_p,
+        max_new_tokens=cfg.rollout.max_new_tokens,
+        stop_token_ids=tuple(run.stop_ids),
+        seed=data.sampling_seed(cfg.seed, step, purpose=_ROLLOUT_PURPOSE),
+    )
+    t0 = time.perf_counter()
+    result = run.engine.generate(prompt_ids, cfg.rollout.n, sampling)
+    rollout_s = time.perf_counter() - t0
+    staleness = run.sync.check(result, step) if run.sync is not None else 0
+    if run.sync is None and result.weights_step != step:
+        raise RuntimeError(
+            f"embedded engine served weights step {result.weights_step} at trainer step {step}"
+        )
+    rollouts = []
+    for tokens, logp, q in zip(result.token_ids, result.logprobs, result.prompt_index, strict=True):
+        record = records[q]
+        text = run.tokenizer.decode(tokens, skip_special_tokens=True)
+        verdict = run.task.verify(text, record)
+        rollouts.append(
+            algorithms.Rollout(
+                question_id=str(record["id"]),
+                prompt=run.task.messages(record),
+                response=text,
+                response_ids=[int(t) for t in tokens],
+                logprobs=np.asarray(logp, np.float32),
+                reward=float(verdict.reward),
+                feedback=verdict.feedback,
+                # -mean log p(sampled token) is an unbiased estimate of the mean token
+                # entropy; engines return sampled-token log-probs, not full distributions.
+                entropy=float(-np.mean(logp)) if len(logp) else 0.0,
+            )
+        )
+    groups = algorithms.group_rollouts(rollouts)
+    generated = sum(len(t) for t in result.token_ids)
+    stats = {
+        "time/rollout_s": rollout_s,
+        "perf/rollout_tokens_per_s": generated / max(rollout_s, 1e-9),
+        "rollout/staleness": float(staleness),
+        "rollout/response_len": generated / len(rollouts),
+        "rollout/frac_truncated": float(np.mean([f == "length" for f in result.finish_reasons])),
+    }
+    return groups, stats
+
+
+def plans_to_samples(run: Run, groups: Sequence, plans: Sequence) -> list[TrainSample]:
+    """Tokenise each plan's teacher chat and attach the per-rollout numbers (batch contract)."""
+    samples = []
+    rollouts = algorithms.flat_rollouts(groups)
+    prompt_cache: dict[str, list[int]] = {}
+    for rollout, plan in zip(rollouts, plans, strict=True):
+        if rollout.question_id not in prompt_cache:
+            prompt_cache[rollout.question_id] = chat_token_ids(
+                run.tokenizer, rollout.prompt, run.cfg.task.max_prompt_len
+            )
+        teacher_ids = None
+        if plan.teacher_messages is not None:
+            teacher_ids = chat_token_ids(
+                run.tokenizer, plan.teacher_messages, run.cfg.task.max_reprompt_len
+            )
+        samples.append(
+            TrainSample(
+                prompt_ids=prompt_cache[rollout.question_id],
+                response_ids=list(rollout.response_ids),
+                old_logp=np.asarray(rollout.logprobs, np.float32),
+                teacher_prompt_ids=teacher_ids,
+                advantage=plan.advantage,
+                pg_weight=plan.pg_weight,
+                sd_weight=plan.sd_weight,
+                ssopd_weight=plan.ssopd_weight,
+                ssopd_len=plan.ssopd_len,
+                rhythm_beta=plan.rhythm_beta,
+            )
+        )
+    return samples
+
+
+def _group_stats(groups: Sequence, threshold: float) -> dict[str, Any]:
+    pass_rates = [float(np.mean(g.rewards >= threshold)) for g in groups]
+    stats: dict[str, Any] = metrics_lib.pass_rate_stats(pass_rates)
+    stats[metrics_lib.REWARD] = float(np.mean([r for g in groups for r in g.rewards]))
+    return stats, pass_rates
+
+
+def _publish(run: Run, step: int) -> dict[str, float]:
+    """Hand the params after optimizer step `step` to the rollout engine."""
+    if run.sync is None:
+        # The state is donated to the next step, so the engine gets its own copy, gathered onto
+        # one device: the embedded sampler is the single-device engine.
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        params = jax.tree.map(lambda x: jax.device_put(jnp.copy(x), device), run.state.params)
+        run.engine.set_params(params, step)
+        return {}
+    nnx.update(run.model, run.state.params)
+    timing = run.sync.after_step(step, lambda: to_hf_state_dict(run.model, run.model.config))
+    return {f"time/publish_{k}": v for k, v in (timing or {}).items()}
+
+
+def _epoch(run: Run, step: int) -> int:
+    _, epoch = data.questions_for_step(
+        step,
+        questions_per_step=run.cfg.task.questions_per_step,
+        num_records=len(run.train_records),
+        seed=run.cfg.seed,
+        shuffle=run.cfg.task.shuffle,
+    )
+    return epoch
+
+
+def train_one_step(run: Run, step: int) -> dict[str, Any]:
+    """Rollout -> verify -> plan -> train step -> publish, for 0-based step `step`."""
+    cfg = run.cfg
+    t_start = time.perf_counter()
+    indices, epoch = data.questions_for_step(
+        step,
+        questions_per_step=cfg.task.questions_per_step,
+        num_records=len(run.train_records),
+        seed=cfg.seed,
+        shuffle=cfg.task.shuffle,
+    )
+    records = [run.train_records[i] for i in indices]
+    groups, stats = collect_groups(run, records, step)
+    plans, run.host_state, algo_metrics = run.algorithm.plan(groups, run.host_state, epoch=epoch)
+    samples = plans_to_samples(run, groups, plans)
+    local = build_batch(samples, pad_id=_pad_id(run), length_buckets=LENGTH_BUCKETS)
+    batch = global_batch(local, run.batch_shardings)
+    t_train = time.perf_counter()
+    run.state, step_metrics = run.train_step(run.state, batch)
+    reduced = metrics_lib.reduce_metric_pairs(jax.device_get(step_metrics))
+    train_s = time.perf_counter() - t_train
+    _check_finite(step + 1, reduced)
+    stats.update(_publish(run, step + 1))
+    group_stats, pass_rates = _group_stats(groups, getattr(run.algorithm, "success_threshold", 0.5))
+    total_s = time.perf_counter() - t_start
+    response_tokens = int(np.sum(local.response_mask))
+    stats.update(group_stats)
+    stats.update({f"algo/{k}": v for k, v in algo_metrics.items()})
+    stats.update(reduced)
+    stats.update(
+        {
+            "epoch": epoch,
+            "time/train_s": train_s,
+            "time/step_s": total_s,
+            metrics_lib.TOKENS_PER_S: response_tokens / max(train_s, 1e-9),
+            "perf/batch_shape": list(local.student_tokens.shape) + [local.response_tokens.shape[1]],
+        }
+    )
+    stats[metrics_lib.PASS_RATE_HIST] = metrics_lib.pass_rate_histogram(pass_rates, cfg.rollout.n)
+    return stats
+
+
+def _pad_id(run: Run) -> int:
+    pad = run.tokenizer.pad_token_id
+    return int(pad if pad is not None else run.stop_ids[0])
+
+
+def _check_finite(step: int, reduced: dict[str, float]) -> None:
+    bad = {k: v for k, v in reduced.items() if not math.isfinite(v)}
+    if bad:
+        finite = {k: v for k, v in reduced.items() if math.isfinite(v)}
+        raise FloatingPointError(
+            f"non-finite metrics at step {step}: {bad}; finite ones: {finite}. The last "
+            "checkpoint holds the last good state; lower optim.lr or check the data."
+        )
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def evaluate_now(run: Run, step: int) -> dict[str, float]:
+    """mean@k / maj@k / best@k on the test split with the engine's current weights (§9)."""
+    cfg = run.cfg
+    limit = cfg.rollout.eval_questions or len(run.test_records)
+    records = run.test_records[:limit]
+
+    def generate_fn(prompts, *, n, temperature, top_p, seed):
+        ids = [chat_token_ids(run.tokenizer, m, cfg.task.max_prompt_len) for m in prompts]
+        sampling = SamplingConfig(
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            stop_token_ids=tuple(run.stop_ids),
+            seed=seed,
+        )
+        result = run.engine.generate(ids, n, sampling)
+        texts = run.tokenizer.batch_decode(
+            [t.tolist() for t in result.token_ids], skip_special_tokens=True
+        )
+        return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+    report = evaluate(
+        generate_fn,
+        run.task,
+        records,
+        n=cfg.rollout.eval_n,
+        temperature=cfg.rollout.eval_temperature,
+        top_p=cfg.rollout.eval_top_p,
+        seed=data.sampling_seed(cfg.seed, 0, purpose=_EVAL_PURPOSE),
+    )
+    return eval_metrics_for_log({run.task.name: report["report"]})
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _abstract(state: Any) -> Any:
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
+
+
+def maybe_resume(run: Run, checkpointer: Checkpointer) -> int:
+    """Restore the latest intact checkpoint when `resume` is on; returns the step to start."""
+    if not run.cfg.resume or checkpointer.latest_step() is None:
+        return 0
+    state, host, step = checkpointer.restore(abstract_train_state=_abstract(run.state))
+    run.state = state
+    run.host_state = algorithms.HostState.from_json(host["algorithm"])
+    if host.get("step") != step:
+        raise ValueError(f"checkpoint {step} says step {host.get('step')}; it is inconsistent")
+    _publish(run, step)
+    print(f"[jaxsd] resumed from {checkpointer.directory}/{step}", flush=True)
+    return step
+
+
+def _host_state(run: Run, step: int) -> dict[str, Any]:
+    return {
+        "algorithm": run.host_state.to_json(),
+        "step": step,
+        "config": json.loads(run.cfg.to_json()),
+    }
+
+
+def train(cfg: Any) -> dict[str, Any]:
+    """Train per `cfg`; returns a summary (start/end eval, wall time, paths)."""
+    t0 = time.perf_counter()
+    run = build_run(cfg)
+    run_dir = pathlib.Path(cfg.run_dir)
+    is_main = jax.process_index() == 0
+    checkpointer = Checkpointer(run_dir, max_to_keep=cfg.keep_checkpoints)
+    if not cfg.resume and checkpointer.latest_step() is not None:
+        raise FileExistsError(
+            f"run_dir={cfg.run_dir!r} already holds checkpoints and resume=False; pass "
+            "--config.resume=True to continue it or pick a new --config.run_dir"
+        )
+    start = maybe_resume(run, checkpointer)
+    metrics_path = run_dir / metrics_lib.METRICS_FILE
+    if start == 0 and is_main and metrics_path.exists():
+        # A run that died before its first checkpoint restarts from scratch.
+        print(f"[jaxsd] no checkpoint in {run_dir}: starting over, replacing {metrics_path}")
+        metrics_path.unlink()
+    if start == 0:
+        _publish(run, 0)
+    writer = metrics_lib.MetricsWriter(
+        run_dir, is_main_process=is_main, resume_step=start if start else None
+    )
+    summary: dict[str, Any] = {"run_dir": str(run_dir), "start_step": start}
+    progress = metrics_lib.Progress(cfg.total_steps, initial_step=start, is_main_process=is_main)
+    try:
+        if start == 0 and cfg.eval_every:
+            summary["eval_start"] = evaluate_now(run, 0)
+            writer.write(0, summary["eval_start"])
+        for step in range(start, cfg.total_steps):
+            row = train_one_step(run, step)
+            done = step + 1
+            if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.total_steps):
+                row.update(evaluate_now(run, done))
+                summary["eval_end"] = {k: v for k, v in row.items() if k.startswith("eval/")}
+            hist = {metrics_lib.PASS_RATE_HIST: row.pop(metrics_lib.PASS_RATE_HIST)}
+            writer.write(done, row, histograms=hist)
+            progress.update(done, row)
+            if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or (
+                done == cfg.total_steps
+            ):
+                checkpointer.save(done, run.state, _host_state(run, done))
+        checkpointer.wait()
+    finally:
+        progress.close()
+        writer.close()
+        checkpointer.close()
+        run.engine.close()
+    if is_main:
+        from jaxsd.plots import plot_run
+
+        summary["plot"] = plot_run(run_dir)
+    summary["wall_s"] = time.perf_counter() - t0
+    summary["end_step"] = cfg.total_steps
+    return summary
