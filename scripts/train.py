@@ -1,4 +1,4 @@
-"""Train with any method of METHODS.md: `python scripts/train.py --config=configs/sc_sdpo.py[:preset]`.
+"""Train with any method of METHODS.md: `python scripts/train.py --config=configs/<method>.py`.
 
 Overrides: `--config.optim.lr=3e-6 --config.seed=1 --config.rollout.engine=vllm`.
 """

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxsd import algorithms, metrics as metrics_lib
+from jaxsd import algorithms
+from jaxsd import metrics as metrics_lib
 from jaxsd.algorithms.validate import mesh_shape, validate_config
 from jaxsd.eval import eval_metrics_for_log, evaluate, stop_token_ids
 from jaxsd.models import from_pretrained, to_hf_state_dict
