@@ -83,6 +83,21 @@ def pass_rate_histogram(pass_rates: Sequence[float], group_size: int) -> list[in
     return np.bincount(k, minlength=group_size + 1).tolist()
 
 
+def distribution_stats(prefix: str, values: Sequence[float]) -> dict[str, float]:
+    """`<prefix>/{mean,std,min,max}` of e.g. question weights or response lengths ({} if empty)."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    if v.size == 0:
+        return {}
+    if not np.all(np.isfinite(v)):
+        raise ValueError(f"{prefix}: values must be finite, got {v.tolist()}")
+    return {
+        f"{prefix}/mean": float(v.mean()),
+        f"{prefix}/std": float(v.std()),
+        f"{prefix}/min": float(v.min()),
+        f"{prefix}/max": float(v.max()),
+    }
+
+
 def _json_value(name: str, value: Any) -> Any:
     if isinstance(value, list | tuple | np.ndarray):
         return [_json_value(name, v) for v in np.asarray(value).tolist()]

@@ -53,6 +53,19 @@ def test_pass_rate_stats_and_histogram_by_hand():
         M.pass_rate_histogram(rates, 0)
 
 
+def test_distribution_stats_by_hand():
+    stats = M.distribution_stats("weights", [1.0, 3.0, 2.0, 2.0])
+    assert stats == {
+        "weights/mean": 2.0,
+        "weights/std": pytest.approx(np.sqrt(0.5)),
+        "weights/min": 1.0,
+        "weights/max": 3.0,
+    }
+    assert M.distribution_stats("len", []) == {}
+    with pytest.raises(ValueError, match="len: values must be finite"):
+        M.distribution_stats("len", [1.0, float("inf")])
+
+
 def _lines(path):
     with open(path) as fh:
         return [json.loads(ln) for ln in fh if ln.strip()]
