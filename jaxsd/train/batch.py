@@ -1,0 +1,228 @@
+"""The train step's batch: host-side assembly (numpy) and the global sharded batch.
+
+One `TrainSample` is one rollout as the step sees it; `build_batch` pads a list of them to
+fixed, bucketed shapes (so the jitted step compiles once per bucket). Layout, per sequence b
+and response token r (see /work/notes/batch_contract.md):
+
+- student row   = prompt ⊕ response,          right-padded to Ts
+- teacher row   = teacher_prompt ⊕ response,  right-padded to Tt (prompt ⊕ response without one)
+- `student_index[b, r]` = the student position whose next-token logits predict response
+  token r (= len(prompt) + r - 1); `teacher_index` likewise in the teacher row.
+
+Every process of a multi-host run builds only its own rows; `global_batch` turns those
+process-local numpy arrays into one global `jax.Array` per field.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from jaxsd.train.mesh import batch_sharding
+
+__all__ = [
+    "TrainBatch",
+    "TrainSample",
+    "batch_lengths",
+    "batch_shardings",
+    "build_batch",
+    "global_batch",
+    "global_batch_lengths",
+    "pick_bucket",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSample:
+    """One rollout with the per-sequence numbers the algorithms set (batch contract)."""
+
+    prompt_ids: Sequence[int]
+    response_ids: Sequence[int]
+    old_logp: np.ndarray  # [len(response_ids)] rollout engine's sampled-token log-probs
+    teacher_prompt_ids: Sequence[int] | None = None  # reprompt; None -> sd_mask 0
+    advantage: float = 0.0  # GRPO advantage, broadcast over the rollout's tokens
+    pg_weight: float = 0.0  # clipped-surrogate weight (0 = off; DRIFT gamma, routing)
+    sd_weight: float = 0.0  # distillation weight (SC-SDPO/PACED/filter weight)
+    ssopd_weight: float = 0.0  # SSOPD omega_i
+    ssopd_len: int = 0  # first L response tokens distilled by SSOPD
+    rhythm_beta: float = 0.0  # DRIFT beta_i (1 = rhythm gate on the surrogate)
+
+
+class TrainBatch(NamedTuple):
+    """Fixed-shape arrays of one step (numpy on the host, jax.Array on device)."""
+
+    student_tokens: np.ndarray  # [B, Ts] int32
+    student_positions: np.ndarray  # [B, Ts] int32
+    student_mask: np.ndarray  # [B, Ts] int32, 1 = real token
+    teacher_tokens: np.ndarray  # [B, Tt] int32
+    teacher_positions: np.ndarray  # [B, Tt] int32
+    teacher_mask: np.ndarray  # [B, Tt] int32
+    student_index: np.ndarray  # [B, R] int32
+    teacher_index: np.ndarray  # [B, R] int32
+    response_tokens: np.ndarray  # [B, R] int32
+    response_mask: np.ndarray  # [B, R] float32
+    old_logp: np.ndarray  # [B, R] float32
+    ssopd_mask: np.ndarray  # [B, R] float32
+    advantage: np.ndarray  # [B] float32
+    pg_weight: np.ndarray  # [B] float32
+    sd_weight: np.ndarray  # [B] float32
+    sd_mask: np.ndarray  # [B] float32
+    ssopd_weight: np.ndarray  # [B] float32
+    rhythm_beta: np.ndarray  # [B] float32
+
+
+_PER_SEQUENCE = ("advantage", "pg_weight", "sd_weight", "sd_mask", "ssopd_weight", "rhythm_beta")
+
+
+def pick_bucket(length: int, buckets: Sequence[int], *, what: str) -> int:
+    """Smallest bucket >= length; a clear error when none is long enough."""
+    ordered = sorted(buckets)
+    i = bisect.bisect_left(ordered, length)
+    if i == len(ordered):
+        raise ValueError(
+            f"{what} length {length} exceeds the largest length bucket {ordered[-1]}; "
+            f"add a larger bucket to length_buckets={tuple(ordered)} or truncate the rollout"
+        )
+    return ordered[i]
+
+
+def _validate(sample: TrainSample, i: int) -> None:
+    if len(sample.prompt_ids) < 1:
+        raise ValueError(f"sample {i}: empty prompt_ids; the first response token needs a context")
+    if sample.teacher_prompt_ids is not None and len(sample.teacher_prompt_ids) < 1:
+        raise ValueError(f"sample {i}: empty teacher_prompt_ids; pass None for no teacher row")
+    old = np.asarray(sample.old_logp)
+    if old.shape != (len(sample.response_ids),):
+        raise ValueError(
+            f"sample {i}: old_logp shape {old.shape} != (len(response_ids),) = "
+            f"({len(sample.response_ids)},)"
+        )
+    if not np.all(np.isfinite(old)):
+        raise ValueError(f"sample {i}: old_logp holds NaN/inf; the rollout engine's logprobs")
+    numbers = ("advantage", "pg_weight", "sd_weight", "ssopd_weight", "rhythm_beta")
+    for name in numbers:
+        if not np.isfinite(getattr(sample, name)):
+            raise ValueError(f"sample {i}: {name}={getattr(sample, name)} is not finite")
+    if sample.ssopd_len < 0:
+        raise ValueError(f"sample {i}: ssopd_len={sample.ssopd_len} must be >= 0")
+
+
+def _teacher_prompt(sample: TrainSample) -> Sequence[int]:
+    if sample.teacher_prompt_ids is None:
+        return sample.prompt_ids
+    return sample.teacher_prompt_ids
+
+
+def batch_lengths(samples: Sequence[TrainSample]) -> tuple[int, int, int]:
+    """Unpadded (student, teacher, response) maxima of the samples."""
+    ts = max((len(s.prompt_ids) + len(s.response_ids) for s in samples), default=1)
+    tt = max((len(_teacher_prompt(s)) + len(s.response_ids) for s in samples), default=1)
+    r = max((len(s.response_ids) for s in samples), default=1)
+    return ts, tt, max(r, 1)
+
+
+def global_batch_lengths(samples: Sequence[TrainSample]) -> tuple[int, int, int]:
+    """`batch_lengths` maximised over all processes, so every host picks the same buckets."""
+    local = np.asarray(batch_lengths(samples), np.int64)
+    if jax.process_count() == 1:
+        return tuple(int(x) for x in local)
+    gathered = multihost_utils.process_allgather(local)  # [P, 3]
+    return tuple(int(x) for x in np.max(gathered, axis=0))
+
+
+def build_batch(
+    samples: Sequence[TrainSample],
+    *,
+    pad_id: int,
+    length_buckets: Sequence[int],
+    batch_size: int | None = None,
+    lengths: tuple[int, int, int] | None = None,
+) -> TrainBatch:
+    """Pad rollouts into one fixed-shape `TrainBatch` (batch contract, host side).
+
+    Ts, Tt and R are each the smallest bucket that holds the longest row (or the longest of
+    `lengths`, e.g. from `global_batch_lengths`, so all hosts agree). Rows beyond the samples
+    (up to `batch_size`) are padding with every mask 0.
+    """
+    if not length_buckets:
+        raise ValueError("length_buckets is empty; give at least one padded length")
+    for i, sample in enumerate(samples):
+        _validate(sample, i)
+    b = len(samples) if batch_size is None else batch_size
+    if b < len(samples) or b < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1 and >= {len(samples)} samples")
+    need = batch_lengths(samples) if lengths is None else lengths
+    ts = pick_bucket(need[0], length_buckets, what="student sequence")
+    tt = pick_bucket(need[1], length_buckets, what="teacher sequence")
+    r = pick_bucket(need[2], length_buckets, what="response")
+
+    def zeros(shape, dtype=np.int32):
+        return np.zeros(shape, dtype)
+
+    out = {
+        "student_tokens": np.full((b, ts), pad_id, np.int32),
+        "student_positions": zeros((b, ts)),
+        "student_mask": zeros((b, ts)),
+        "teacher_tokens": np.full((b, tt), pad_id, np.int32),
+        "teacher_positions": zeros((b, tt)),
+        "teacher_mask": zeros((b, tt)),
+        "student_index": zeros((b, r)),
+        "teacher_index": zeros((b, r)),
+        "response_tokens": np.full((b, r), pad_id, np.int32),
+        "response_mask": zeros((b, r), np.float32),
+        "old_logp": zeros((b, r), np.float32),
+        "ssopd_mask": zeros((b, r), np.float32),
+    }
+    for name in _PER_SEQUENCE:
+        out[name] = zeros((b,), np.float32)
+
+    for i, s in enumerate(samples):
+        resp = np.asarray(s.response_ids, np.int32)
+        n = len(resp)
+        for side, prompt in (("student", s.prompt_ids), ("teacher", _teacher_prompt(s))):
+            row = np.concatenate([np.asarray(prompt, np.int32), resp])
+            out[f"{side}_tokens"][i, : len(row)] = row
+            out[f"{side}_positions"][i, : len(row)] = np.arange(len(row))
+            out[f"{side}_mask"][i, : len(row)] = 1
+            # logits at position p predict token p + 1
+            out[f"{side}_index"][i, :n] = len(prompt) - 1 + np.arange(n)
+        out["response_tokens"][i, :n] = resp
+        out["response_mask"][i, :n] = 1.0
+        out["old_logp"][i, :n] = np.asarray(s.old_logp, np.float32)
+        out["ssopd_mask"][i, : min(s.ssopd_len, n)] = 1.0
+        out["advantage"][i] = s.advantage
+        out["pg_weight"][i] = s.pg_weight
+        out["sd_weight"][i] = s.sd_weight
+        out["sd_mask"][i] = float(s.teacher_prompt_ids is not None)
+        out["ssopd_weight"][i] = s.ssopd_weight
+        out["rhythm_beta"][i] = s.rhythm_beta
+    return TrainBatch(**out)
+
+
+def batch_shardings(mesh: Mesh) -> TrainBatch:
+    """One sharding per field: sequences split over the data-parallel axes of `mesh`."""
+    ndims = {name: 1 for name in _PER_SEQUENCE}
+    return TrainBatch(*(batch_sharding(mesh, ndims.get(f, 2)) for f in TrainBatch._fields))
+
+
+def global_batch(local: TrainBatch, shardings: TrainBatch) -> TrainBatch:
+    """Process-local rows -> one global `jax.Array` per field (multi-host feeding).
+
+    Every process passes only its own rows (its `B / process_count` sequences, identical
+    Ts/Tt/R on all hosts); `shardings` holds one `jax.sharding.Sharding` per field whose
+    leading axis splits the batch. On one process this is a plain sharded `device_put`.
+    """
+    n_proc = jax.process_count()
+
+    def one(x: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+        global_shape = (x.shape[0] * n_proc, *x.shape[1:])
+        return jax.make_array_from_process_local_data(sharding, x, global_shape)
+
+    return TrainBatch(*(one(x, s) for x, s in zip(local, shardings, strict=True)))

@@ -1,0 +1,144 @@
+"""Chunked LM head: per-token statistics without `[tokens x vocab]` logits (DESIGN §2).
+
+The hidden states at response positions `[B, R, H]` go through the LM head a few response
+positions at a time (`lax.scan` over chunks of R, every sequence of the batch in each chunk, so
+a batch split over devices stays split). Each chunk materialises `[B, Rc, V]` logits for the
+student (and teacher), reduces them to per-token numbers, and drops them; `jax.checkpoint`
+makes the backward pass recompute each chunk's logits instead of storing them. Peak memory is
+O(B·Rc·V), independent of R.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jaxsd import losses
+
+__all__ = ["HEAD_KEYS", "chunked_head", "head_on_logits"]
+
+# Per-token outputs: always "logp" and "entropy"; with a teacher also "teacher_logp",
+# "teacher_entropy", and on request "divergence" (METHODS §2) and "ssopd_kl" (§6).
+HEAD_KEYS = ("logp", "entropy", "teacher_logp", "teacher_entropy", "divergence", "ssopd_kl")
+
+
+def _token_logp_and_entropy(
+    logits_NxV: jax.Array, tokens_N: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """log_softmax, its value at the sampled token, and the entropy (fp32)."""
+    logp_NxV = jax.nn.log_softmax(logits_NxV.astype(jnp.float32), axis=-1)
+    token_logp_N = jnp.take_along_axis(logp_NxV, tokens_N[..., None], axis=-1)[..., 0]
+    return logp_NxV, token_logp_N, losses.entropy_from_logprobs(logp_NxV)
+
+
+def head_on_logits(
+    student_logits: jax.Array,
+    tokens: jax.Array,
+    teacher_logits: jax.Array | None = None,
+    *,
+    top_k: int | None = 100,
+    alpha: float = 0.5,
+    add_tail: bool = True,
+    divergence: bool = True,
+    ssopd_clip: float | None = None,
+) -> dict[str, jax.Array]:
+    """Per-token head outputs from full logits `[..., V]` (one chunk's worth), METHODS §2/§6.
+
+    Returns `{key: [...]}` for the keys of `HEAD_KEYS` that apply. The teacher is
+    stop-gradient; the divergence uses the student's top-k (+ exact tail) via
+    `losses.topk_logprobs_and_tail` / `losses.topk_divergence_from_logprobs`.
+    """
+    s_logp_V, s_tok, s_ent = _token_logp_and_entropy(student_logits, tokens)
+    out = {"logp": s_tok, "entropy": s_ent}
+    if teacher_logits is None:
+        return out
+    teacher_logits = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
+    t_logp_V, t_tok, t_ent = _token_logp_and_entropy(teacher_logits, tokens)
+    out["teacher_logp"], out["teacher_entropy"] = t_tok, t_ent
+    if divergence:
+        if top_k is None:
+            out["divergence"] = losses.generalized_jsd_from_logprobs(
+                s_logp_V, t_logp_V, alpha=alpha
+            )
+        else:
+            _, idx_K = jax.lax.top_k(jax.lax.stop_gradient(student_logits), top_k)
+            s_topk, s_tail = losses.topk_logprobs_and_tail(student_logits, idx_K)
+            t_topk, t_tail = losses.topk_logprobs_and_tail(teacher_logits, idx_K)
+            out["divergence"] = losses.topk_divergence_from_logprobs(
+                s_topk, s_tail, t_topk, t_tail, alpha=alpha, add_tail=add_tail
+            )
+    if ssopd_clip is not None:
+        out["ssopd_kl"] = losses.clipped_forward_kl_from_logprobs(
+            s_logp_V, t_logp_V, clip=ssopd_clip
+        )
+    return out
+
+
+def _logits(h_BxCxH: jax.Array, w_HxV: jax.Array) -> jax.Array:
+    # fp32 accumulation: bf16 logits lose whole nats in the softmax over 150k entries.
+    return jnp.einsum("bch,hv->bcv", h_BxCxH, w_HxV, preferred_element_type=jnp.float32)
+
+
+def chunked_head(
+    student_h_BxRxH: jax.Array,
+    student_w_HxV: jax.Array,
+    tokens_BxR: jax.Array,
+    teacher_h_BxRxH: jax.Array | None = None,
+    teacher_w_HxV: jax.Array | None = None,
+    *,
+    chunk_size: int = 1024,
+    top_k: int | None = 100,
+    alpha: float = 0.5,
+    add_tail: bool = True,
+    divergence: bool = True,
+    ssopd_clip: float | None = None,
+) -> dict[str, jax.Array]:
+    """`head_on_logits` of `h @ W`, computed `chunk_size` tokens at a time (DESIGN §2).
+
+    A chunk holds every sequence and `Rc = ceil(chunk_size / B)` response positions, so
+    `[B, Rc, V]` is the largest array of the head, in the forward and (through
+    `jax.checkpoint`) the backward pass. Returns `{key: [B, R]}`.
+    """
+    if (teacher_h_BxRxH is None) != (teacher_w_HxV is None):
+        raise ValueError("pass both teacher_h_BxRxH and teacher_w_HxV, or neither")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1 (tokens per head chunk)")
+    b, r, _ = student_h_BxRxH.shape
+    vocab = student_w_HxV.shape[-1]
+    if top_k is not None and not 1 <= top_k <= vocab:
+        raise ValueError(f"top_k={top_k} must be in [1, vocab size {vocab}] (or None for all)")
+    rc = min(r, max(1, math.ceil(chunk_size / b)))
+    n_chunks = math.ceil(r / rc)
+    pad = n_chunks * rc - r
+    has_teacher = teacher_h_BxRxH is not None
+
+    def to_chunks(x_BxRx: jax.Array) -> jax.Array:
+        # [B, R, ...] -> [n_chunks, B, Rc, ...]; the padded positions are sliced off below.
+        x = jnp.pad(x_BxRx, [(0, 0), (0, pad)] + [(0, 0)] * (x_BxRx.ndim - 2))
+        x = x.reshape(b, n_chunks, rc, *x_BxRx.shape[2:])
+        return jnp.moveaxis(x, 1, 0)
+
+    xs = {"s": to_chunks(student_h_BxRxH), "tok": to_chunks(tokens_BxR)}
+    if has_teacher:
+        xs["t"] = to_chunks(jax.lax.stop_gradient(teacher_h_BxRxH))
+        teacher_w_HxV = jax.lax.stop_gradient(teacher_w_HxV)
+
+    @jax.checkpoint
+    def one_chunk(x: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        t_logits = _logits(x["t"], teacher_w_HxV) if has_teacher else None
+        return head_on_logits(
+            _logits(x["s"], student_w_HxV),
+            x["tok"],
+            t_logits,
+            top_k=top_k,
+            alpha=alpha,
+            add_tail=add_tail,
+            divergence=divergence,
+            ssopd_clip=ssopd_clip,
+        )
+
+    _, ys = jax.lax.scan(lambda carry, x: (carry, one_chunk(x)), None, xs)
+    # [n_chunks, B, Rc] -> [B, R]
+    return {k: jnp.moveaxis(v, 0, 1).reshape(b, n_chunks * rc)[:, :r] for k, v in ys.items()}

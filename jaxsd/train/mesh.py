@@ -1,0 +1,90 @@
+"""Device mesh from config: axes (`data`, `fsdp`, `tensor`), sizes -1 = fill (DESIGN §3)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+__all__ = [
+    "AXES",
+    "BATCH_AXES",
+    "batch_sharding",
+    "initialize_distributed",
+    "make_mesh",
+    "replicated",
+    "resolve_mesh_shape",
+]
+
+AXES = ("data", "fsdp", "tensor")
+# The batch (sequences) is split over every data-parallel axis; fsdp also splits params.
+BATCH_AXES = ("data", "fsdp")
+_AUTO = (jax.sharding.AxisType.Auto,) * len(AXES)
+
+
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+    """Replace the (at most one) -1 by whatever fills `num_devices`; check the product."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != len(AXES):
+        raise ValueError(f"mesh shape {shape} must give one size per axis {AXES}")
+    fills = [i for i, s in enumerate(shape) if s == -1]
+    if len(fills) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise ValueError(f"mesh shape {shape}: sizes must be >= 1, with at most one -1 (fill)")
+    known = math.prod(s for s in shape if s != -1)
+    if fills:
+        if num_devices % known:
+            raise ValueError(f"mesh shape {shape} cannot fill {num_devices} devices")
+        shape = tuple(num_devices // known if s == -1 else s for s in shape)
+    if math.prod(shape) != num_devices:
+        raise ValueError(
+            f"mesh shape {shape} uses {math.prod(shape)} devices but {num_devices} are present; "
+            "set one axis to -1 to fill"
+        )
+    return shape
+
+
+def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence | None = None) -> Mesh:
+    """A `Mesh` over all (or the given) devices with axes `data`, `fsdp`, `tensor`."""
+    devices = list(jax.devices() if devices is None else devices)
+    resolved = resolve_mesh_shape(shape, len(devices))
+    if len(devices) == len(jax.devices()):
+        # jax.make_mesh orders devices so that each host's devices form contiguous blocks
+        # (process-local batch rows then map to one block) and respects the ICI topology.
+        # Auto axes: GSPMD propagates shardings through gathers (explicit axes would demand an
+        # out_sharding at every take/take_along_axis in the model and head).
+        return jax.make_mesh(resolved, AXES, axis_types=_AUTO, devices=devices)
+    return Mesh(np.asarray(devices).reshape(resolved), AXES, axis_types=_AUTO)
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Leading (sequence) axis split over the data-parallel axes, the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Fully replicated sharding on `mesh`."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    cpu_collectives: str | None = None,
+) -> None:
+    """`jax.distributed.initialize` for multi-host runs (no-op args -> cluster auto-detect).
+
+    On CPU hosts cross-process collectives need an implementation (`"gloo"`); GPUs and TPUs
+    bring their own. Call once per process before any other JAX call.
+    """
+    if cpu_collectives is not None:
+        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+    )

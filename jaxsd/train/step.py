@@ -1,0 +1,319 @@
+"""The jitted train step: one pure `train_step(state, batch) -> (state, metrics)` for every
+algorithm (DESIGN §1). Static switches pick the loss terms; everything per-step is in the batch.
+
+loss = distillation (§2: D_t · IS_t · sd_weight, mask response·sd_mask)
+     + clipped surrogate (§4: L_pg · pg_weight · M^rhy (§7, stop-grad), mask response·[pg_weight≠0])
+     + SSOPD (§6: omega · mean_t l_t over its first L tokens, mean over SSOPD rollouts)
+     + kl_coef · KL(pi || pi_ref) (§4, ref = the teacher params on the student's input)
+     - entropy_coef · entropy,
+each term reduced with `losses.aggregate(mode=loss_agg_mode)` (SSOPD: seq-mean-token-mean).
+Micro-batches (gradient accumulation) rescale each term by its share of the global
+normaliser, so accumulating gives exactly the gradient of the whole batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxsd import losses
+from jaxsd.train.batch import TrainBatch
+from jaxsd.train.head import chunked_head
+from jaxsd.train.state import TEACHER_MODES, TrainState, ema_update
+
+__all__ = ["StepConfig", "make_loss_fn", "make_train_step"]
+
+Metrics = dict[str, tuple[jax.Array, jax.Array]]
+_RHYTHM_KEYS = ("mu", "tau", "b_max", "window", "alpha_anc", "lambda_struct", "m_min", "m_max")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static switches and hyper-parameters of the step (hashable; defaults = METHODS)."""
+
+    use_distillation: bool = True
+    use_surrogate: bool = False
+    use_ssopd: bool = False
+    use_rhythm: bool = False  # DRIFT gate on the surrogate (needs use_surrogate)
+    top_k: int | None = 100  # None = full-vocabulary divergence
+    alpha: float = 0.5  # 0 forward KL, 0.5 JSD, 1 reverse KL
+    add_tail: bool = True
+    is_clip: float | None = 2.0
+    loss_agg_mode: str = "token-mean"
+    chunk_size: int = 1024  # tokens per LM-head chunk
+    kl_coef: float = 0.0
+    kl_kind: str = "k3"
+    entropy_coef: float = 0.0
+    teacher_mode: str = "ema"  # "ema" | "fixed" | "none" (teacher = current student)
+    ema_rate: float = 0.05
+    ssopd_clip: float = 1.0
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    dual_clip: float | None = 3.0
+    rhythm: tuple[tuple[str, float], ...] = ()  # overrides of losses.rhythm_gate defaults
+    micro_batches: int = 1  # gradient accumulation over this many slices of the batch
+
+    def __post_init__(self) -> None:
+        if self.loss_agg_mode not in losses.AGG_MODES:
+            raise ValueError(f"loss_agg_mode={self.loss_agg_mode!r}; use one of {losses.AGG_MODES}")
+        if self.teacher_mode not in TEACHER_MODES:
+            raise ValueError(f"teacher_mode={self.teacher_mode!r}; use one of {TEACHER_MODES}")
+        if not 0.0 < self.ema_rate <= 1.0:
+            raise ValueError(f"ema_rate={self.ema_rate} must be in (0, 1]")
+        if self.micro_batches < 1:
+            raise ValueError(f"micro_batches={self.micro_batches} must be >= 1")
+        if self.use_rhythm and not self.use_surrogate:
+            raise ValueError("use_rhythm gates the surrogate; set use_surrogate=True as well")
+        if self.kl_coef and self.teacher_mode == "none":
+            raise ValueError("kl_coef > 0 needs a reference: teacher_mode 'fixed' (or 'ema')")
+        unknown = {k for k, _ in self.rhythm} - set(_RHYTHM_KEYS)
+        if unknown:
+            raise ValueError(f"unknown rhythm hparams {sorted(unknown)}; use {_RHYTHM_KEYS}")
+        terms = (self.use_distillation, self.use_surrogate, self.use_ssopd)
+        if not any(terms) and not self.kl_coef and not self.entropy_coef:
+            raise ValueError("no loss term enabled; turn on distillation, surrogate or SSOPD")
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.use_distillation or self.use_ssopd or self.use_rhythm
+
+
+def _norm(mask: jax.Array, mode: str) -> jax.Array | None:
+    """What `aggregate(mode)` divides by (tokens or non-empty sequences); None = a constant."""
+    if mode == "token-mean":
+        return jnp.sum(mask)
+    if mode in ("seq-mean-token-sum", "seq-mean-token-mean"):
+        return jnp.sum(jnp.sum(mask, axis=-1) > 0).astype(jnp.float32)
+    return None
+
+
+def _term_masks(batch: TrainBatch, cfg: StepConfig) -> dict[str, tuple[jax.Array, str]]:
+    """Mask and aggregation mode of every enabled loss term."""
+    rm = batch.response_mask
+    masks = {}
+    if cfg.use_distillation:
+        masks["distill"] = (rm * batch.sd_mask[:, None], cfg.loss_agg_mode)
+    if cfg.use_surrogate:
+        masks["pg"] = (rm * (batch.pg_weight != 0)[:, None], cfg.loss_agg_mode)
+    if cfg.use_ssopd:
+        masks["ssopd"] = (
+            batch.ssopd_mask * (batch.ssopd_weight != 0)[:, None],
+            "seq-mean-token-mean",
+        )
+    if cfg.kl_coef:
+        masks["kl"] = (rm, cfg.loss_agg_mode)
+    if cfg.entropy_coef:
+        masks["entropy"] = (rm, cfg.loss_agg_mode)
+    return masks
+
+
+def _global_norms(batch: TrainBatch, cfg: StepConfig) -> dict[str, jax.Array | None]:
+    return {k: _norm(m, mode) for k, (m, mode) in _term_masks(batch, cfg).items()}
+
+
+def _pair(x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sum over mask, count) of a per-token metric."""
+    return jnp.sum(jnp.where(mask != 0, x * mask, 0.0)), jnp.sum(mask)
+
+
+def make_loss_fn(graphdef: nnx.GraphDef, cfg: StepConfig) -> Callable[..., Any]:
+    """`loss_fn(params, frozen, teacher, batch, global_norms=None) -> (loss, (terms, metrics))`.
+
+    `global_norms` (from the whole batch) rescales a micro-batch's terms; None = whole batch.
+    """
+    rhythm_hparams = dict(cfg.rhythm)
+
+    def hidden_at_response(params, frozen, tokens, mask, positions, index):
+        model = nnx.merge(graphdef, params, frozen)
+        h_BxTxH = model.hidden_states(tokens, mask, positions)
+        return jnp.take_along_axis(h_BxTxH, index[..., None], axis=1), model.lm_head_weight()
+
+    def loss_fn(params, frozen, teacher, batch: TrainBatch, global_norms=None):
+        b = batch
+        s_h, s_w = hidden_at_response(
+            params, frozen, b.student_tokens, b.student_mask, b.student_positions, b.student_index
+        )
+        t_h = t_w = None
+        teacher_params = params if teacher is None else teacher
+        if cfg.needs_teacher:
+            t_h, t_w = hidden_at_response(
+                jax.lax.stop_gradient(teacher_params),
+                frozen,
+                b.teacher_tokens,
+                b.teacher_mask,
+                b.teacher_positions,
+                b.teacher_index,
+            )
+        head = chunked_head(
+            s_h,
+            s_w,
+            b.response_tokens,
+            t_h,
+            t_w,
+            chunk_size=cfg.chunk_size,
+            top_k=cfg.top_k,
+            alpha=cfg.alpha,
+            add_tail=cfg.add_tail,
+            divergence=cfg.use_distillation,
+            ssopd_clip=cfg.ssopd_clip if cfg.use_ssopd else None,
+        )
+        rm = b.response_mask
+        logp, entropy = head["logp"], head["entropy"]
+        masks = _term_masks(b, cfg)
+        per_token: dict[str, jax.Array] = {}
+        metrics: Metrics = {"entropy": _pair(entropy, rm)}
+
+        if cfg.use_distillation:
+            sd_m = masks["distill"][0]
+            is_w = losses.importance_weight(logp, b.old_logp, is_clip=cfg.is_clip)
+            per_token["distill"] = head["divergence"] * is_w * b.sd_weight[:, None]
+            metrics["distill/divergence"] = _pair(head["divergence"], sd_m)
+            metrics["distill/is_weight"] = _pair(is_w, sd_m)
+            if cfg.is_clip is not None:
+                raw = jnp.exp(losses.log_ratio(logp, b.old_logp))
+                metrics["distill/is_clipped_frac"] = _pair((raw > cfg.is_clip) * 1.0, sd_m)
+            metrics["distill/frac_tokens"] = _pair(
+                (b.sd_mask * (b.sd_weight != 0))[:, None] * jnp.ones_like(rm), rm
+            )
+        if cfg.needs_teacher:
+            # Sampled-token estimate of KL(student || teacher) (tokens come from the student).
+            metrics["kl/student_teacher"] = _pair(
+                logp - head["teacher_logp"], rm * b.sd_mask[:, None]
+            )
+        if cfg.use_surrogate:
+            pg_m = masks["pg"][0]
+            clip_kw = dict(clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip)
+            adv = b.advantage[:, None]
+            pg = losses.clipped_surrogate(logp, b.old_logp, adv, **clip_kw)
+            if cfg.use_rhythm:
+                gate = losses.rhythm_gate(
+                    jax.lax.stop_gradient(logp),
+                    head["teacher_logp"],
+                    jax.lax.stop_gradient(entropy),
+                    head["teacher_entropy"],
+                    rm,
+                    b.rhythm_beta,
+                    **rhythm_hparams,
+                )
+                pg = pg * jax.lax.stop_gradient(gate)
+                metrics["rhythm/gate"] = _pair(gate, pg_m)
+            per_token["pg"] = pg * b.pg_weight[:, None]
+            for name, ind in losses.clip_indicators(logp, b.old_logp, adv, **clip_kw).items():
+                metrics[f"pg/{name}_frac"] = _pair(ind, pg_m)
+            metrics["pg/approx_kl_old"] = _pair(losses.kl_penalty(logp, b.old_logp), pg_m)
+        if cfg.use_ssopd:
+            per_token["ssopd"] = head["ssopd_kl"] * b.ssopd_weight[:, None]
+            metrics["ssopd/kl"] = _pair(head["ssopd_kl"], masks["ssopd"][0])
+        if cfg.kl_coef:
+            ref_h, ref_w = hidden_at_response(
+                jax.lax.stop_gradient(teacher),
+                frozen,
+                b.student_tokens,
+                b.student_mask,
+                b.student_positions,
+                b.student_index,
+            )
+            ref = chunked_head(ref_h, ref_w, b.response_tokens, chunk_size=cfg.chunk_size)
+            per_token["kl"] = cfg.kl_coef * losses.kl_penalty(logp, ref["logp"], kind=cfg.kl_kind)
+        if cfg.entropy_coef:
+            per_token["entropy"] = -cfg.entropy_coef * entropy
+
+        terms = {}
+        for name, tok in per_token.items():
+            mask, mode = masks[name]
+            value = losses.aggregate(tok, mask, mode=mode)
+            norm = None if global_norms is None else global_norms[name]
+            if norm is not None:
+                value = value * _norm(mask, mode) / jnp.maximum(norm, 1.0)
+            terms[name] = value
+        return sum(terms.values()), (terms, metrics)
+
+    return loss_fn
+
+
+def _micro_slices(batch: TrainBatch, n: int) -> TrainBatch:
+    """[B, ...] -> [n, B/n, ...] with strided rows, so each slice stays split over devices."""
+    b = batch.student_tokens.shape[0]
+    if b % n:
+        raise ValueError(f"batch size {b} is not divisible by micro_batches={n}")
+    return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(b // n, n, *x.shape[1:]), 0, 1), batch)
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    cfg: StepConfig = StepConfig(),
+    *,
+    state_shardings: TrainState | None = None,
+    batch_shardings: TrainBatch | None = None,
+    schedule: optax.Schedule | None = None,
+    donate: bool = True,
+) -> Callable[[TrainState, TrainBatch], tuple[TrainState, Metrics]]:
+    """Build the jitted `train_step(state, batch) -> (state, metrics)` (DESIGN §1).
+
+    Metrics are `{name: (sum, count)}` scalars; the host divides once when logging. With
+    shardings, the step runs SPMD over their mesh with the state donated.
+    """
+    loss_fn = make_loss_fn(graphdef, cfg)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def gradients(state: TrainState, batch: TrainBatch):
+        args = (state.params, state.frozen, state.teacher)
+        if cfg.micro_batches == 1:
+            return grad_fn(*args, batch)
+        norms = _global_norms(batch, cfg)
+        slices = _micro_slices(batch, cfg.micro_batches)
+        first = jax.tree.map(lambda x: x[0], slices)
+        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, *args, first, norms))
+
+        def body(acc, micro):
+            out = grad_fn(*args, micro, norms)
+            return jax.tree.map(jnp.add, acc, out), None
+
+        acc, _ = jax.lax.scan(body, zeros, slices)
+        return acc
+
+    def train_step(state: TrainState, batch: TrainBatch) -> tuple[TrainState, Metrics]:
+        (loss, (terms, metrics)), grads = gradients(state, batch)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        teacher = state.teacher
+        if cfg.teacher_mode == "ema":
+            teacher = ema_update(teacher, params, cfg.ema_rate)
+        rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
+        one = jnp.ones((), jnp.float32)
+        metrics = dict(metrics)
+        metrics["loss"] = (loss, one)
+        metrics.update({f"loss/{k}": (v, one) for k, v in terms.items()})
+        metrics["grad_norm"] = (grad_norm, one)
+        if schedule is not None:
+            metrics["lr"] = (jnp.asarray(schedule(state.step), jnp.float32), one)
+        metrics = {
+            k: (jnp.asarray(s, jnp.float32), jnp.asarray(c, jnp.float32))
+            for k, (s, c) in metrics.items()
+        }
+        new_state = state.replace(
+            step=state.step + 1, params=params, teacher=teacher, opt_state=opt_state, rng=rng
+        )
+        return new_state, metrics
+
+    donate_argnums = (0,) if donate else ()
+    if state_shardings is None:
+        return jax.jit(train_step, donate_argnums=donate_argnums)
+    mesh = jax.tree.leaves(state_shardings)[0].mesh
+    # Metrics replicated: every host can read them (only process 0 logs).
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(
+        train_step,
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=donate_argnums,
+    )
