@@ -1,0 +1,127 @@
+"""Train-step throughput, ours vs the peers (TRL/PyTorch, tunix), same workload, one run.
+
+Runs, one after another on the same machine (never concurrently: they would share the cores):
+- ours: bench/train_step.py in jaxsd's .venv (skipped with a note while it does not exist);
+- trl: bench/peers/trl_step.py in the throwaway `trl` venv (torch SDPO, TRL GKD, TRL GRPO);
+- tunix: bench/peers/tunix_step.py in the throwaway `tunix` venv (tunix's GRPO learner loss).
+The venvs are created under --venv-root on first use (minutes) and reused after.
+Prints one JSON object with every record and `ratios` = our tokens/s / the peer's tokens/s.
+
+Usage: .venv/bin/python bench/compare_peers.py --shape tiny --steps 5 [--skip-install]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench" / "peers"))
+import venvs  # noqa: E402
+
+PEERS = {"trl": "trl_step.py", "tunix": "tunix_step.py"}
+
+
+def _last_json(stdout: str) -> dict[str, Any] | None:
+    for line in reversed(stdout.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    return None
+
+
+def run_json(cmd: list[str], timeout_s: float, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run a bench script; its last stdout line is its JSON record (or an error record)."""
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT,
+                              env=env)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s} s: {' '.join(cmd)}"}
+    record = _last_json(proc.stdout) if proc.returncode == 0 else None
+    if record is None:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"error": f"exit {proc.returncode}: {tail}", "cmd": " ".join(cmd)}
+    record["wall_s"] = round(time.perf_counter() - t0, 1)
+    return record
+
+
+def run_ours(args: argparse.Namespace) -> dict[str, Any]:
+    script = ROOT / "bench" / "train_step.py"
+    if not script.exists():
+        return {"error": "bench/train_step.py does not exist yet (our step bench); nothing to run"}
+    py = ROOT / ".venv" / "bin" / "python"
+    help_text = subprocess.run([str(py), str(script), "--help"], capture_output=True, text=True,
+                               cwd=ROOT).stdout  # fmt: skip
+    cmd = [str(py), str(script), "--shape", args.shape]
+    if "--steps" in help_text:
+        cmd += ["--steps", str(args.steps)]
+    return run_json(cmd, args.timeout_s)
+
+
+def run_peer(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    env_info = venvs.ensure(name, args.venv_root, skip_install=args.skip_install)
+    if "error" in env_info:
+        return {"peer": name, "install_error": env_info["error"]}
+    cmd = [env_info["python"], str(ROOT / "bench" / "peers" / PEERS[name]),
+           "--shape", args.shape, "--steps", str(args.steps)]  # fmt: skip
+    # The peer venvs must not see jaxsd's .venv packages through an inherited PYTHONPATH.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    record = run_json(cmd, args.timeout_s, env=env)
+    record.setdefault("peer", name)
+    record["venv"] = env_info
+    return record
+
+
+def _peer_rates(record: dict[str, Any]) -> dict[str, float]:
+    """{variant: response tokens/s} of a peer record that measured something."""
+    return {f"{record['peer']}/{name}": v["response_tokens_per_s"]
+            for name, v in record.get("variants", {}).items()
+            if "response_tokens_per_s" in v}  # fmt: skip
+
+
+def ratios(ours: dict[str, Any], peers: list[dict[str, Any]]) -> dict[str, Any]:
+    rates = {k: v for p in peers for k, v in _peer_rates(p).items()}
+    if "response_tokens_per_s" not in ours or not rates:
+        return {"note": "need our number and at least one peer number for ratios"}
+    mine = ours["response_tokens_per_s"]
+    fastest = max(rates, key=rates.get)
+    return {
+        "ours_over_peer_tokens_per_s": {k: mine / v for k, v in rates.items()},
+        "fastest_peer": fastest,
+        "ours_over_fastest_peer": mine / rates[fastest],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="tiny", choices=("tiny", "small"))
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per variant (median)")
+    ap.add_argument("--skip-install", action="store_true", help="reuse existing peer venvs only")
+    ap.add_argument("--venv-root", type=Path, default=venvs.DEFAULT_ROOT)
+    ap.add_argument("--peers", default=",".join(PEERS), help=f"subset of {sorted(PEERS)}")
+    ap.add_argument("--no-ours", action="store_true", help="run the peers only")
+    ap.add_argument("--timeout-s", type=float, default=1800, help="per bench script")
+    args = ap.parse_args()
+    names = [p for p in args.peers.split(",") if p]
+    if set(names) - set(PEERS):
+        ap.error(f"unknown --peers {sorted(set(names) - set(PEERS))}; use {sorted(PEERS)}")
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    load_before = os.getloadavg()
+    ours = {"error": "skipped (--no-ours)"} if args.no_ours else run_ours(args)
+    peers = [run_peer(n, args) for n in names]
+    print(json.dumps({
+        "bench": "compare_peers", "started": started, "shape": args.shape, "steps": args.steps,
+        "cpu_count": os.cpu_count(), "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(), "ours": ours, "peers": peers,
+        "ratios": ratios(ours, peers),
+    }))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

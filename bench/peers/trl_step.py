@@ -1,0 +1,229 @@
+"""PyTorch peer of bench/train_step.py: the issue-9 workload as a PyTorch/TRL user would run it.
+
+Runs inside the throwaway `trl` virtualenv (torch==2.13.0 CPU, transformers, trl), never in
+jaxsd's .venv. Variants, each timed on the same fixed batch (no generation):
+- `torch_sdpo`: hand-written SDPO step the way the SDPO (verl) code does it: full-vocabulary
+  log-softmax, then the student's top-k, tail = log(1 - sum top-k) clamped, JSD(alpha=0.5),
+  IS weight, token-mean, AdamW + grad clip, EMA teacher (the issue's reference number).
+- `trl_gkd`: the same step with TRL's own GKD loss (`GKDTrainer.generalized_jsd_loss`,
+  full-vocabulary JSD, beta=0.5) in place of the top-k divergence.
+- `trl_grpo`: TRL's own `GRPOTrainer.compute_loss` on fixed pre-generated completions
+  (the learner half of GRPO), then backward, clip, AdamW.
+Prints one JSON object: {"variants": {name: {"step_s", "response_tokens_per_s", ...}}}.
+A variant the installed TRL cannot run records {"error": "..."} instead of a number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import importlib.metadata
+import io
+import math
+import os
+import tempfile
+import traceback
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import transformers
+import workload as W
+from sdpo_torch import sdpo_topk_jsd
+
+VARIANTS = ("torch_sdpo", "trl_gkd", "trl_grpo")
+
+
+def make_model(shape: str) -> transformers.Qwen3ForCausalLM:
+    """Random Qwen3 of the named shape (untied head), float32, train mode."""
+    torch.manual_seed(W.SEED)
+    cfg = transformers.Qwen3Config(**W.shape(shape), tie_word_embeddings=False,
+                                   max_position_embeddings=4096)  # fmt: skip
+    return transformers.Qwen3ForCausalLM(cfg).float().train()
+
+
+def make_batch(vocab: int) -> dict[str, torch.Tensor]:
+    """Random student/teacher token ids for B sequences (prompt ⊕ response / reprompt ⊕ response)."""
+    g = torch.Generator().manual_seed(W.SEED)
+    b, p, r, e = W.BATCH, W.PROMPT, W.RESPONSE, W.TEACHER_EXTRA
+    response = torch.randint(0, vocab, (b, r), generator=g)
+    prompt = torch.randint(0, vocab, (b, p), generator=g)
+    reprompt = torch.randint(0, vocab, (b, p + e), generator=g)
+    return {
+        "student_ids": torch.cat([prompt, response], 1),
+        "teacher_ids": torch.cat([reprompt, response], 1),
+        "prompt_ids": prompt,
+        "response_ids": response,
+        "response_mask": torch.ones(b, r),
+        # Stand-in for the rollout engine's log-probs (the step takes them as data).
+        "old_logp": -torch.rand(b, r, generator=g) * math.log(vocab),
+    }
+
+
+def response_logits(model: torch.nn.Module, ids: torch.Tensor, r: int) -> torch.Tensor:
+    """Logits predicting the last r tokens, [B, r, V]; only those r positions go through the head."""
+    return model(input_ids=ids, logits_to_keep=r + 1).logits[:, :-1]
+
+
+def token_logp(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return F.log_softmax(logits.float(), -1).gather(-1, tokens[..., None])[..., 0]
+
+
+def make_distill_step(model, divergence, batch) -> Any:
+    """One SDPO optimiser step: student fwd/bwd, no-grad teacher fwd, AdamW + clip, EMA."""
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=W.LR, weight_decay=W.WEIGHT_DECAY)
+    s_params, t_params = list(model.parameters()), list(teacher.parameters())
+    r, mask = W.RESPONSE, batch["response_mask"]
+
+    def step() -> float:
+        s_logits = response_logits(model, batch["student_ids"], r)
+        with torch.no_grad():
+            t_logits = response_logits(teacher, batch["teacher_ids"], r)
+        per_tok = divergence(s_logits, t_logits, batch["response_ids"])
+        logp = token_logp(s_logits, batch["response_ids"])
+        is_w = torch.exp(torch.clamp(logp - batch["old_logp"], -20, 20)).clamp(max=W.IS_CLIP)
+        loss = (per_tok * is_w.detach() * mask).sum() / mask.sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(s_params, W.GRAD_CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            torch._foreach_lerp_(t_params, s_params, W.EMA_RATE)
+        return float(loss)
+
+    return step
+
+
+def torch_sdpo(shape: str) -> Any:
+    model = make_model(shape)
+    batch = make_batch(model.config.vocab_size)
+    return make_distill_step(model, lambda s, t, _tok: sdpo_topk_jsd(s, t, W.TOP_K, W.ALPHA), batch)
+
+
+def _gkd_loss_fn() -> Any:
+    """TRL's GKD generalized JSD (its module moved between releases; try both homes)."""
+    for mod in ("trl.experimental.gkd", "trl.experimental.gkd.gkd_trainer", "trl.trainer.gkd_trainer",
+                "trl"):  # fmt: skip
+        with contextlib.suppress(ImportError, AttributeError):
+            return importlib.import_module(mod).GKDTrainer.generalized_jsd_loss
+    raise ImportError("this trl has no GKDTrainer (looked in trl.experimental.gkd and trl)")
+
+
+def trl_gkd(shape: str) -> Any:
+    jsd = _gkd_loss_fn()
+    model = make_model(shape)
+    batch = make_batch(model.config.vocab_size)
+
+    def divergence(s, t, tokens):
+        # reduction="none" gives [B, R, V]; sum over V for per-token JSD (beta=0.5 is JSD).
+        return jsd(s, t, labels=None, beta=W.ALPHA, temperature=1.0, reduction="none").sum(-1)
+
+    return make_distill_step(model, divergence, batch)
+
+
+def _tokenizer(vocab: int, folder: str) -> Any:
+    """A local word-level tokenizer of `vocab` ids (the hub is unreachable; TRL wants one)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = {"<pad>": 0, "<eos>": 1} | {f"w{i}": i for i in range(2, vocab)}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>"
+    )
+    fast.save_pretrained(folder)
+    return fast
+
+
+def trl_grpo(shape: str) -> Any:
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    model = make_model(shape)
+    vocab = model.config.vocab_size
+    batch = make_batch(vocab)
+    out = tempfile.mkdtemp(prefix="jaxsd-trl-grpo-")
+    tok = _tokenizer(vocab, out)
+    args = GRPOConfig(
+        output_dir=out, per_device_train_batch_size=W.BATCH, num_generations=W.BATCH,
+        max_completion_length=W.RESPONSE, learning_rate=W.LR, weight_decay=W.WEIGHT_DECAY,
+        max_grad_norm=W.GRAD_CLIP, beta=0.0, epsilon=0.2, epsilon_high=0.28,
+        loss_type="dapo", report_to=[], use_cpu=True, logging_steps=10**6, save_strategy="no",
+        bf16=False,
+    )  # fmt: skip
+    data = Dataset.from_dict({"prompt": ["w2 w3"] * W.BATCH})
+    trainer = GRPOTrainer(model=model, reward_funcs=[lambda completions, **kw: [0.0] * len(completions)],
+                          args=args, train_dataset=data, processing_class=tok)  # fmt: skip
+    trainer.create_optimizer_and_scheduler(num_training_steps=1000)
+    b, r = W.BATCH, W.RESPONSE
+    advantages = torch.linspace(-1.0, 1.0, b)
+    inputs = {
+        "prompt_ids": batch["prompt_ids"], "prompt_mask": torch.ones(b, W.PROMPT, dtype=torch.long),
+        "completion_ids": batch["response_ids"],
+        "completion_mask": torch.ones(b, r, dtype=torch.long),
+        "advantages": advantages, "old_per_token_logps": batch["old_logp"],
+        "num_items_in_batch": torch.tensor(b * r),
+    }  # fmt: skip
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = trainer.optimizer
+
+    def step() -> float:
+        # What Trainer.training_step does after _prepare_inputs (generation) has filled `inputs`.
+        loss = trainer.compute_loss(model, inputs)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, W.GRAD_CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return step
+
+
+def run_variant(name: str, shape: str, steps: int) -> dict[str, Any]:
+    build = {"torch_sdpo": torch_sdpo, "trl_gkd": trl_gkd, "trl_grpo": trl_grpo}[name]
+    try:
+        # TRL prints banners/warnings on stdout; keep stdout for the one JSON object.
+        with contextlib.redirect_stdout(io.StringIO()):
+            step = build(shape)
+            times = W.time_steps(step, steps)
+        return W.step_record(times)
+    except Exception as e:  # a peer API that moved is a result to report, not a crash
+        return {"error": f"{type(e).__name__}: {e}",
+                "traceback_tail": traceback.format_exc().strip().splitlines()[-4:]}  # fmt: skip
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="tiny", choices=sorted(W.SHAPES))
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help=f"comma-separated subset of {VARIANTS}")  # fmt: skip
+    args = ap.parse_args()
+    names = [v for v in args.variants.split(",") if v]
+    unknown = set(names) - set(VARIANTS)
+    if unknown:
+        ap.error(f"unknown --variants {sorted(unknown)}; use a subset of {VARIANTS}")
+    model = make_model(args.shape)
+    W.emit({
+        "peer": "trl",
+        "shape": args.shape,
+        "params": sum(p.numel() for p in model.parameters()),
+        "versions": {k: _version(k) for k in ("torch", "transformers", "trl")},
+        "torch_threads": torch.get_num_threads(),
+        "attn_implementation": model.config._attn_implementation,
+        "cpu_count": os.cpu_count(),
+        "variants": {n: run_variant(n, args.shape, args.steps) for n in names},
+    })  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
