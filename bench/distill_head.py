@@ -151,8 +151,8 @@ def run_child(variant: str, args: argparse.Namespace) -> dict[str, Any]:
         if peak_kb > limit_kb:
             proc.kill()
             proc.wait()
-            return {"error": f"killed: RSS passed --rss-limit-gb={args.rss_limit_gb} "
-                             f"(the shared machine's guard); raise it or lower --tokens"}  # fmt: skip
+            why = f"RSS passed --rss-limit-gb={args.rss_limit_gb} (guard for the shared machine)"
+            return {"error": f"killed: {why}; raise the limit or lower --tokens"}
         time.sleep(0.05)
     out, err = proc.communicate()
     if proc.returncode != 0:

@@ -24,7 +24,7 @@ def sdpo_topk_jsd(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, top_k: int = 100,
     alpha: float = 0.5,
 ) -> torch.Tensor:  # fmt: skip
-    """Per-token top-k + tail generalised JSD, METHODS §2 (SDPO code's recipe); [..., V] -> [...]."""
+    """Per-token top-k + tail generalised JSD, METHODS §2, SDPO code's recipe; [..., V] -> [...]."""
     s_logp = F.log_softmax(student_logits.float(), -1)
     t_logp = F.log_softmax(teacher_logits.detach().float(), -1)
     idx = student_logits.detach().topk(top_k, -1).indices

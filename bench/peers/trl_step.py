@@ -44,7 +44,7 @@ def make_model(shape: str) -> transformers.Qwen3ForCausalLM:
 
 
 def make_batch(vocab: int) -> dict[str, torch.Tensor]:
-    """Random student/teacher token ids for B sequences (prompt ⊕ response / reprompt ⊕ response)."""
+    """Random token ids: student = prompt ⊕ response, teacher = longer reprompt ⊕ response."""
     g = torch.Generator().manual_seed(W.SEED)
     b, p, r, e = W.BATCH, W.PROMPT, W.RESPONSE, W.TEACHER_EXTRA
     response = torch.randint(0, vocab, (b, r), generator=g)
@@ -62,7 +62,7 @@ def make_batch(vocab: int) -> dict[str, torch.Tensor]:
 
 
 def response_logits(model: torch.nn.Module, ids: torch.Tensor, r: int) -> torch.Tensor:
-    """Logits predicting the last r tokens, [B, r, V]; only those r positions go through the head."""
+    """Logits predicting the last r tokens, [B, r, V]; only those positions go through the head."""
     return model(input_ids=ids, logits_to_keep=r + 1).logits[:, :-1]
 
 
@@ -104,8 +104,9 @@ def torch_sdpo(shape: str) -> Any:
 
 def _gkd_loss_fn() -> Any:
     """TRL's GKD generalized JSD (its module moved between releases; try both homes)."""
-    for mod in ("trl.experimental.gkd", "trl.experimental.gkd.gkd_trainer", "trl.trainer.gkd_trainer",
-                "trl"):  # fmt: skip
+    homes = ("trl.experimental.gkd", "trl.experimental.gkd.gkd_trainer", "trl.trainer.gkd_trainer",
+             "trl")  # fmt: skip
+    for mod in homes:
         with contextlib.suppress(ImportError, AttributeError):
             return importlib.import_module(mod).GKDTrainer.generalized_jsd_loss
     raise ImportError("this trl has no GKDTrainer (looked in trl.experimental.gkd and trl)")
@@ -154,8 +155,12 @@ def trl_grpo(shape: str) -> Any:
         bf16=False,
     )  # fmt: skip
     data = Dataset.from_dict({"prompt": ["w2 w3"] * W.BATCH})
-    trainer = GRPOTrainer(model=model, reward_funcs=[lambda completions, **kw: [0.0] * len(completions)],
-                          args=args, train_dataset=data, processing_class=tok)  # fmt: skip
+
+    def zero_reward(completions, **kw):  # rewards are never computed: no generation here
+        return [0.0] * len(completions)
+
+    trainer = GRPOTrainer(model=model, reward_funcs=[zero_reward], args=args, train_dataset=data,
+                          processing_class=tok)  # fmt: skip
     trainer.create_optimizer_and_scheduler(num_training_steps=1000)
     b, r = W.BATCH, W.RESPONSE
     advantages = torch.linspace(-1.0, 1.0, b)
