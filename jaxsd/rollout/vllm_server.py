@@ -305,6 +305,7 @@ def serve(opts: WorkerOptions) -> int:
     with Listener(("127.0.0.1", 0), authkey=bytes.fromhex(authkey_hex)) as listener:
         _write_address(opts.address_file, listener.address)
         conn = listener.accept()
+    log(opts.name, f"trainer connected; building the engine for {opts.model_dir}")
     server = RolloutServer(opts)
     conn.send({"type": "ready", "weights_step": server.step, "pid": os.getpid()})
     while True:
