@@ -14,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import pathlib
+import signal
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -42,7 +44,8 @@ from jaxsd.train.step import StepConfig, make_train_step
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 LENGTH_BUCKETS = tuple(2**i for i in range(4, 16))  # 16 ... 32768 tokens
-_EVAL_PURPOSE, _ROLLOUT_PURPOSE = 1, 0
+_EVAL_PURPOSE, _OFFLINE_PURPOSE = 1, 2
+_SWITCHES = ("use_distillation", "use_surrogate", "use_ssopd", "use_rhythm", "teacher_mode")
 
 
 @dataclasses.dataclass
@@ -224,19 +227,22 @@ def _prompt_ids(run: Run, record: dict) -> list[int]:
     return chat_token_ids(run.tokenizer, run.task.messages(record), run.cfg.task.max_prompt_len)
 
 
-def collect_groups(run: Run, records: Sequence[dict], step: int) -> tuple[list, dict[str, float]]:
-    """Sample G rollouts per question with the current weights and verify them."""
+def collect_groups(
+    run: Run, records: Sequence[dict], step: int, *, n: int | None = None, purpose: int = 0
+) -> tuple[list, dict[str, float]]:
+    """Sample n (default G) rollouts per question with the current weights and verify them."""
     cfg = run.cfg
+    n = cfg.rollout.n if n is None else n
     prompt_ids = [_prompt_ids(run, r) for r in records]
     sampling = SamplingConfig(
         temperature=cfg.rollout.temperature,
         top_p=cfg.rollout.top_p,
         max_new_tokens=cfg.rollout.max_new_tokens,
         stop_token_ids=tuple(run.stop_ids),
-        seed=data.sampling_seed(cfg.seed, step, purpose=_ROLLOUT_PURPOSE),
+        seed=data.sampling_seed(cfg.seed, step, purpose=purpose),
     )
     t0 = time.perf_counter()
-    result = run.engine.generate(prompt_ids, cfg.rollout.n, sampling)
+    result = run.engine.generate(prompt_ids, n, sampling)
     rollout_s = time.perf_counter() - t0
     staleness = run.sync.check(result, step) if run.sync is not None else 0
     if run.sync is None and result.weights_step != step:
@@ -351,6 +357,7 @@ def train_one_step(run: Run, step: int) -> dict[str, Any]:
     )
     records = [run.train_records[i] for i in indices]
     groups, stats = collect_groups(run, records, step)
+    _maybe_inject_crash(step)
     plans, run.host_state, algo_metrics = run.algorithm.plan(groups, run.host_state, epoch=epoch)
     samples = plans_to_samples(run, groups, plans)
     local = build_batch(samples, pad_id=_pad_id(run), length_buckets=LENGTH_BUCKETS)
@@ -380,6 +387,14 @@ def train_one_step(run: Run, step: int) -> dict[str, Any]:
     return stats
 
 
+def _maybe_inject_crash(step: int) -> None:
+    """Crash tests: JAXSD_FAULT_KILL_AT_STEP=n SIGKILLs this process in the middle of step n
+    (1-based), after its rollouts and before its update, as a node failure would."""
+    kill_at = os.environ.get("JAXSD_FAULT_KILL_AT_STEP")
+    if kill_at is not None and int(kill_at) == step + 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _pad_id(run: Run) -> int:
     pad = run.tokenizer.pad_token_id
     return int(pad if pad is not None else run.stop_ids[0])
@@ -393,6 +408,24 @@ def _check_finite(step: int, reduced: dict[str, float]) -> None:
             f"non-finite metrics at step {step}: {bad}; finite ones: {finite}. The last "
             "checkpoint holds the last good state; lower optim.lr or check the data."
         )
+
+
+def offline_pass(run: Run) -> Any:
+    """PACED (METHODS §5): pass rates of every training question, estimated once, frozen."""
+    from jaxsd.algorithms import paced
+
+    q = run.cfg.task.questions_per_step
+    groups = []
+    for start in range(0, len(run.train_records), q):
+        chunk, _ = collect_groups(
+            run, run.train_records[start : start + q], 0,
+            n=run.cfg.paced_offline_n, purpose=_OFFLINE_PURPOSE,
+        )  # fmt: skip
+        groups.extend(chunk)
+    rates = paced.estimate_pass_rates(groups, success_threshold=run.algorithm.success_threshold)
+    print(f"[jaxsd] PACED offline pass: {len(rates)} questions, mean pass rate "
+          f"{np.mean(list(rates.values())):.3f}", flush=True)  # fmt: skip
+    return paced.freeze_pass_rates(run.host_state, rates)
 
 
 # ----------------------------------------------------------------------------- eval
@@ -482,10 +515,16 @@ def train(cfg: Any) -> dict[str, Any]:
         metrics_path.unlink()
     if start == 0:
         _publish(run, 0)
+        if run.cfg.algorithm.name == "paced":
+            run.host_state = offline_pass(run)
     writer = metrics_lib.MetricsWriter(
         run_dir, is_main_process=is_main, resume_step=start if start else None
     )
-    summary: dict[str, Any] = {"run_dir": str(run_dir), "start_step": start}
+    summary: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "start_step": start,
+        "step_switches": {k: getattr(run.step_cfg, k) for k in _SWITCHES},
+    }
     progress = metrics_lib.Progress(cfg.total_steps, initial_step=start, is_main_process=is_main)
     try:
         if start == 0 and cfg.eval_every:
