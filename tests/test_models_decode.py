@@ -23,11 +23,11 @@ P, N = 6, 5  # padded prompt length, continuation length
 
 @pytest.fixture(scope="module")
 def model_fns():
-    model = Transformer(CFG, rngs=nnx.Rngs(0))
-    key = jax.random.key(1)
-    for i, (path, var) in enumerate(nnx.to_flat_state(nnx.state(model, nnx.Param))):
-        noise = 0.2 * jax.random.normal(jax.random.fold_in(key, i), var.shape, var.dtype)
-        var.set_value(1.0 + noise if "norm" in "".join(map(str, path)) else noise)
+    model = nnx.eval_shape(lambda: Transformer(CFG, rngs=nnx.Rngs(0)))
+    rng = np.random.RandomState(1)  # numpy init: eager jax init compiles once per shape
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        noise = 0.2 * rng.standard_normal(var.shape).astype(np.float32)
+        var.set_value(jnp.asarray(1.0 + noise if "norm" in "".join(map(str, path)) else noise))
     graphdef, state = nnx.split(model)
 
     @jax.jit
@@ -78,20 +78,29 @@ def test_prefill_then_token_steps_match_full_forward(model_fns):
 def test_slots_outside_cache_mask_are_ignored(model_fns):
     """A token written into a slot that cache_mask excludes has no effect on later steps."""
     model, state, _, decode = model_fns
-    prompt = jnp.asarray([[5, 17]])
-    x, garbage = jnp.asarray([[9]]), jnp.asarray([[33]])
-    mask = np.zeros((1, 5), np.int32)
-    mask[:, :3] = 1
-    _, c = decode(state, prompt, jnp.asarray([[0, 1]]), model.init_cache(1, 5), mask)
-    clean, _ = decode(state, x, jnp.asarray([[2]]), c, mask)  # x in slot 2
-    # Garbage goes to slot 2; then x goes to slot 3 with slot 2 masked out (window 4 still
-    # covers slots 0..3, so both runs see exactly the prompt and x at the same positions).
-    _, c2 = decode(state, garbage, jnp.asarray([[2]]), c, mask)
+    b = 3  # same shapes as the test above, so the compiled prefill/step are reused
+    rng = np.random.RandomState(3)
+    prompt_mask = np.zeros((b, P), np.int32)
+    prompt_mask[:, P - 2 :] = 1  # two real prompt tokens, left-padded
+    prompt = jnp.asarray(rng.randint(0, CFG.vocab_size, (b, P)) * prompt_mask)
+    x = jnp.asarray(rng.randint(0, CFG.vocab_size, (b, 1)))
+    garbage = jnp.asarray(rng.randint(0, CFG.vocab_size, (b, 1)))
+    mask = np.zeros((b, P + N), np.int32)
+    mask[:, :P] = prompt_mask
+    pos = jnp.asarray(np.maximum(prompt_mask.cumsum(-1) - 1, 0))
+    _, c = decode(state, prompt, pos, model.init_cache(b, P + N), mask)
+    at2 = jnp.full((b, 1), 2)
+    mask[:, P] = 1
+    clean, _ = decode(state, x, at2, c, mask)  # x in slot P, position 2
+    # Garbage goes to slot P; x goes to slot P+1 with slot P masked out. The window (4 slots)
+    # still covers both real prompt tokens, so both runs see the same tokens at the same
+    # positions.
+    _, c2 = decode(state, garbage, at2, c, mask)
     skip = mask.copy()
-    skip[:, 2], skip[:, 3] = 0, 1
-    dirty, _ = decode(state, x, jnp.asarray([[2]]), c2, skip)
+    skip[:, P], skip[:, P + 1] = 0, 1
+    dirty, _ = decode(state, x, at2, c2, skip)
     np.testing.assert_allclose(np.asarray(dirty), np.asarray(clean), atol=1e-5, rtol=0)
     seen = skip.copy()
-    seen[:, 2] = 1  # the same step attending to the garbage slot does change the logits
-    polluted, _ = decode(state, x, jnp.asarray([[2]]), c2, seen)
+    seen[:, P] = 1  # the same step attending to the garbage slot does change the logits
+    polluted, _ = decode(state, x, at2, c2, seen)
     assert np.abs(np.asarray(polluted) - np.asarray(clean)).max() > 1e-3

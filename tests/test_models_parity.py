@@ -6,7 +6,6 @@ import json
 import shutil
 
 import chex
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -29,6 +28,30 @@ from jaxsd.models import (
 
 TOL = 1e-4
 B, T = 3, 9
+
+
+def _random_model(config: ModelConfig, lora: LoraConfig | None = None, seed: int = 0):
+    """A Transformer with every parameter random (norms near 1, adapters' B non-zero).
+
+    Built shape-only and filled from numpy: eager jax init would compile once per shape.
+    """
+    model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(seed), lora=lora))
+    rng = np.random.RandomState(seed)
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        noise = 0.1 * rng.standard_normal(var.shape).astype(np.float32)
+        value = 1.0 + noise if "norm" in "".join(map(str, path)) else noise
+        var.set_value(jnp.asarray(value, var.dtype))
+    return model
+
+
+@nnx.jit
+def _forward(model, ids, mask):
+    return model(ids, mask)
+
+
+@nnx.jit
+def _hidden_and_head(model, ids, mask):
+    return model.hidden_states(ids, mask), model.lm_head_weight()
 
 
 def _randomise_(model: torch.nn.Module, seed: int) -> None:
@@ -103,16 +126,16 @@ def test_qwen3_logits_match_transformers(tmp_path, case):
     assert (config.num_kv_heads, config.tie_word_embeddings, config.rope_theta) == (kv, tied, theta)
     assert (model.lm_head is None) == tied
     ids, mask = _batch(cfg.vocab_size, seed=1)
-    logits = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    logits = np.asarray(_forward(model, ids, mask))
     chex.assert_shape(logits, (B, T, cfg.vocab_size))
     assert _max_diff(logits, _hf_logits(hf, ids, mask), mask) <= TOL
     # hidden_states @ lm_head_weight is the same LM head the train step applies in chunks.
-    h = model.hidden_states(jnp.asarray(ids), jnp.asarray(mask))
+    h, w = _hidden_and_head(model, ids, mask)
     chex.assert_shape(h, (B, T, hidden))
-    chunked = np.asarray(h @ model.lm_head_weight())
+    chunked = np.asarray(h) @ np.asarray(w)
     np.testing.assert_allclose(chunked, logits, atol=1e-5)
     # Without a mask every position is real and positions are 0..T-1.
-    full = np.asarray(model(jnp.asarray(ids)))
+    full = np.asarray(_forward(model, ids, None))
     ones = np.ones_like(mask)
     assert _max_diff(full, _hf_logits(hf, ids, ones), ones) <= TOL
 
@@ -172,18 +195,8 @@ def test_family_switch_logits_match_transformers(tmp_path, family):
         # Sliding windows count slots (HF cache positions); with padding inside the window HF
         # and we agree, but keep this case unpadded so the window is the thing under test.
         mask = np.ones_like(mask)
-    logits = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    logits = np.asarray(_forward(model, ids, mask))
     assert _max_diff(logits, _hf_logits(hf, ids, mask), mask) <= TOL
-
-
-def _random_model(config: ModelConfig, lora: LoraConfig | None = None, seed: int = 0):
-    """A Transformer with every parameter random (norms near 1, adapters' B non-zero)."""
-    model = Transformer(config, rngs=nnx.Rngs(seed), lora=lora)
-    key = jax.random.key(seed + 100)
-    for i, (path, var) in enumerate(nnx.to_flat_state(nnx.state(model, nnx.Param))):
-        noise = 0.1 * jax.random.normal(jax.random.fold_in(key, i), var.shape, var.dtype)
-        var.set_value(1.0 + noise if "norm" in "".join(map(str, path)) else noise)
-    return model
 
 
 TINY = ModelConfig(
@@ -207,7 +220,7 @@ def test_save_pretrained_loads_in_transformers_with_same_logits(tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert isinstance(hf, transformers.Qwen3ForCausalLM)
     ids, mask = _batch(TINY.vocab_size, seed=3)
-    logits = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    logits = np.asarray(_forward(model, ids, mask))
     assert _max_diff(logits, _hf_logits(hf, ids, mask), mask) <= TOL
     # And back into JAX: identical parameters.
     again, _ = from_pretrained(tmp_path)
@@ -224,7 +237,7 @@ def test_sharded_checkpoint_round_trip(tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     again, _ = from_pretrained(tmp_path)
     ids, mask = _batch(cfg.vocab_size, seed=5)
-    ours = np.asarray(again(jnp.asarray(ids), jnp.asarray(mask)))
+    ours = np.asarray(_forward(again, ids, mask))
     assert _max_diff(ours, _hf_logits(hf, ids, mask), mask) <= TOL
 
 
@@ -233,25 +246,25 @@ def test_lora_merge_round_trip_and_disable(tmp_path):
     model = _random_model(TINY, lora=lora, seed=6)
     ids, mask = _batch(TINY.vocab_size, seed=6)
     x, m = jnp.asarray(ids), jnp.asarray(mask)
-    with_adapters = np.asarray(model(x, m))
+    with_adapters = np.asarray(_forward(model, x, m))
     # Reference base model: the same base weights, no adapters, built independently.
-    base = Transformer(TINY, rngs=nnx.Rngs(0))
+    base = nnx.eval_shape(lambda: Transformer(TINY, rngs=nnx.Rngs(0)))
     nnx.update(base, nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))))
-    base_logits = np.asarray(base(x, m))
+    base_logits = np.asarray(_forward(base, x, m))
     assert _max_diff(with_adapters, base_logits, mask) > 1e-2  # the adapters matter
     # Merged model == adapter model; saved and re-read by transformers, still equal.
     merged = merge_lora(model)
     assert not nnx.state(merged, nnx.LoRAParam)
-    assert _max_diff(np.asarray(merged(x, m)), with_adapters, mask) <= TOL
+    assert _max_diff(np.asarray(_forward(merged, x, m)), with_adapters, mask) <= TOL
     save_pretrained(model, TINY, tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert _max_diff(_hf_logits(hf, ids, mask), with_adapters, mask) <= TOL
     # Disabled adapters give the base model (fixed SSOPD teacher), functionally or by flag.
     graphdef, state = nnx.split(model)
     teacher = nnx.merge(graphdef, lora_disabled(state))
-    assert _max_diff(np.asarray(teacher(x, m)), base_logits, mask) <= 1e-5
+    assert _max_diff(np.asarray(_forward(teacher, x, m)), base_logits, mask) <= 1e-5
     set_lora_enabled(model, False)
-    assert _max_diff(np.asarray(model(x, m)), base_logits, mask) <= 1e-5
+    assert _max_diff(np.asarray(_forward(model, x, m)), base_logits, mask) <= 1e-5
 
 
 def test_bf16_params_track_fp32(tmp_path):
@@ -261,8 +274,8 @@ def test_bf16_params_track_fp32(tmp_path):
     assert cfg.param_dtype == cfg.compute_dtype == "bfloat16"
     assert bf.layers[0].self_attn.q_proj.kernel[...].dtype == jnp.bfloat16
     ids, mask = _batch(TINY.vocab_size, seed=8)
-    ref = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
-    out = np.asarray(bf(jnp.asarray(ids), jnp.asarray(mask)))
+    ref = np.asarray(_forward(model, ids, mask))
+    out = np.asarray(_forward(bf, ids, mask))
     assert np.isfinite(out).all()
     scale = np.abs(ref).max()
     assert _max_diff(out, ref, mask) <= 0.05 * scale

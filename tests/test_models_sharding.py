@@ -97,11 +97,11 @@ _SCRIPT = textwrap.dedent(
     from jaxsd.models.sharding import logical_to_mesh_spec, param_shardings, shard_state
 
     cfg = ModelConfig(**json.loads({cfg!r}))
-    model = Transformer(cfg, rngs=nnx.Rngs(0))
-    key = jax.random.key(3)
-    for i, (path, var) in enumerate(nnx.to_flat_state(nnx.state(model, nnx.Param))):
-        noise = 0.2 * jax.random.normal(jax.random.fold_in(key, i), var.shape, var.dtype)
-        var.set_value(1.0 + noise if "norm" in "".join(map(str, path)) else noise)
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    rng = np.random.RandomState(3)
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        noise = 0.2 * rng.standard_normal(var.shape).astype(np.float32)
+        var.set_value(jnp.asarray(1.0 + noise if "norm" in "".join(map(str, path)) else noise))
     graphdef, state = nnx.split(model)
     ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (4, 8))
     mask = np.ones((4, 8), np.int32)

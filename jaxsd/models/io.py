@@ -84,7 +84,8 @@ def to_hf_state_dict(
     for path, var in flat.items():
         if path[-1] in ("lora_a", "lora_b"):
             continue
-        x = _value(var)
+        # Host-side numpy: no per-shape XLA compiles, and a sharded array is gathered once.
+        x = np.asarray(jax.device_get(_value(var)))
         if path[-1] == "kernel":
             a_path, b_path = path[:-1] + ("lora_a",), path[:-1] + ("lora_b",)
             if a_path in flat:
@@ -93,12 +94,11 @@ def to_hf_state_dict(
                         f"state has LoRA adapters at {'.'.join(map(str, path[:-1]))}; "
                         "pass lora=LoraConfig(...) so they can be merged"
                     )
-                a = _value(flat[a_path]).astype(jnp.float32)
-                b = _value(flat[b_path]).astype(jnp.float32)
-                x = (x.astype(jnp.float32) + lora.scale * (a @ b)).astype(x.dtype)
+                a = np.asarray(jax.device_get(_value(flat[a_path])), np.float32)
+                b = np.asarray(jax.device_get(_value(flat[b_path])), np.float32)
+                x = (x.astype(np.float32) + lora.scale * (a @ b)).astype(x.dtype)
             x = x.T
-        arr = np.asarray(jax.device_get(x))
-        out[hf_name(path)] = arr if dtype is None else arr.astype(jnp.dtype(dtype))
+        out[hf_name(path)] = x if dtype is None else x.astype(jnp.dtype(dtype))
     if config.tie_word_embeddings:
         out.pop("lm_head.weight", None)
     return out
@@ -189,8 +189,9 @@ def load_hf_state_dict(model: Transformer, state_dict: Mapping[str, Any]) -> Tra
                 f"tensor {name}{where(name)} has shape {tuple(arr.shape)} but the config "
                 f"expects {want}"
             )
-        x = jnp.asarray(arr, dtype=var.dtype)
-        var.set_value(x.T if is_kernel else x)
+        # Transpose and cast on the host: eager jnp ops would compile once per tensor shape.
+        x = np.asarray(arr.T if is_kernel else arr).astype(var.dtype, copy=False)
+        var.set_value(jnp.asarray(x))
     return model
 
 
