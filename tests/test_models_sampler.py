@@ -240,6 +240,7 @@ def test_sampling_frequencies_follow_the_renormalised_nucleus():
         ([[1]], {"n": 0}, "n=0"),
         ([[1] * 70], {}, "prompt length=70 exceeds"),
         ([[1]] * 5, {}, "batch size .* exceeds"),
+        ([[1] * 10], {"max_new_tokens": 5000}, "max_position_embeddings=4096"),
     ],
 )
 def test_bad_input_raises_before_compiling(model, prompt_ids, kwargs, message):

@@ -156,6 +156,7 @@ def _generate_padded(
     top_k: jax.Array,
     top_p: jax.Array,
     stop_ids_K: jax.Array,
+    num_rows: jax.Array,
     *,
     max_new_tokens: int,
 ) -> dict[str, jax.Array]:
@@ -200,7 +201,8 @@ def _generate_padded(
         "logprobs": jnp.zeros((b, m), jnp.float32),
         "sampling_logprobs": jnp.zeros((b, m), jnp.float32),
         "lengths": jnp.zeros((b,), jnp.int32),
-        "stopped": jnp.zeros((b,), bool),
+        # Batch-bucket padding rows start stopped so they never keep the loop running.
+        "stopped": jnp.arange(b) >= num_rows,
     }
     carry = (jnp.int32(0), last_logits_BxV, cache, mask_BxS, out)
     return jax.lax.while_loop(cond, body, carry)[-1]
@@ -209,6 +211,7 @@ def _generate_padded(
 def _validate(
     prompt_ids: Sequence[Sequence[int]],
     vocab_size: int,
+    max_positions: int,
     n: int,
     max_new_tokens: int,
     temperature: float,
@@ -227,6 +230,12 @@ def _validate(
         raise ValueError(f"n={n} must be >= 1 (samples per prompt)")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    longest = max(map(len, prompt_ids))
+    if longest + max_new_tokens > max_positions:
+        raise ValueError(
+            f"longest prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"max_position_embeddings={max_positions}; shorten the prompt or max_new_tokens"
+        )
     if not temperature >= 0:
         raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
     if not 0 < top_p <= 1:
@@ -254,8 +263,11 @@ def generate(
     `length_buckets` pads prompts (on the left) to the smallest bucket that fits the longest;
     `batch_buckets` pads len(prompt_ids) * n rows (None = next power of two).
     """
-    vocab_size = model.config.vocab_size
-    _validate(prompt_ids, vocab_size, n, max_new_tokens, temperature, top_p, top_k)
+    cfg = model.config
+    _validate(
+        prompt_ids, cfg.vocab_size, cfg.max_position_embeddings, n, max_new_tokens,
+        temperature, top_p, top_k,
+    )  # fmt: skip
     rows = [list(map(int, prompt)) for prompt in prompt_ids for _ in range(n)]
     b = bucket_size(len(rows), batch_buckets, "batch size (prompts x n)")
     p = bucket_size(max(map(len, rows)), length_buckets, "prompt length")
@@ -283,6 +295,7 @@ def generate(
         jnp.int32(top_k),
         jnp.float32(top_p),
         jnp.asarray(stop_ids_K),
+        jnp.int32(len(rows)),
         max_new_tokens=max_new_tokens,
     )
     out = jax.device_get(out)
