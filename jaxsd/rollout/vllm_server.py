@@ -215,7 +215,8 @@ class RolloutServer:
             )
             if res["ok"]:
                 self.llm.reset_prefix_cache()  # cached KV blocks were computed by old weights
-                return self._loaded(step, "in_place", t0)
+                timings = {k: res[k] for k in ("restore_s", "reload_s", "num_bytes")}
+                return self._loaded(step, "in_place", t0) | timings
             if res["stage"] == "restore":
                 return self._refused(step, res["error"])
             log(
