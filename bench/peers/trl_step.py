@@ -5,6 +5,8 @@ jaxsd's .venv. Variants, each timed on the same fixed batch (no generation):
 - `torch_sdpo`: hand-written SDPO step the way the SDPO (verl) code does it: full-vocabulary
   log-softmax, then the student's top-k, tail = log(1 - sum top-k) clamped, JSD(alpha=0.5),
   IS weight, token-mean, AdamW + grad clip, EMA teacher (the issue's reference number).
+- `trl_sdpo`: TRL's own `SDPOTrainer.compute_loss` (trl.experimental.sdpo, topk_logits mode,
+  tail bucket, is_clip, EMA teacher through its `SyncTeacherModelCallback`) on the fixed batch.
 - `trl_gkd`: the same step with TRL's own GKD loss (`GKDTrainer.generalized_jsd_loss`,
   full-vocabulary JSD, beta=0.5) in place of the top-k divergence.
 - `trl_grpo`: TRL's own `GRPOTrainer.compute_loss` on fixed pre-generated completions
@@ -32,7 +34,7 @@ import transformers
 import workload as W
 from sdpo_torch import sdpo_topk_jsd
 
-VARIANTS = ("torch_sdpo", "trl_gkd", "trl_grpo")
+VARIANTS = ("torch_sdpo", "trl_sdpo", "trl_gkd", "trl_grpo")
 
 
 def make_model(shape: str) -> transformers.Qwen3ForCausalLM:
@@ -77,7 +79,7 @@ def make_distill_step(model, divergence, batch) -> Any:
     s_params, t_params = list(model.parameters()), list(teacher.parameters())
     r, mask = W.RESPONSE, batch["response_mask"]
 
-    def step() -> float:
+    def step() -> torch.Tensor:
         s_logits = response_logits(model, batch["student_ids"], r)
         with torch.no_grad():
             t_logits = response_logits(teacher, batch["teacher_ids"], r)
@@ -91,7 +93,7 @@ def make_distill_step(model, divergence, batch) -> Any:
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():
             torch._foreach_lerp_(t_params, s_params, W.EMA_RATE)
-        return float(loss)
+        return loss.detach()
 
     return step
 
@@ -124,70 +126,109 @@ def trl_gkd(shape: str) -> Any:
     return make_distill_step(model, divergence, batch)
 
 
-def _tokenizer(vocab: int, folder: str) -> Any:
+def _tokenizer(vocab: int) -> Any:
     """A local word-level tokenizer of `vocab` ids (the hub is unreachable; TRL wants one)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     words = {"<pad>": 0, "<eos>": 1} | {f"w{i}": i for i in range(2, vocab)}
     tok = Tokenizer(models.WordLevel(words, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(
+    return transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>"
     )
-    fast.save_pretrained(folder)
-    return fast
 
 
-def trl_grpo(shape: str) -> Any:
+def _trainer(trainer_cls: Any, config_cls: Any, shape: str, **config: Any) -> Any:
+    """A TRL trainer on the random model saved to a folder (TRL builds its teacher from that)."""
     from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
 
+    folder = tempfile.mkdtemp(prefix="jaxsd-trl-")
     model = make_model(shape)
-    vocab = model.config.vocab_size
-    batch = make_batch(vocab)
-    out = tempfile.mkdtemp(prefix="jaxsd-trl-grpo-")
-    tok = _tokenizer(vocab, out)
-    args = GRPOConfig(
-        output_dir=out, per_device_train_batch_size=W.BATCH, num_generations=W.BATCH,
+    model.save_pretrained(folder)
+    tok = _tokenizer(model.config.vocab_size)
+    tok.save_pretrained(folder)
+    args = config_cls(
+        output_dir=folder, per_device_train_batch_size=W.BATCH, num_generations=W.BATCH,
         max_completion_length=W.RESPONSE, learning_rate=W.LR, weight_decay=W.WEIGHT_DECAY,
-        max_grad_norm=W.GRAD_CLIP, beta=0.0, epsilon=0.2, epsilon_high=0.28,
-        loss_type="dapo", report_to=[], use_cpu=True, logging_steps=10**6, save_strategy="no",
-        bf16=False,
+        max_grad_norm=W.GRAD_CLIP, report_to=[], use_cpu=True, logging_steps=10**6,
+        save_strategy="no", bf16=False, gradient_checkpointing=False, **config,
     )  # fmt: skip
-    data = Dataset.from_dict({"prompt": ["w2 w3"] * W.BATCH})
 
     def zero_reward(completions, **kw):  # rewards are never computed: no generation here
         return [0.0] * len(completions)
 
-    trainer = GRPOTrainer(model=model, reward_funcs=[zero_reward], args=args, train_dataset=data,
+    data = Dataset.from_dict({"prompt": ["w2 w3"] * W.BATCH})
+    trainer = trainer_cls(model=folder, reward_funcs=[zero_reward], args=args, train_dataset=data,
                           processing_class=tok)  # fmt: skip
-    trainer.create_optimizer_and_scheduler(num_training_steps=1000)
-    b, r = W.BATCH, W.RESPONSE
-    advantages = torch.linspace(-1.0, 1.0, b)
-    inputs = {
-        "prompt_ids": batch["prompt_ids"], "prompt_mask": torch.ones(b, W.PROMPT, dtype=torch.long),
-        "completion_ids": batch["response_ids"],
-        "completion_mask": torch.ones(b, r, dtype=torch.long),
-        "advantages": advantages, "old_per_token_logps": batch["old_logp"],
+    trainer.create_optimizer_and_scheduler(num_training_steps=10**6)
+    # Trainer.training_step sets this before compute_loss; we call compute_loss directly.
+    trainer.current_gradient_accumulation_steps = 1
+    return trainer
+
+
+def _fixed_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What TRL's `_prepare_inputs` would hand `compute_loss` after generation, for our batch."""
+    b, p, r = W.BATCH, W.PROMPT, W.RESPONSE
+    ones = torch.ones  # every token real: the workload has no padding
+    return {
+        "prompt_ids": batch["prompt_ids"], "prompt_mask": ones(b, p, dtype=torch.long),
+        "completion_ids": batch["response_ids"], "completion_mask": ones(b, r, dtype=torch.long),
+        "teacher_input_ids": batch["teacher_ids"],
+        "teacher_attention_mask": ones(b, p + W.TEACHER_EXTRA + r, dtype=torch.long),
+        "old_per_token_logps": batch["old_logp"],
+        "advantages": torch.linspace(-1.0, 1.0, b),
         "num_items_in_batch": torch.tensor(b * r),
     }  # fmt: skip
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = trainer.optimizer
 
-    def step() -> float:
-        # What Trainer.training_step does after _prepare_inputs (generation) has filled `inputs`.
+
+def _trainer_step(trainer: Any, inputs: dict[str, torch.Tensor], callback: str | None) -> Any:
+    """compute_loss + backward + clip + AdamW, then the named step-end callback (TRL's EMA)."""
+    model, opt = trainer.model, trainer.optimizer
+    hooks = [c for c in trainer.callback_handler.callbacks if type(c).__name__ == callback]
+    if callback is not None and not hooks:
+        raise RuntimeError(f"{type(trainer).__name__} has no {callback} callback to time")
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+
+    def step() -> torch.Tensor:
         loss = trainer.compute_loss(model, inputs)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, W.GRAD_CLIP)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        trainer.state.global_step += 1
+        for hook in hooks:
+            hook.on_step_end(trainer.args, trainer.state, trainer.control, model=model)
+        return loss.detach()
 
     return step
 
 
+def trl_sdpo(shape: str) -> Any:
+    from trl.experimental.sdpo import SDPOConfig, SDPOTrainer
+
+    trainer = _trainer(
+        SDPOTrainer, SDPOConfig, shape, distillation_mode="topk_logits",
+        distillation_topk=W.TOP_K, distillation_alpha=W.ALPHA, distillation_add_tail=True,
+        distillation_is_clip=W.IS_CLIP, distillation_weight=1.0, teacher_model_kind="ema",
+        teacher_update_rate=W.EMA_RATE, teacher_sync_steps=1,
+    )  # fmt: skip
+    batch = make_batch(trainer.model.config.vocab_size)
+    return _trainer_step(trainer, _fixed_inputs(batch), "SyncTeacherModelCallback")
+
+
+def trl_grpo(shape: str) -> Any:
+    from trl import GRPOConfig, GRPOTrainer
+
+    trainer = _trainer(GRPOTrainer, GRPOConfig, shape, beta=0.0, epsilon=0.2, epsilon_high=0.28,
+                       loss_type="dapo")  # fmt: skip
+    batch = make_batch(trainer.model.config.vocab_size)
+    return _trainer_step(trainer, _fixed_inputs(batch), None)
+
+
 def run_variant(name: str, shape: str, steps: int) -> dict[str, Any]:
-    build = {"torch_sdpo": torch_sdpo, "trl_gkd": trl_gkd, "trl_grpo": trl_grpo}[name]
+    build = {"torch_sdpo": torch_sdpo, "trl_sdpo": trl_sdpo, "trl_gkd": trl_gkd,
+             "trl_grpo": trl_grpo}[name]  # fmt: skip
     try:
         # TRL prints banners/warnings on stdout; keep stdout for the one JSON object.
         with contextlib.redirect_stdout(io.StringIO()):

@@ -45,27 +45,37 @@ def response_tokens_per_step() -> int:
     return BATCH * RESPONSE
 
 
-def time_steps(step: Callable[[], Any], steps: int, warmup: int = 1) -> list[float]:
-    """Wall seconds of `steps` calls of `step()` (each must block until done), after `warmup`."""
+def time_steps(
+    step: Callable[[], Any], steps: int, warmup: int = 1
+) -> tuple[list[float], list[float]]:
+    """(wall, process-CPU) seconds of `steps` calls of `step()` (each blocks until done).
+
+    CPU seconds are summed over the process's threads; on a shared, oversubscribed machine
+    they move less than wall time, so they are reported next to it.
+    """
     if steps < 1:
         raise ValueError(f"--steps={steps} must be >= 1")
     for _ in range(warmup):
         step()
-    times = []
+    wall, cpu = [], []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
-        times.append(time.perf_counter() - t0)
-    return times
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return wall, cpu
 
 
-def step_record(times: list[float], **extra: Any) -> dict[str, Any]:
+def step_record(times: tuple[list[float], list[float]], **extra: Any) -> dict[str, Any]:
     """The common JSON fields of a step benchmark: median step time and response tokens/s."""
-    med = statistics.median(times)
+    wall, cpu = times
+    med = statistics.median(wall)
     return {
         "step_s": med,
         "response_tokens_per_s": response_tokens_per_step() / med,
-        "step_times_s": [round(t, 5) for t in times],
+        "min_step_s": min(wall),
+        "cpu_s_per_step": statistics.median(cpu),
+        "step_times_s": [round(t, 5) for t in wall],
         **extra,
     }
 
