@@ -4,6 +4,7 @@ One worker serves the whole module (vLLM takes 20-45 s to start on CPU); the two
 stop it run last, with one restart between them.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -21,9 +22,11 @@ from jaxsd.rollout import (
     JaxEngine,
     RolloutTimeoutError,
     SamplingConfig,
+    SyncConfig,
     VllmEngine,
     VllmWorkerConfig,
     WeightLoadError,
+    WeightSync,
     WorkerCrashedError,
     WorkerStartupError,
     publish_weights,
@@ -151,6 +154,19 @@ def test_worker_exits_when_its_trainer_dies(model_dir, tmp_path):
     assert f"trainer (pid {trainer.pid}) exited; stopping" in log
 
 
+def test_a_worker_that_fails_to_start_reports_its_exit_status_and_log(model_dir, tmp_path):
+    broken = tmp_path / "no_weights"
+    broken.mkdir()
+    (broken / "config.json").write_text((model_dir / "config.json").read_text())
+    config = VllmWorkerConfig(model_dir=str(broken), weights_dir=str(tmp_path), name="broken")
+    with pytest.raises(
+        WorkerCrashedError,
+        match=r"(?s)'broken' \(pid \d+\) exited while starting up: exit status 1\..*"
+        r"no \*\.safetensors in",
+    ):
+        VllmEngine(config)
+
+
 def test_published_step_logprobs_equal_the_jax_model(engine, jax_model, states, weights_dir):
     model, _ = jax_model
     load_hf_state_dict(model, states[0])
@@ -212,15 +228,38 @@ def test_unloadable_steps_leave_the_worker_on_its_previous_step(
     assert "it keeps serving step 1" in engine.log_path.read_text()
 
 
+def test_follow_latest_and_weight_sync_keep_the_worker_on_the_newest_step(
+    engine, jax_model, states, weights_dir
+):
+    model, _ = jax_model
+    publish_weights(states[3], weights_dir, 5)
+    engine.config = dataclasses.replace(engine.config, follow_latest=True)
+    try:
+        followed = engine.generate(PROMPTS, 2, SAMPLED)  # no load request: the worker looks
+    finally:
+        engine.config = dataclasses.replace(engine.config, follow_latest=False)
+    assert followed.weights_step == engine.weights_step == 5
+    load_hf_state_dict(model, states[3])
+    assert max_logprob_error(model, followed) <= 1e-3
+
+    sync = WeightSync(engine, SyncConfig(weights_dir, publish_every=1, max_staleness=0))
+    sync.after_step(6, lambda: states[1])  # on-policy: returns once the worker serves step 6
+    assert engine.weights_step == 6
+    result = engine.generate(PROMPTS, 2, SAMPLED)
+    assert sync.check(result, trainer_step=6) == 0
+    load_hf_state_dict(model, states[1])
+    assert max_logprob_error(model, result) <= 1e-3
+
+
 def test_restart_fallback_serves_the_step_from_an_exported_hf_folder(
     engine, jax_model, states, weights_dir
 ):
     model, _ = jax_model
-    publish_weights(states[3], weights_dir, 3)
-    assert engine.load_weights(3, in_place=False) == 3
+    publish_weights(states[3], weights_dir, 7)
+    assert engine.load_weights(7, in_place=False) == 7
     assert engine.last_load["mode"] == "restart"
     result = engine.generate(PROMPTS, 2, SAMPLED)
-    assert result.weights_step == 3
+    assert result.weights_step == 7
     load_hf_state_dict(model, states[3])
     assert max_logprob_error(model, result) <= 1e-3
     assert "restarting the engine from" in engine.log_path.read_text()

@@ -60,13 +60,15 @@ def test_jax_arrays_are_published_like_numpy(tmp_path):
     )
 
 
-def test_keep_n_deletes_the_oldest_steps_and_republishing_replaces(tmp_path):
+def test_keep_n_deletes_the_oldest_steps_and_an_older_publish_rewinds(tmp_path):
     for step in range(5):
         publish_weights({"w": np.full((2,), step, np.float32)}, tmp_path, step, keep=2)
     assert published_steps(tmp_path) == [3, 4]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["3", "4"]
     publish_weights({"w": np.full((2,), 40.0, np.float32)}, tmp_path, 4, keep=2)
     np.testing.assert_array_equal(restore_weights(tmp_path, 4)["w"], [40.0, 40.0])
+    publish_weights({"w": np.full((2,), 1.0, np.float32)}, tmp_path, 1, keep=2)  # rewound run
+    assert published_steps(tmp_path) == [1]  # newer steps are from the abandoned timeline
 
 
 def test_unfinished_steps_are_invisible(tmp_path):

@@ -278,7 +278,8 @@ class VllmEngine:
         """Send a generate request and return at once; the trainer can work meanwhile."""
         prompts = validate_prompts(prompt_token_ids, n)
         what = f"generating {len(prompts)} prompts x {n}"
-        self._send({"type": "generate", "prompts": prompts, "n": n, "sampling": sampling}, what)
+        request = {"type": "generate", "prompts": prompts, "n": n, "sampling": sampling}
+        self._send(request | {"follow_latest": self.config.follow_latest}, what)
         timeout_s = self.config.request_timeout_s if timeout_s is None else timeout_s
         self._pending = PendingRollout(self, what, time.monotonic() + timeout_s)
         return self._pending

@@ -5,7 +5,8 @@ variable `JAXSD_ROLLOUT_AUTHKEY` as hex): the worker listens on 127.0.0.1, write
 `--address_file`, accepts the trainer, builds the engine, and sends
 `{"type": "ready", "weights_step", "pid"}`. Then, one request at a time:
 
-- `{"type": "generate", "prompts", "n", "sampling"}` -> `{"type": "result", ...}`
+- `{"type": "generate", "prompts", "n", "sampling", "follow_latest"}` -> `{"type": "result",
+  ...}`; with follow_latest the worker first loads the newest published step, if newer.
 - `{"type": "load_weights", "step", "in_place"}` -> `{"type": "loaded", "ok", "weights_step",
   "message", "mode", "seconds"}`; a step that fails to restore leaves the engine on its
   previous step (ok=False says so); an in-place load that fails rebuilds the engine from an
@@ -151,6 +152,7 @@ class RolloutServer:
     def __init__(self, opts: WorkerOptions):
         self.opts = opts
         self.step = opts.initial_step
+        self.refused: set[int] = set()  # steps that failed to load; follow_latest skips them
         self.expected_shapes = hf_tensor_shapes(opts.model_dir)
         self.export_dir = pathlib.Path(
             opts.export_dir or pathlib.Path(opts.weights_dir).parent / f"hf_export_{opts.name}"
@@ -162,7 +164,8 @@ class RolloutServer:
     def handle(self, msg: dict[str, Any]) -> dict[str, Any]:
         kind = msg.get("type")
         if kind == "generate":
-            return self.generate(msg["prompts"], msg["n"], msg["sampling"])
+            follow = msg.get("follow_latest", self.opts.follow_latest)
+            return self.generate(msg["prompts"], msg["n"], msg["sampling"], follow_latest=follow)
         if kind == "load_weights":
             return self.load_weights(int(msg["step"]), in_place=msg.get("in_place", True))
         if kind == "ping":
@@ -171,12 +174,14 @@ class RolloutServer:
             return {"type": "bye", "weights_step": self.step}
         raise ValueError(f"unknown request type {kind!r}")
 
-    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingConfig) -> dict:
+    def generate(
+        self, prompts: list[list[int]], n: int, sampling: SamplingConfig, *, follow_latest: bool
+    ) -> dict:
         from vllm.inputs import TokensPrompt
 
-        if self.opts.follow_latest:
+        if follow_latest:
             newest = latest_step(self.opts.weights_dir)
-            if newest is not None and newest > self.step:
+            if newest is not None and newest > self.step and newest not in self.refused:
                 self.load_weights(newest)  # on failure it logs and keeps the current step
         params = [sampling_params(sampling, n, i) for i in range(len(prompts))]
         outputs = self.llm.generate(
@@ -251,6 +256,7 @@ class RolloutServer:
         }
 
     def _refused(self, step: int, error: str) -> dict:
+        self.refused.add(step)
         message = (
             f"worker '{self.opts.name}' could not load weights step {step}: {error}; "
             f"it keeps serving step {self.step}"

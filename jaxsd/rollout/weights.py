@@ -67,8 +67,10 @@ def publish_weights(
     *,
     keep: int = 3,
 ) -> pathlib.Path:
-    """Save HF-named tensors as weights step `step` (atomic), then keep only the newest `keep`.
+    """Save HF-named tensors as weights step `step` (atomic); keep it and the `keep`-1 before it.
 
+    Steps newer than `step` are removed: they belong to a run that was rewound (resumed from
+    an earlier checkpoint), and a worker following the folder must not pick them up.
     Re-publishing an existing step replaces it. Values may be numpy or (sharded) jax arrays.
     """
     import jax
@@ -88,7 +90,9 @@ def publish_weights(
         checkpointer.save(path, tree, force=True)
         checkpointer.wait_until_finished()
     if jax.process_index() == 0:
-        for old in published_steps(weights_dir)[:-keep]:
+        steps = published_steps(weights_dir)
+        newer = [s for s in steps if s > step]
+        for old in newer + [s for s in steps if s <= step][:-keep]:
             shutil.rmtree(step_path(weights_dir, old), ignore_errors=True)
     return path
 
