@@ -78,20 +78,27 @@ def run_peer(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return record
 
 
-def _peer_rates(record: dict[str, Any]) -> dict[str, float]:
-    """{variant: response tokens/s} of a peer record that measured something."""
+def _peer_rates(record: dict[str, Any], algorithm: str) -> dict[str, float]:
+    """{peer/variant: response tokens/s} of the variants of `algorithm` that measured something."""
     return {f"{record['peer']}/{name}": v["response_tokens_per_s"]
             for name, v in record.get("variants", {}).items()
-            if "response_tokens_per_s" in v}  # fmt: skip
+            if "response_tokens_per_s" in v and v.get("algorithm") == algorithm}  # fmt: skip
 
 
 def ratios(ours: dict[str, Any], peers: list[dict[str, Any]]) -> dict[str, Any]:
-    rates = {k: v for p in peers for k, v in _peer_rates(p).items()}
+    """ours / peer tokens/s, only against peer steps of the same algorithm as ours.
+
+    bench/train_step.py runs SDPO steps (two forwards, top-k JSD, EMA); a GRPO learner step
+    (one forward, no teacher) does less work, so it is not a like-for-like peer of it.
+    """
+    algorithm = ours.get("algorithm", "sdpo")
+    rates = {k: v for p in peers for k, v in _peer_rates(p, algorithm).items()}
     if "response_tokens_per_s" not in ours or not rates:
-        return {"note": "need our number and at least one peer number for ratios"}
+        return {"note": f"need our {algorithm} number and a peer {algorithm} number for ratios"}
     mine = ours["response_tokens_per_s"]
     fastest = max(rates, key=rates.get)
     return {
+        "algorithm": algorithm,
         "ours_over_peer_tokens_per_s": {k: mine / v for k, v in rates.items()},
         "fastest_peer": fastest,
         "ours_over_fastest_peer": mine / rates[fastest],

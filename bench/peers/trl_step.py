@@ -35,6 +35,8 @@ import workload as W
 from sdpo_torch import sdpo_topk_jsd
 
 VARIANTS = ("torch_sdpo", "trl_sdpo", "trl_gkd", "trl_grpo")
+# Which of our steps each variant is comparable with (compare_peers pairs like with like).
+ALGORITHM = {"torch_sdpo": "sdpo", "trl_sdpo": "sdpo", "trl_gkd": "sdpo", "trl_grpo": "grpo"}
 
 
 def make_model(shape: str) -> transformers.Qwen3ForCausalLM:
@@ -234,7 +236,7 @@ def run_variant(name: str, shape: str, steps: int) -> dict[str, Any]:
         with contextlib.redirect_stdout(io.StringIO()):
             step = build(shape)
             times = W.time_steps(step, steps)
-        return W.step_record(times)
+        return W.step_record(times, algorithm=ALGORITHM[name])
     except Exception as e:  # a peer API that moved is a result to report, not a crash
         return {"error": f"{type(e).__name__}: {e}",
                 "traceback_tail": traceback.format_exc().strip().splitlines()[-4:]}  # fmt: skip

@@ -100,7 +100,8 @@ def main() -> None:
     args = ap.parse_args()
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            result = W.step_record(W.time_steps(grpo_step(args.shape), args.steps))
+            times = W.time_steps(grpo_step(args.shape), args.steps)
+            result = W.step_record(times, algorithm="grpo")
     except Exception as e:  # an API tunix moved is a result to report, not a crash
         result = {"error": f"{type(e).__name__}: {e}",
                   "traceback_tail": traceback.format_exc().strip().splitlines()[-4:]}  # fmt: skip
