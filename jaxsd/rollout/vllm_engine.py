@@ -97,6 +97,9 @@ def worker_env(config: VllmWorkerConfig, authkey: bytes) -> dict[str, str]:
         env.setdefault("OMP_NUM_THREADS", str(config.cpu_threads))
         # One process instead of API + engine core + worker: faster start, less memory.
         env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    # JAX only restores checkpoints on host in the worker; on a GPU box it must not grab the
+    # accelerator memory vLLM needs.
+    env.setdefault("JAX_PLATFORMS", "cpu")
     env.update(dict(config.env))
     env[AUTHKEY_ENV] = authkey.hex()
     return env
@@ -219,7 +222,11 @@ class VllmEngine:
                 self._fail_start()
             time.sleep(0.1)
         address = json.loads(self._address_file.read_text())
-        self._conn = Client((address["host"], address["port"]), authkey=authkey)
+        try:
+            self._conn = Client((address["host"], address["port"]), authkey=authkey)
+        except (OSError, EOFError):
+            self._check_alive("starting up", wait_s=5.0)
+            self._fail_start()
         msg = self._receive("starting up", deadline, WorkerStartupError)
         self._step = msg["weights_step"]
 

@@ -71,7 +71,8 @@ def publish_weights(
 
     Steps newer than `step` are removed: they belong to a run that was rewound (resumed from
     an earlier checkpoint), and a worker following the folder must not pick them up.
-    Re-publishing an existing step replaces it. Values may be numpy or (sharded) jax arrays.
+    Re-publishing an existing step replaces it. Values may be numpy or (sharded) jax arrays;
+    with sharded arrays every process of a multi-host run calls this (each saves its shards).
     """
     import jax
     import orbax.checkpoint as ocp
