@@ -10,10 +10,12 @@ O(B·Rc·V), independent of R.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxsd import losses
 
@@ -22,6 +24,16 @@ __all__ = ["HEAD_KEYS", "chunked_head", "head_on_logits"]
 # Per-token outputs: always "logp" and "entropy"; with a teacher also "teacher_logp",
 # "teacher_entropy", and on request "divergence" (METHODS §2) and "ssopd_kl" (§6).
 HEAD_KEYS = ("logp", "entropy", "teacher_logp", "teacher_entropy", "divergence", "ssopd_kl")
+
+
+# Small per-token values the backward pass keeps instead of recomputing: the student's top-k
+# indices and every teacher statistic. The recomputed chunk then needs neither the teacher's
+# matmul nor the top-k search (unless SSOPD needs the teacher's full distribution).
+_SAVED = "jaxsd_head_saved"
+
+
+def _saved(x: jax.Array) -> jax.Array:
+    return checkpoint_name(x, _SAVED)
 
 
 def _token_logp_and_entropy(
@@ -56,7 +68,7 @@ def head_on_logits(
         return out
     teacher_logits = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
     t_logp_V, t_tok, t_ent = _token_logp_and_entropy(teacher_logits, tokens)
-    out["teacher_logp"], out["teacher_entropy"] = t_tok, t_ent
+    out["teacher_logp"], out["teacher_entropy"] = _saved(t_tok), _saved(t_ent)
     if divergence:
         if top_k is None:
             out["divergence"] = losses.generalized_jsd_from_logprobs(
@@ -64,8 +76,9 @@ def head_on_logits(
             )
         else:
             _, idx_K = jax.lax.top_k(jax.lax.stop_gradient(student_logits), top_k)
+            idx_K = _saved(idx_K)
             s_topk, s_tail = losses.topk_logprobs_and_tail(student_logits, idx_K)
-            t_topk, t_tail = losses.topk_logprobs_and_tail(teacher_logits, idx_K)
+            t_topk, t_tail = map(_saved, losses.topk_logprobs_and_tail(teacher_logits, idx_K))
             out["divergence"] = losses.topk_divergence_from_logprobs(
                 s_topk, s_tail, t_topk, t_tail, alpha=alpha, add_tail=add_tail
             )
@@ -125,7 +138,7 @@ def chunked_head(
         xs["t"] = to_chunks(jax.lax.stop_gradient(teacher_h_BxRxH))
         teacher_w_HxV = jax.lax.stop_gradient(teacher_w_HxV)
 
-    @jax.checkpoint
+    @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.save_only_these_names(_SAVED))
     def one_chunk(x: dict[str, jax.Array]) -> dict[str, jax.Array]:
         t_logits = _logits(x["t"], teacher_w_HxV) if has_teacher else None
         return head_on_logits(

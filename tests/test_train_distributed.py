@@ -1,0 +1,261 @@
+"""The sharded step equals the single-device step: 8 simulated CPU devices, and 2 processes x 4
+devices joined by jax.distributed (gloo) on 127.0.0.1, each process fed only its own rows.
+
+The device count is fixed when JAX starts, so the runs happen in subprocesses (this file is
+also their entry point); the pytest process itself never sets XLA_FLAGS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+HERE = pathlib.Path(__file__).resolve()
+MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2))
+STEPS = 3
+
+
+# ---------------------------------------------------------------- subprocess side
+
+
+def _setup():
+    import jax.numpy as jnp  # noqa: F401  (jax must import after XLA_FLAGS is set)
+
+    from jaxsd.models import ModelConfig
+    from jaxsd.train.batch import TrainSample
+    from jaxsd.train.optimizer import make_optimizer
+    from jaxsd.train.step import StepConfig
+
+    cfg = ModelConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+    )
+    rng = np.random.default_rng(11)
+    samples = []
+    for _ in range(8):
+        r = int(rng.integers(3, 12))
+        samples.append(
+            TrainSample(
+                prompt_ids=rng.integers(1, 128, int(rng.integers(2, 6))).tolist(),
+                response_ids=rng.integers(1, 128, r).tolist(),
+                old_logp=(-4.8 + 0.3 * rng.normal(size=r)).astype(np.float32),
+                teacher_prompt_ids=rng.integers(1, 128, int(rng.integers(4, 9))).tolist(),
+                advantage=float(rng.normal()),
+                pg_weight=1.0,
+                sd_weight=float(rng.uniform(0.5, 1.5)),
+            )
+        )
+    step_cfg = StepConfig(use_surrogate=True, top_k=16, chunk_size=16, teacher_mode="fixed")
+    # lr 1e-4: Adam turns 1-ulp gradient differences of near-zero entries into lr-sized
+    # steps, so the sharded-vs-single tolerance (1e-5 absolute) scales with lr.
+    return cfg, samples, make_optimizer(1e-4), step_cfg
+
+
+def _flat(tree) -> dict[str, np.ndarray]:
+    import jax
+
+    return {
+        jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
+def _run(step, state, batch):
+    """3 steps; also how far the teacher moved from its own initial value."""
+    import jax
+
+    teacher0 = _flat(jax.device_get(state.teacher))
+    for _ in range(STEPS):
+        state, metrics = step(state, batch)
+    state = jax.device_get(state)
+    return state, jax.device_get(metrics), _max_diff(_flat(state.teacher), teacher0)
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+
+
+def worker_single(out: pathlib.Path) -> None:
+    """Baseline on one device, then each mesh over 8 devices; writes diffs and params."""
+    import dataclasses
+
+    import jax
+    from flax import nnx
+
+    from jaxsd.models import Transformer
+    from jaxsd.train.batch import batch_shardings, build_batch, global_batch
+    from jaxsd.train.mesh import make_mesh
+    from jaxsd.train.state import create_train_state, train_state_from_model
+    from jaxsd.train.step import make_train_step
+
+    assert jax.device_count() == 8, jax.devices()
+    cfg, samples, tx, step_cfg = _setup()
+    batch_np = build_batch(samples, pad_id=0, length_buckets=(16, 32))
+    graphdef, state, _ = train_state_from_model(
+        Transformer(cfg, rngs=nnx.Rngs(0)), tx, teacher_mode="fixed"
+    )
+    init = _flat(jax.device_get(state.params))
+    base, base_metrics, moved = _run(make_train_step(graphdef, tx, step_cfg), state, batch_np)
+    base_params = _flat(base.params)
+    report = {"moved": _max_diff(base_params, init), "teacher_moved": {"single": moved}}
+    for shape in MESHES:
+        mesh = make_mesh(shape)
+        cfg_m = step_cfg
+        if shape == (2, 2, 2):
+            # sharded random init + gradient accumulation over 2 micro-batches
+            graphdef, state, sh = create_train_state(
+                lambda r: Transformer(cfg, rngs=r), tx, mesh=mesh, seed=0, teacher_mode="fixed"
+            )
+            report["sharded_init_diff"] = _max_diff(_flat(jax.device_get(state.params)), init)
+            cfg_m = dataclasses.replace(step_cfg, micro_batches=2)
+        else:
+            graphdef, state, sh = train_state_from_model(
+                Transformer(cfg, rngs=nnx.Rngs(0)), tx, mesh=mesh, teacher_mode="fixed"
+            )
+        specs = {str(x.sharding.spec) for x in jax.tree.leaves(state.params)}
+        step = make_train_step(
+            graphdef, tx, cfg_m, state_shardings=sh, batch_shardings=batch_shardings(mesh)
+        )
+        final, metrics, moved = _run(step, state, global_batch(batch_np, batch_shardings(mesh)))
+        name = "x".join(map(str, shape))
+        report[name] = {
+            "params_diff": _max_diff(_flat(final.params), base_params),
+            "loss_diff": abs(float(metrics["loss"][0]) - float(base_metrics["loss"][0])),
+            "n_specs": len(specs),
+        }
+        report["teacher_moved"][name] = moved
+        if shape == (2, 2, 2):
+            np.savez(out / "single_2x2x2.npz", **_flat(final.params))
+    (out / "single.json").write_text(json.dumps(report))
+
+
+def worker_multi(port: int, process_id: int, out: pathlib.Path) -> None:
+    """One of 2 processes x 4 devices; builds only its own 4 rows of the batch."""
+    import dataclasses
+
+    from jaxsd.train.mesh import initialize_distributed
+
+    initialize_distributed(f"127.0.0.1:{port}", 2, process_id, cpu_collectives="gloo")
+    import jax
+    from jax.experimental import multihost_utils
+
+    from jaxsd.models import Transformer
+    from jaxsd.train.batch import batch_shardings, build_batch, global_batch, global_batch_lengths
+    from jaxsd.train.mesh import make_mesh
+    from jaxsd.train.state import create_train_state
+    from jaxsd.train.step import make_train_step
+
+    assert (jax.process_count(), jax.local_device_count(), jax.device_count()) == (2, 4, 8)
+    cfg, samples, tx, step_cfg = _setup()
+    local = samples[4 * process_id : 4 * process_id + 4]
+    mesh = make_mesh((2, 2, 2))
+    graphdef, state, sh = create_train_state(
+        lambda r: Transformer(cfg, rngs=r), tx, mesh=mesh, seed=0, teacher_mode="fixed"
+    )
+    local_np = build_batch(
+        local, pad_id=0, length_buckets=(16, 32), lengths=global_batch_lengths(local)
+    )
+    batch = global_batch(local_np, batch_shardings(mesh))
+    step = make_train_step(
+        graphdef,
+        tx,
+        dataclasses.replace(step_cfg, micro_batches=2),
+        state_shardings=sh,
+        batch_shardings=batch_shardings(mesh),
+    )
+    for _ in range(STEPS):
+        state, _ = step(state, batch)
+    params = multihost_utils.process_allgather(state.params, tiled=True)
+    if process_id == 0:
+        np.savez(out / "multi.npz", **_flat(params))
+    multihost_utils.sync_global_devices("done")
+
+
+# ---------------------------------------------------------------- pytest side
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(args: list[str], devices: int) -> subprocess.Popen:
+    env = dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+    )
+    return subprocess.Popen(
+        [sys.executable, str(HERE), *args],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """All three processes at once (the 2-core CI runs them side by side)."""
+    out = tmp_path_factory.mktemp("distributed")
+    port = str(_free_port())
+    procs = {
+        "single": _spawn(["single", str(out)], 8),
+        "multi0": _spawn(["multi", port, "0", str(out)], 4),
+        "multi1": _spawn(["multi", port, "1", str(out)], 4),
+    }
+    logs = {}
+    for name, p in procs.items():
+        try:
+            logs[name], _ = p.communicate(timeout=900)
+        except subprocess.TimeoutExpired:
+            for q in procs.values():
+                q.kill()
+            raise
+        assert p.returncode == 0, f"{name} failed:\n{logs[name][-4000:]}"
+    return json.loads((out / "single.json").read_text()), out
+
+
+def test_meshes_equal_single_device_after_three_steps(runs):
+    report, _ = runs
+    assert report["moved"] > 1e-4  # the steps changed the params
+    for shape in MESHES:
+        r = report["x".join(map(str, shape))]
+        assert r["params_diff"] <= 1e-5, (shape, r)
+        assert r["loss_diff"] <= 1e-5, (shape, r)
+        assert r["n_specs"] > 1  # params really are sharded in different ways
+    assert report["sharded_init_diff"] <= 1e-7  # jit(out_shardings) init == eager init
+
+
+def test_fixed_teacher_never_changes(runs):
+    report, _ = runs
+    assert report["teacher_moved"] == {k: 0.0 for k in report["teacher_moved"]}
+    assert len(report["teacher_moved"]) == 1 + len(MESHES)
+
+
+def test_two_processes_equal_single_process(runs):
+    _, out = runs
+    single, multi = np.load(out / "single_2x2x2.npz"), np.load(out / "multi.npz")
+    assert sorted(single.files) == sorted(multi.files) and single.files
+    for k in single.files:
+        np.testing.assert_allclose(multi[k], single[k], atol=1e-5, rtol=0, err_msg=k)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "single":
+        worker_single(pathlib.Path(sys.argv[2]))
+    else:
+        worker_multi(int(sys.argv[2]), int(sys.argv[3]), pathlib.Path(sys.argv[4]))

@@ -1,0 +1,371 @@
+"""The jitted train step on one device: chunked head vs. a full-logit reference, a pulse,
+one compile per length bucket, EMA teacher closed form, optimizer and mesh helpers."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxsd import losses
+from jaxsd.models import ModelConfig, Transformer
+from jaxsd.train.batch import TrainSample, build_batch
+from jaxsd.train.head import HEAD_KEYS, chunked_head
+from jaxsd.train.mesh import resolve_mesh_shape
+from jaxsd.train.optimizer import make_optimizer, make_schedule
+from jaxsd.train.state import create_train_state
+from jaxsd.train.step import StepConfig, make_loss_fn, make_train_step
+
+CFG = ModelConfig(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+)
+BUCKETS = (16, 32)
+
+
+def _samples(seed: int, n: int = 4, resp_len=(4, 12)) -> list[TrainSample]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        r = int(rng.integers(*resp_len))
+        out.append(
+            TrainSample(
+                prompt_ids=rng.integers(1, 128, int(rng.integers(2, 6))).tolist(),
+                response_ids=rng.integers(1, 128, r).tolist(),
+                old_logp=(-5.0 + rng.normal(size=r)).astype(np.float32),
+                # one rollout without a teacher row (sd_mask 0)
+                teacher_prompt_ids=None if i == 1 else rng.integers(1, 128, 8).tolist(),
+                advantage=float(rng.normal()),
+                pg_weight=float([1.0, 0.0, 0.5, 1.0][i % 4]),
+                sd_weight=float(rng.uniform(0.5, 1.5)),
+                ssopd_weight=float([0.0, 0.0, 1.0, 0.7][i % 4]),
+                ssopd_len=int(rng.integers(1, r + 1)),
+                rhythm_beta=float(i % 2),
+            )
+        )
+    return out
+
+
+def _reference_loss(graphdef, params, frozen, teacher, b, cfg: StepConfig):
+    """METHODS §2–§7 on materialised [B, R, V] logits, calling jaxsd.losses directly."""
+
+    def logits_at(p, tokens, mask, positions, index):
+        full_BxTxV = nnx.merge(graphdef, p, frozen)(tokens, mask, positions)
+        return jnp.take_along_axis(full_BxTxV, index[..., None], axis=1)
+
+    s_BxRxV = logits_at(
+        params, b.student_tokens, b.student_mask, b.student_positions, b.student_index
+    )
+    t_BxRxV = logits_at(
+        jax.lax.stop_gradient(teacher),
+        b.teacher_tokens,
+        b.teacher_mask,
+        b.teacher_positions,
+        b.teacher_index,
+    )
+    ref_BxRxV = logits_at(
+        jax.lax.stop_gradient(teacher),
+        b.student_tokens,
+        b.student_mask,
+        b.student_positions,
+        b.student_index,
+    )
+
+    def token_logp(x):
+        logp = jax.nn.log_softmax(x, axis=-1)
+        return jnp.take_along_axis(logp, b.response_tokens[..., None], axis=-1)[..., 0]
+
+    logp, t_logp = token_logp(s_BxRxV), token_logp(t_BxRxV)
+    ent, t_ent = losses.entropy_from_logits(s_BxRxV), losses.entropy_from_logits(t_BxRxV)
+    rm, mode = b.response_mask, cfg.loss_agg_mode
+    total = 0.0
+    if cfg.use_distillation:
+        d = losses.distillation_divergence(
+            s_BxRxV, t_BxRxV, top_k=cfg.top_k, alpha=cfg.alpha, add_tail=cfg.add_tail
+        )
+        w = losses.importance_weight(logp, b.old_logp, is_clip=cfg.is_clip)
+        total += losses.aggregate(d * w * b.sd_weight[:, None], rm * b.sd_mask[:, None], mode=mode)
+    if cfg.use_surrogate:
+        pg = losses.clipped_surrogate(logp, b.old_logp, b.advantage[:, None])
+        if cfg.use_rhythm:
+            pg = pg * losses.rhythm_gate(logp, t_logp, ent, t_ent, rm, b.rhythm_beta)
+        total += losses.aggregate(
+            pg * b.pg_weight[:, None], rm * (b.pg_weight != 0)[:, None], mode=mode
+        )
+    if cfg.use_ssopd:
+        kl = losses.clipped_forward_kl(s_BxRxV, t_BxRxV, clip=cfg.ssopd_clip)
+        total += losses.aggregate(
+            kl * b.ssopd_weight[:, None],
+            b.ssopd_mask * (b.ssopd_weight != 0)[:, None],
+            mode="seq-mean-token-mean",
+        )
+    if cfg.kl_coef:
+        total += cfg.kl_coef * losses.aggregate(
+            losses.kl_penalty(logp, token_logp(ref_BxRxV), kind=cfg.kl_kind), rm, mode=mode
+        )
+    if cfg.entropy_coef:
+        total -= cfg.entropy_coef * losses.aggregate(ent, rm, mode=mode)
+    return total
+
+
+def _perturbed(tree, seed: int, scale: float = 0.05):
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(
+        treedef,
+        [
+            x + scale * jax.random.normal(k, x.shape, x.dtype)
+            for x, k in zip(leaves, keys, strict=True)
+        ],
+    )
+
+
+ALL_TERMS = StepConfig(
+    use_distillation=True,
+    use_surrogate=True,
+    use_ssopd=True,
+    use_rhythm=True,
+    top_k=16,
+    alpha=0.5,
+    add_tail=True,
+    chunk_size=6,
+    kl_coef=0.05,
+    entropy_coef=0.01,
+    teacher_mode="fixed",
+)
+
+
+def test_chunked_loss_and_grads_equal_full_logit_reference():
+    cfg = ALL_TERMS
+    tx = make_optimizer(1e-3)
+    graphdef, state, _ = create_train_state(
+        lambda r: Transformer(CFG, rngs=r), tx, teacher_mode=cfg.teacher_mode
+    )
+    # A teacher that differs from the student, as after some training.
+    teacher = _perturbed(state.teacher, seed=1)
+    batch = jax.tree.map(jnp.asarray, build_batch(_samples(0), pad_id=0, length_buckets=BUCKETS))
+    loss_fn = make_loss_fn(graphdef, cfg)
+    chunked = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, state.frozen, teacher, batch)[0]))
+    ref = jax.jit(
+        jax.value_and_grad(
+            lambda p: _reference_loss(graphdef, p, state.frozen, teacher, batch, cfg)
+        )
+    )
+    loss, grads = chunked(state.params)
+    ref_loss, ref_grads = ref(state.params)
+    assert abs(float(ref_loss)) > 1e-3  # a loss with content, not an all-masked zero
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(grads, ref_grads, atol=1e-5, rtol=1e-5)
+    assert float(_global_norm(ref_grads)) > 1e-4
+
+
+def _global_norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(tree)))
+
+
+@pytest.mark.parametrize(
+    "top_k,alpha,add_tail,chunk",
+    [(16, 0.5, True, 5), (16, 1.0, False, 7), (16, 0.0, True, 64), (None, 0.3, True, 3)],
+)
+def test_chunked_head_equals_full_logits(top_k, alpha, add_tail, chunk):
+    """Head outputs and their gradients vs. losses.* on materialised [B, R, V] logits."""
+    b, r, h, v = 3, 10, 16, 128
+    ks = jax.random.split(jax.random.key(7), 5)
+    s_h, t_h = jax.random.normal(ks[0], (b, r, h)), jax.random.normal(ks[1], (b, r, h))
+    s_w, t_w = jax.random.normal(ks[2], (h, v)), jax.random.normal(ks[3], (h, v))
+    tok = jax.random.randint(ks[4], (b, r), 0, v)
+    weights = {k: float(i + 1) for i, k in enumerate(HEAD_KEYS)}
+
+    def chunked(s_h, s_w):
+        out = chunked_head(
+            s_h,
+            s_w,
+            tok,
+            t_h,
+            t_w,
+            chunk_size=chunk,
+            top_k=top_k,
+            alpha=alpha,
+            add_tail=add_tail,
+            ssopd_clip=0.5,
+        )
+        return sum(weights[k] * jnp.sum(x) for k, x in out.items()), out
+
+    def full(s_h, s_w):
+        s_logits, t_logits = s_h @ s_w, t_h @ t_w
+        s_logp = jnp.take_along_axis(jax.nn.log_softmax(s_logits), tok[..., None], -1)[..., 0]
+        t_logp = jnp.take_along_axis(jax.nn.log_softmax(t_logits), tok[..., None], -1)[..., 0]
+        out = {
+            "logp": s_logp,
+            "entropy": losses.entropy_from_logits(s_logits),
+            "teacher_logp": t_logp,
+            "teacher_entropy": losses.entropy_from_logits(t_logits),
+            "divergence": losses.distillation_divergence(
+                s_logits, t_logits, top_k=top_k, alpha=alpha, add_tail=add_tail
+            ),
+            "ssopd_kl": losses.clipped_forward_kl(s_logits, t_logits, clip=0.5),
+        }
+        return sum(weights[k] * jnp.sum(x) for k, x in out.items()), out
+
+    (val, out), grads = jax.jit(jax.value_and_grad(chunked, (0, 1), has_aux=True))(s_h, s_w)
+    (ref_val, ref_out), ref_grads = jax.jit(jax.value_and_grad(full, (0, 1), has_aux=True))(
+        s_h, s_w
+    )
+    assert set(out) == set(HEAD_KEYS)
+    chex.assert_shape(list(out.values()), (b, r))
+    chex.assert_trees_all_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(float(val), float(ref_val), rtol=1e-5)
+    chex.assert_trees_all_close(grads, ref_grads, atol=1e-4, rtol=1e-5)
+
+
+PULSE_STEPS = 30
+EMA_RATE = 0.05
+
+
+@pytest.fixture(scope="module")
+def pulse_run():
+    """SDPO on one fixed batch for 30 steps; params, teacher, losses, compile counts."""
+    tx = make_optimizer(1e-2, clip_norm=1.0)
+    cfg = StepConfig(top_k=16, chunk_size=16, teacher_mode="ema", ema_rate=EMA_RATE)
+    graphdef, state, _ = create_train_state(lambda r: Transformer(CFG, rngs=r), tx, seed=3)
+    samples = _samples(5)
+    model = nnx.merge(graphdef, state.params, state.frozen)
+    # On-policy old log-probs (ratio 1 at step 0), from the full forward of the initial model.
+    on_policy = []
+    for s in samples:
+        ids = jnp.asarray([list(s.prompt_ids) + list(s.response_ids)])
+        logp = jax.nn.log_softmax(model(ids)[0], axis=-1)
+        pos = len(s.prompt_ids) - 1 + np.arange(len(s.response_ids))
+        on_policy.append(
+            dataclasses.replace(
+                s, old_logp=np.asarray(logp[pos, np.asarray(s.response_ids)]), sd_weight=1.0
+            )
+        )
+    batch = build_batch(on_policy, pad_id=0, length_buckets=BUCKETS)
+    step = make_train_step(graphdef, tx, cfg)
+
+    compiles = []
+    listener = lambda event, duration, **kw: compiles.append(event)  # noqa: E731
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        params = [jax.device_get(state.params)]
+        teachers = [jax.device_get(state.teacher)]
+        metrics = []
+        for _ in range(PULSE_STEPS):
+            state, m = step(state, batch)
+            params.append(jax.device_get(state.params))
+            teachers.append(jax.device_get(state.teacher))
+            metrics.append(jax.device_get(m))
+        n_one_bucket = compiles.count("/jax/core/compile/backend_compile_duration")
+        # A longer batch lands in the next bucket: exactly one more compile, then none.
+        long_batch = build_batch(_samples(6, resp_len=(14, 20)), pad_id=0, length_buckets=BUCKETS)
+        assert long_batch.student_tokens.shape[1] == 32
+        for _ in range(2):
+            state, _ = step(state, long_batch)
+        jax.block_until_ready(state)
+        n_two_buckets = compiles.count("/jax/core/compile/backend_compile_duration")
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    return dict(
+        params=params,
+        teachers=teachers,
+        metrics=metrics,
+        n_one_bucket=n_one_bucket,
+        n_two_buckets=n_two_buckets,
+    )
+
+
+def _mean(m, key):
+    s, c = m[key]
+    return float(s) / float(c)
+
+
+def test_pulse_loss_falls_on_a_fixed_batch(pulse_run):
+    ms = pulse_run["metrics"]
+    first, last = ms[0], ms[-1]
+    # The student closes most of the gap to its (slowly following) teacher; a sign error in
+    # the divergence or its gradient would make it grow instead.
+    assert _mean(last, "loss") < 0.2 * _mean(first, "loss")
+    assert _mean(last, "distill/divergence") < 0.2 * _mean(first, "distill/divergence")
+    assert all(np.isfinite(_mean(m, "loss")) for m in ms)
+    # on-policy old log-probs: the first step's IS weights are exactly 1
+    np.testing.assert_allclose(_mean(first, "distill/is_weight"), 1.0, atol=1e-4)
+
+
+def test_step_compiles_once_per_length_bucket(pulse_run):
+    assert pulse_run["n_one_bucket"] == 1
+    assert pulse_run["n_two_buckets"] == 2
+
+
+def test_ema_teacher_equals_closed_form(pulse_run):
+    """theta_T^n = (1-l)^n theta_0 + sum_i l (1-l)^(n-i) theta_i, METHODS §1."""
+    params, teachers = pulse_run["params"], pulse_run["teachers"]
+    lam, n = EMA_RATE, PULSE_STEPS
+    flat = [
+        np.concatenate([np.ravel(x).astype(np.float64) for x in jax.tree.leaves(p)]) for p in params
+    ]
+    closed = (1 - lam) ** n * flat[0]
+    for i in range(1, n + 1):
+        closed = closed + lam * (1 - lam) ** (n - i) * flat[i]
+    got = np.concatenate([np.ravel(x) for x in jax.tree.leaves(teachers[n])])
+    np.testing.assert_allclose(got, closed, atol=1e-6, rtol=1e-5)
+    assert np.max(np.abs(flat[n] - flat[0])) > 1e-3  # the student did move
+
+
+def test_schedule_warmup_then_constant_and_cosine():
+    lr, w, total = 1e-3, 10, 110
+    const = make_schedule(lr, warmup_steps=w)
+    cos = make_schedule(lr, warmup_steps=w, kind="cosine", total_steps=total)
+    for s in (0, 3, 10, 50, 200):
+        warm = lr * min(s, w) / w
+        np.testing.assert_allclose(float(const(s)), warm if s < w else lr, rtol=1e-6)
+        frac = min(max(s - w, 0), total - w) / (total - w)
+        want = warm if s < w else lr * 0.5 * (1 + np.cos(np.pi * frac))
+        np.testing.assert_allclose(float(cos(s)), want, rtol=1e-5, atol=1e-12)
+    with pytest.raises(ValueError, match="total_steps"):
+        make_schedule(lr, kind="cosine")
+
+
+def test_optimizer_is_clipped_adamw():
+    """One update = AdamW (wd 0.01) on the gradient rescaled to global norm 1."""
+    lr, wd, eps = 1e-2, 0.01, 1e-8
+    tx = make_optimizer(lr, weight_decay=wd, eps=eps, clip_norm=1.0)
+    p = {"a": jnp.asarray([1.0, -2.0]), "b": jnp.asarray([[0.5]])}
+    g = {"a": jnp.asarray([3.0, 4.0]), "b": jnp.asarray([[12.0]])}  # global norm 13
+    updates, _ = tx.update(g, tx.init(p), p)
+    for k in p:
+        gc = np.asarray(g[k]) / 13.0
+        m_hat, v_hat = gc, gc**2  # bias-corrected first moments at step 1
+        want = -lr * (m_hat / (np.sqrt(v_hat) + eps) + wd * np.asarray(p[k]))
+        np.testing.assert_allclose(np.asarray(updates[k]), want, rtol=1e-5)
+
+
+def test_mesh_shape_fill_and_errors():
+    assert resolve_mesh_shape((-1, 1, 1), 8) == (8, 1, 1)
+    assert resolve_mesh_shape((2, -1, 2), 8) == (2, 2, 2)
+    assert resolve_mesh_shape((2, 4, 1), 8) == (2, 4, 1)
+    with pytest.raises(ValueError, match="at most one -1"):
+        resolve_mesh_shape((-1, -1, 1), 8)
+    with pytest.raises(ValueError, match="cannot fill"):
+        resolve_mesh_shape((3, -1, 1), 8)
+    with pytest.raises(ValueError, match="uses 4 devices"):
+        resolve_mesh_shape((2, 2, 1), 8)
+
+
+def test_step_config_rejects_inconsistent_switches():
+    with pytest.raises(ValueError, match="use_surrogate"):
+        StepConfig(use_rhythm=True)
+    with pytest.raises(ValueError, match="reference"):
+        StepConfig(kl_coef=0.1, teacher_mode="none")
+    with pytest.raises(ValueError, match="loss_agg_mode"):
+        StepConfig(loss_agg_mode="mean")
