@@ -1,0 +1,298 @@
+"""Make the shipped tiny base model (assets/tiny_base): random Qwen3 -> SFT -> measure -> save.
+
+SFT data come from the offline synthetic task's TRAIN split, in three formats:
+  plain      the task's chat prompt -> the correct response;
+  solution   SDPO's teacher reprompt with a correct sibling under "Correct solution:" ->
+             the correct response (so the self-teacher can use a sibling, as a real LLM can);
+  feedback   SDPO's reprompt with the verifier's feedback on a wrong answer -> the response.
+Training stops at the first check where the student's validation pass rate (sampled at
+temperature 1, on train-split records held out from SFT) reaches `--target`, so RL starts
+in the sweet spot instead of at saturation. Then the held-out TEST split is measured:
+mean@k of the student and of the self-teacher given a correct sibling.
+
+Usage: .venv/bin/python scripts/make_base_model.py [--out assets/tiny_base] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import random
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxsd.models import from_pretrained, save_pretrained
+from jaxsd.models.sampler import generate
+from jaxsd.models.tiny import ENDOFTEXT, IM_END, make_tiny_model
+from jaxsd.tasks import build_reprompt, chat_token_ids, get_task
+from jaxsd.train.sft import SFTConfig, encode_example, train_sft
+
+SHAPE = dict(
+    vocab_size=1024,
+    hidden_size=128,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=32,
+    intermediate_size=384,
+)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", default="assets/tiny_base", help="output HF folder")
+    p.add_argument("--seed", type=int, default=0, help="model init, SFT order, sampling")
+    p.add_argument("--task", default="arithmetic", choices=("arithmetic", "tool_call"))
+    p.add_argument("--digits", type=int, default=2, help="arithmetic operand digits")
+    p.add_argument("--n_tools", type=int, default=2, help="tool_call tools per prompt")
+    p.add_argument("--task_seed", type=int, default=0, help="the task's split seed")
+    p.add_argument("--sft_size", type=int, default=4000, help="train records used by SFT")
+    p.add_argument("--val_size", type=int, default=64, help="train records held out for stop")
+    p.add_argument("--test_size", type=int, default=32, help="test records measured (RL eval)")
+    p.add_argument("--max_steps", type=int, default=1000)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--check_every", type=int, default=25)
+    p.add_argument("--target", type=float, default=0.3, help="stop at this val pass rate")
+    p.add_argument("--mix", default="0.5,0.35,0.15", help="plain,solution,feedback fractions")
+    p.add_argument("--eval_n", type=int, default=8, help="k of the reported mean@k")
+    p.add_argument("--max_new_tokens", type=int, default=16)
+    return p.parse_args(argv)
+
+
+def task_kwargs(args: argparse.Namespace, train_size: int) -> dict[str, Any]:
+    extra = {"digits": args.digits} if args.task == "arithmetic" else {"n_tools": args.n_tools}
+    return dict(seed=args.task_seed, train_size=train_size, test_size=args.test_size, **extra)
+
+
+def reference_response(task_name: str, record: dict[str, Any]) -> str:
+    """The short correct response in the format the task's verifier expects."""
+    if task_name == "arithmetic":
+        return f"<answer>{record['answer']}</answer>"
+    (call,) = json.loads(record["answer"])
+    return f"Action: {call['Action']}\nAction Input: {call['Action_Input']}"
+
+
+def wrong_response(task_name: str, record: dict[str, Any], rng: random.Random) -> str:
+    """A plausible wrong response (off-by-a-little answer / wrong argument) for feedback."""
+    if task_name == "arithmetic":
+        value = int(record["answer"]) + rng.choice((-10, -2, -1, 1, 2, 10))
+        return f"<answer>{value}</answer>"
+    (call,) = json.loads(record["answer"])
+    args = json.loads(call["Action_Input"])
+    key = rng.choice(sorted(args))
+    args[key] = 0 if isinstance(args[key], str) else "x"
+    return f"Action: {call['Action']}\nAction Input: {json.dumps(args)}"
+
+
+def sft_messages(task, record, kind: str, rng: random.Random) -> list[dict[str, str]]:
+    """Student prompt, or SDPO teacher reprompt with a correct sibling / with feedback."""
+    messages = task.messages(record)
+    if kind == "plain":
+        return messages
+    if kind == "solution":
+        solution = reference_response(task.name, record)
+        return build_reprompt(messages, solution=solution, feedback=None).messages
+    wrong = wrong_response(task.name, record, rng)
+    verdict = task.verify(wrong, record)
+    assert verdict.reward == 0.0 and verdict.feedback, (wrong, record)
+    return build_reprompt(messages, solution=None, feedback=verdict.feedback).messages
+
+
+def build_examples(task, records, tokenizer, mix: list[float], seed: int) -> list:
+    """One example per record, its format drawn with probabilities `mix`."""
+    rng = random.Random(seed)
+    kinds = rng.choices(("plain", "solution", "feedback"), weights=mix, k=len(records))
+    return [
+        encode_example(
+            tokenizer,
+            sft_messages(task, r, kind, rng),
+            reference_response(task.name, r),
+            max_len=256,
+        )
+        for r, kind in zip(records, kinds, strict=True)
+    ]
+
+
+def correctness(model, tokenizer, task, records, prompts, *, n, temperature, top_p, seed, m):
+    """[P, n] 0/1 rewards of n sampled responses per prompt (embedded JAX sampler)."""
+    stop_ids = tokenizer.convert_tokens_to_ids([IM_END, ENDOFTEXT])
+    rows = []
+    for start in range(0, len(prompts), 32):
+        ids = [chat_token_ids(tokenizer, p) for p in prompts[start : start + 32]]
+        out = generate(
+            model,
+            ids,
+            n=n,
+            max_new_tokens=m,
+            temperature=temperature,
+            top_p=top_p,
+            stop_token_ids=stop_ids,
+            seed=seed + start,
+        )
+        texts = tokenizer.batch_decode(out.token_ids, skip_special_tokens=True)
+        for i, k in zip(out.prompt_index, range(len(texts)), strict=True):
+            rows.append(task.verify(texts[k], records[start + i]).reward)
+    return np.asarray(rows, np.float64).reshape(len(prompts), n)
+
+
+def measure(model, tokenizer, task, records, *, n, seed, m) -> dict[str, float]:
+    """Student and self-teacher(correct sibling) mean@n at T=1.0 and T=0.6/top-p 0.95."""
+    student = [task.messages(r) for r in records]
+    teacher = [
+        build_reprompt(
+            task.messages(r), solution=reference_response(task.name, r), feedback=None
+        ).messages
+        for r in records
+    ]
+    out = {}
+    for tag, temperature, top_p in (("t1", 1.0, 1.0), ("t06", 0.6, 0.95)):
+        for who, prompts in (("student", student), ("teacher", teacher)):
+            c = correctness(
+                model, tokenizer, task, records, prompts,
+                n=n, temperature=temperature, top_p=top_p, seed=seed, m=m,
+            )  # fmt: skip
+            out[f"{who}_mean@{n}_{tag}"] = round(float(c.mean()), 4)
+            if who == "student":
+                out[f"student_frac_mixed_{tag}"] = round(float(np.mean(np.ptp(c, axis=1) > 0)), 4)
+    greedy = correctness(
+        model, tokenizer, task, records, student, n=1, temperature=0.0, top_p=1.0, seed=seed, m=m
+    )
+    out["student_greedy"] = round(float(greedy.mean()), 4)
+    return out
+
+
+def readme(argv: list[str], result: dict[str, Any], history: list[dict[str, Any]]) -> str:
+    """assets/tiny_base/README.md: how the folder was made and what it measured."""
+    cmd = " ".join([".venv/bin/python scripts/make_base_model.py", *argv])
+    n = result["eval_n"]
+    stop = (
+        f"the first check where the student's sampled (T=1) pass rate on held-out train "
+        f"records reached the target {result['target']}"
+        if result["reached_target"]
+        else f"the step cap, WITHOUT reaching the target pass rate {result['target']}"
+    )
+    rows = "\n".join(
+        f"| {who} | {result[f'{who}_mean@{n}_t1']:.3f} | {result[f'{who}_mean@{n}_t06']:.3f} |"
+        for who in ("student", "teacher")
+    )
+    curve = "\n".join(
+        f"| {h['step']} | {h['nll']:.3f} | {h['val_mean@4_t1']:.3f} |" for h in history
+    )
+    return f"""# tiny_base: the shipped tiny Qwen3 base model
+
+A {result["num_params"]:,}-parameter Qwen3 (`{json.dumps(SHAPE)}`), random init from
+`jaxsd.models.tiny.make_tiny_model` (seed {result["seed"]}), then SFT with
+`jaxsd.train.sft` on the `{result["task"]}` task's train split
+(`{json.dumps(result["task_kwargs"])}`) in three formats: the student prompt, SDPO's
+teacher reprompt with a correct sibling under "Correct solution:", and SDPO's reprompt with
+the verifier's feedback on a wrong answer (mix {result["mix"]}). Training ran
+{result["sft_steps"]} steps: {stop}. Deterministic given the seed.
+
+Reproduce (wrote this folder in {result["wall_s"]:.0f} s on a shared 2-core CPU):
+
+    {cmd}
+
+Held-out test split ({result["test_size"]} questions), mean@{n}; the teacher is the same model
+reading SDPO's reprompt with a correct sibling solution:
+
+| policy | mean@{n} T=1.0 | mean@{n} T=0.6, top-p 0.95 |
+|---|---|---|
+{rows}
+
+Student greedy accuracy: {result["student_greedy"]:.3f}; fraction of test questions whose
+{n} samples (T=1) are neither all right nor all wrong: {result["student_frac_mixed_t1"]:.3f}.
+
+SFT curve (mean response NLL over the last check window; val pass rate at T=1, n=4):
+
+| step | NLL | val mean@4 |
+|---|---|---|
+{curve}
+"""
+
+
+def main(argv: list[str]) -> dict[str, Any]:
+    args = parse_args(argv)
+    t0 = time.time()
+    mix = [float(x) for x in args.mix.split(",")]
+    train_size = args.sft_size + args.val_size
+    task = get_task(args.task, **task_kwargs(args, train_size))
+    train = task.load("train")
+    sft_records, val_records = train[: args.sft_size], train[args.sft_size :]
+    test_records = task.load("test")
+
+    work = pathlib.Path(tempfile.mkdtemp(prefix="tiny_base_"))
+    make_tiny_model(work, seed=args.seed, **SHAPE)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(work)
+    model, config = from_pretrained(work)
+    examples = build_examples(task, sft_records, tokenizer, mix, args.seed)
+    cfg = SFTConfig(
+        steps=args.max_steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=min(20, args.max_steps // 10),
+        seed=args.seed,
+    )
+    val_student = [task.messages(r) for r in val_records]
+    history = []
+
+    def check(step: int, model, nll: float) -> bool:
+        c = correctness(
+            model, tokenizer, task, val_records, val_student,
+            n=4, temperature=1.0, top_p=1.0, seed=args.seed, m=args.max_new_tokens,
+        )  # fmt: skip
+        history.append({"step": step, "nll": round(nll, 4), "val_mean@4_t1": float(c.mean())})
+        print(json.dumps({**history[-1], "elapsed_s": round(time.time() - t0, 1)}), flush=True)
+        return c.mean() >= args.target
+
+    model, losses = train_sft(
+        model,
+        examples,
+        cfg,
+        pad_id=tokenizer.pad_token_id,
+        callback=check,
+        callback_every=args.check_every,
+    )
+    metrics = measure(
+        model, tokenizer, task, test_records, n=args.eval_n, seed=args.seed, m=args.max_new_tokens
+    )
+    result = {
+        "task": args.task,
+        "task_kwargs": task_kwargs(args, args.sft_size),
+        "seed": args.seed,
+        "sft_steps": len(losses),
+        "final_nll": round(float(np.mean(losses[-args.check_every :])), 4),
+        "num_params": config.num_params(),
+        "mix": args.mix,
+        "reached_target": bool(history) and history[-1]["val_mean@4_t1"] >= args.target,
+        "target": args.target,
+        "test_size": args.test_size,
+        "eval_n": args.eval_n,
+        **metrics,
+        "wall_s": round(time.time() - t0, 1),
+        "jax_backend": jax.default_backend(),
+    }
+    out = pathlib.Path(args.out)
+    if out.exists():
+        shutil.rmtree(out)
+    save_pretrained(model, config, out, tokenizer_dir=work)
+    (out / "make_base_model.json").write_text(
+        json.dumps({"args": vars(args), "result": result, "history": history}, indent=1)
+    )
+    (out / "README.md").write_text(readme(argv, result, history))
+    shutil.rmtree(work)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
