@@ -212,7 +212,7 @@ def main() -> None:
     p.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--chunk", type=int, default=1024, help="tokens per LM-head chunk")
+    p.add_argument("--chunk", type=int, default=256, help="tokens per LM-head chunk")
     p.add_argument("--head", action="store_true", help="chunked vs full-logit head benchmark")
     p.add_argument("--head-variant", choices=("chunked", "full"), help=argparse.SUPPRESS)
     p.add_argument("--time", action="store_true", help=argparse.SUPPRESS)
