@@ -60,7 +60,7 @@ def get_config(arg: str | None = None, *, run_name: str = "sdpo") -> ml_collecti
     c.model.path = ""
     c.model.tiny = ml_collections.ConfigDict(
         dict(vocab_size=1024, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-             head_dim=16, intermediate_size=128, seed=0)
+             head_dim=32, intermediate_size=128, seed=0)
     )  # fmt: skip
     c.model.param_dtype = "float32"
     c.model.compute_dtype = "float32"

@@ -137,10 +137,16 @@ def _make_engine(cfg: Any, model: nnx.Module, model_dir: pathlib.Path):
     from jaxsd.rollout.sync import SyncConfig, WeightSync
     from jaxsd.rollout.vllm_engine import VllmEngine, VllmWorkerConfig
 
-    engine = VllmEngine(
-        VllmWorkerConfig(model_dir=str(model_dir), seed=cfg.seed, max_model_len=_max_len(cfg))
-    )
     weights_dir = pathlib.Path(cfg.run_dir) / "weights"
+    engine = VllmEngine(
+        VllmWorkerConfig(
+            model_dir=str(model_dir),
+            weights_dir=str(weights_dir),
+            seed=cfg.seed,
+            max_model_len=_max_len(cfg),
+            log_dir=str(pathlib.Path(cfg.run_dir) / "logs"),
+        )
+    )
     return engine, WeightSync(engine, SyncConfig(weights_dir=weights_dir))
 
 
