@@ -64,12 +64,20 @@ def task_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+# Where the project's shared data lives when no $JAXSD_DATA_DIR is set: beside the checkout,
+# else the workplace's fixed location (a clone elsewhere, e.g. a CI scratch folder).
+_DEFAULT_DATA_DIRS = (_REPO_ROOT.parent / "shared" / "data", pathlib.Path("/work/shared/data"))
+
+
 def default_data_dir() -> pathlib.Path:
-    """$JAXSD_DATA_DIR, else ../shared/data next to the repository."""
+    """$JAXSD_DATA_DIR, else ../shared/data next to the repository (or /work/shared/data)."""
     env = os.environ.get(DATA_DIR_ENV)
     if env:
         return pathlib.Path(env)
-    return _REPO_ROOT.parent / "shared" / "data"
+    for candidate in _DEFAULT_DATA_DIRS:
+        if candidate.is_dir():
+            return candidate
+    return _DEFAULT_DATA_DIRS[0]
 
 
 def resolve_data_file(data_dir: str | os.PathLike | None, relative: str) -> pathlib.Path:
