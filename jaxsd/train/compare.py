@@ -1,0 +1,100 @@
+"""Several methods x seeds on the same preset and budget, one pass-rate plot (issue "embedded
+default learns"). Each run is an ordinary run folder `<out>/<method>_s<seed>`, so an interrupted
+comparison resumes run by run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxsd.metrics import read_metrics
+from jaxsd.plots import plot_runs
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def load_config(method: str, preset: str = ""):
+    """`configs/<method>.py:get_config(preset)`."""
+    path = REPO_ROOT / "configs" / f"{method}.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"no config {path}; methods are the file names in configs/")
+    spec = importlib.util.spec_from_file_location(f"jaxsd_config_{method}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(preset)
+
+
+def final_eval(run_dir: str | pathlib.Path, metric: str) -> float | None:
+    """The last logged value of `metric` in a run folder (None when never logged)."""
+    values = [r[metric] for r in read_metrics(run_dir) if r.get(metric) is not None]
+    return values[-1] if values else None
+
+
+def first_eval(run_dir: str | pathlib.Path, metric: str) -> float | None:
+    values = [r[metric] for r in read_metrics(run_dir) if r.get(metric) is not None]
+    return values[0] if values else None
+
+
+def compare(
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    out_dir: str | pathlib.Path,
+    *,
+    preset: str = "",
+    overrides: dict[str, Any] | None = None,
+    metric: str = "eval/mean@16",
+) -> dict[str, Any]:
+    """Train every (method, seed); return start/end `metric` per run and mean/std per method."""
+    from jaxsd.train.loop import train
+
+    out_dir = pathlib.Path(out_dir)
+    runs: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        for seed in seeds:
+            cfg = load_config(method, preset)
+            cfg.seed = seed
+            cfg.run_dir = str(out_dir / f"{method}_s{seed}")
+            for key, value in (overrides or {}).items():
+                _set(cfg, key, value)
+            train(cfg)
+            runs[f"{method}_s{seed}"] = {
+                "method": method,
+                "seed": seed,
+                "start": first_eval(cfg.run_dir, metric),
+                "end": final_eval(cfg.run_dir, metric),
+                "run_dir": cfg.run_dir,
+            }
+    summary = {"metric": metric, "runs": runs, "methods": {}}
+    for method in methods:
+        ends = [r["end"] for r in runs.values() if r["method"] == method and r["end"] is not None]
+        starts = [
+            r["start"] for r in runs.values() if r["method"] == method and r["start"] is not None
+        ]
+        summary["methods"][method] = {
+            "end_mean": float(np.mean(ends)) if ends else None,
+            "end_std": float(np.std(ends)) if ends else None,
+            "start_mean": float(np.mean(starts)) if starts else None,
+            "n": len(ends),
+        }
+    dirs = [r["run_dir"] for r in runs.values()]
+    summary["plot_pass_rate"] = plot_runs(
+        dirs, out_dir / "pass_rate.png", "rollout/pass_rate", labels=list(runs)
+    )
+    summary["plot_eval"] = plot_runs(dirs, out_dir / "eval.png", metric, labels=list(runs))
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _set(cfg: Any, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = cfg
+    for name in parents:
+        node = node[name]
+    if leaf not in node:
+        raise KeyError(f"config has no key {dotted!r}")
+    node[leaf] = type(node[leaf])(value) if node[leaf] is not None else value
