@@ -61,13 +61,16 @@ def attend(
     """softmax(q k^T / sqrt(D) + mask) v with grouped kv heads (head n uses kv head n // G)."""
     b, t, n, d = q_BxTxNxD.shape
     k = k_BxSxKxD.shape[2]
-    q = q_BxTxNxD.reshape(b, t, k, n // k, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_BxSxKxD, preferred_element_type=jnp.float32)
-    scores = scores * d**-0.5
-    scores = jnp.where(mask_BxTxS[:, None, None], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxD.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxD)
-    return out.reshape(b, t, n, d)
+    g = n // k
+    # Queries head-major, [B, K, G*T, D]: every kv head is then one plain [G*T, D] x [D, S]
+    # matmul. Contracting the [B, T, K, G, D] layout directly is ~4x slower on XLA:CPU.
+    q_BxKxXxD = q_BxTxNxD.reshape(b, t, k, g, d).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, d)
+    scores = jnp.einsum("bkxd,bskd->bkxs", q_BxKxXxD, k_BxSxKxD, preferred_element_type=jnp.float32)
+    scores_BxKxGxTxS = scores.reshape(b, k, g, t, -1) * d**-0.5
+    scores_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], scores_BxKxGxTxS, _MASK_VALUE)
+    probs = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(v_BxSxKxD.dtype)
+    out_BxKxXxD = jnp.einsum("bkxs,bskd->bkxd", probs.reshape(b, k, g * t, -1), v_BxSxKxD)
+    return out_BxKxXxD.reshape(b, k, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, n, d)
 
 
 class RMSNorm(nnx.Module):
