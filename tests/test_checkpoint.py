@@ -110,6 +110,17 @@ def test_restore_explicit_older_step(tmp_path):
     _assert_bit_exact(state, _train_state(1))
 
 
+def test_relative_run_dir_works(tmp_path, monkeypatch):
+    """`--config.run_dir=runs/x` is relative; Orbax itself only takes absolute paths."""
+    monkeypatch.chdir(tmp_path)
+    with Checkpointer("runs/rel", async_save=False) as ckpt:
+        ckpt.save(1, _train_state(1), _host_state(1))
+        state, host, step = ckpt.restore(abstract_train_state=_abstract(_train_state(0)))
+    assert step == 1 and host == _host_state(1)
+    _assert_bit_exact(state, _train_state(1))
+    assert (tmp_path / "runs" / "rel" / "checkpoints" / "1").is_dir()
+
+
 def test_keeps_latest_n(tmp_path):
     with Checkpointer(tmp_path, max_to_keep=2, async_save=True) as ckpt:
         small = {"x": jnp.zeros(3)}

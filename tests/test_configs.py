@@ -117,6 +117,7 @@ INVALID = [
 @pytest.mark.parametrize("key,value,named", INVALID)
 def test_invalid_values_fail_naming_the_key(key, value, named):
     cfg = load("drift")
+    cfg.task.questions_per_step, cfg.rollout.n = 4, 4
     cfg.mesh.fsdp = 8  # batch 4 × 4 = 16 splits over 8 shards
     validate_config(cfg, vocab_size=1024, num_devices=8)
     with cfg.unlocked():

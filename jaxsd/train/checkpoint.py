@@ -98,7 +98,7 @@ class Checkpointer:
             raise ValueError(f"max_to_keep={max_to_keep} must be >= 1 (resume needs a checkpoint)")
         if best_mode not in ("max", "min"):
             raise ValueError(f"best_mode={best_mode!r} must be 'max' or 'min'")
-        self.run_dir = os.fspath(run_dir)
+        self.run_dir = os.path.abspath(os.fspath(run_dir))  # Orbax needs absolute paths
         self.directory = os.path.join(self.run_dir, "checkpoints")
         self.best_metric = best_metric
         policies = [ocp.checkpoint_managers.LatestN(n=max_to_keep)]

@@ -137,7 +137,7 @@ def _make_engine(cfg: Any, model: nnx.Module, model_dir: pathlib.Path):
     from jaxsd.rollout.sync import SyncConfig, WeightSync
     from jaxsd.rollout.vllm_engine import VllmEngine, VllmWorkerConfig
 
-    weights_dir = pathlib.Path(cfg.run_dir) / "weights"
+    weights_dir = pathlib.Path(cfg.run_dir).resolve() / "weights"  # Orbax needs absolute paths
     engine = VllmEngine(
         VllmWorkerConfig(
             model_dir=str(model_dir),
