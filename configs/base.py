@@ -46,18 +46,19 @@ def get_config(arg: str | None = None, *, run_name: str = "sdpo") -> ml_collecti
     preset = parse_preset(arg)
     c = ml_collections.ConfigDict()
     c.preset = preset
-    c.total_steps = 50  # optimizer steps
+    c.total_steps = 40  # optimizer steps
     c.seed = 0
     c.run_dir = "runs/default"  # checkpoints, weights/<step>, metrics.jsonl, TensorBoard
     c.resume = True  # continue from the latest checkpoint in run_dir when there is one
-    c.eval_every = 25  # steps between evaluations (0 = never)
+    c.eval_every = 10  # steps between evaluations (0 = never)
     c.checkpoint_every = 10  # steps between checkpoints (0 = only at the end)
     c.keep_checkpoints = 3
     c.log_every = 1
 
-    # Policy model. path "" = make the tiny random Qwen3 (jaxsd.models.tiny) in run_dir.
+    # Policy model: an HF folder or hub name. "assets/tiny_base" is the shipped tiny Qwen3 SFT'd
+    # on 1-digit arithmetic (assets/tiny_base/README.md); "" = a random tiny Qwen3 made on the fly.
     c.model = ml_collections.ConfigDict()
-    c.model.path = ""
+    c.model.path = "assets/tiny_base"
     c.model.tiny = ml_collections.ConfigDict(
         dict(vocab_size=1024, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
              head_dim=32, intermediate_size=128, seed=0)
@@ -70,9 +71,11 @@ def get_config(arg: str | None = None, *, run_name: str = "sdpo") -> ml_collecti
     # Task (jaxsd.tasks registry name) and how many questions each step samples.
     c.task = ml_collections.ConfigDict()
     c.task.name = "arithmetic"
-    c.task.kwargs = ml_collections.ConfigDict(dict(digits=1, train_size=256, test_size=32))
+    # The base model's SFT split: test = the first 40 problems, train = the next 150 (its SFT
+    # saw the first 120 of those).
+    c.task.kwargs = ml_collections.ConfigDict(dict(digits=1, train_size=150, test_size=40))
     c.task.data_dir = ""  # "" = /work/shared/data-style default of jaxsd.tasks
-    c.task.questions_per_step = 4  # Q
+    c.task.questions_per_step = 8  # Q
     c.task.max_prompt_len = 128
     c.task.max_reprompt_len = 512  # teacher prompt, truncated right (SDPO: 10240)
     c.task.shuffle = True
@@ -80,14 +83,14 @@ def get_config(arg: str | None = None, *, run_name: str = "sdpo") -> ml_collecti
     # Rollouts (training) and evaluation sampling.
     c.rollout = ml_collections.ConfigDict()
     c.rollout.engine = "jax"  # "jax" (embedded sampler) | "vllm" (separate process)
-    c.rollout.n = 4  # G rollouts per question
+    c.rollout.n = 8  # G rollouts per question
     c.rollout.temperature = 1.0
     c.rollout.top_p = 1.0
-    c.rollout.max_new_tokens = 32
+    c.rollout.max_new_tokens = 16  # "<answer>-9</answer><|im_end|>" is 9 tokens
     c.rollout.eval_n = 16  # mean@16, maj@16, best@16 (METHODS §9)
     c.rollout.eval_temperature = 0.6
     c.rollout.eval_top_p = 0.95
-    c.rollout.eval_questions = 32  # test questions per evaluation (0 = whole split)
+    c.rollout.eval_questions = 0  # test questions per evaluation (0 = whole split)
 
     c.algorithm = algorithm_config("sdpo")
 
@@ -110,7 +113,7 @@ def get_config(arg: str | None = None, *, run_name: str = "sdpo") -> ml_collecti
     c.loss.teacher_ema = 0.05  # λ of θ_T ← (1−λ) θ_T + λ θ
 
     c.optim = ml_collections.ConfigDict()
-    c.optim.lr = 1e-4
+    c.optim.lr = 5e-4  # the tiny default; qwen3_8b uses the paper's 1e-5
     c.optim.schedule = "constant"  # after linear warm-up
     c.optim.warmup_steps = 2
     c.optim.weight_decay = 0.01
