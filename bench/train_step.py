@@ -44,9 +44,26 @@ SHAPES = {
     ),
 }
 B, PROMPT, RESPONSE, TEACHER_EXTRA, TOP_K = 8, 128, 128, 64, 100
+NOMINAL_PEAK_GFLOPS = 138.0  # fp32 4096^2 matmul on the project's idle 2-core CPU (FACTS.md)
 
 
-def bench_step(shape: str, steps: int, warmup: int, chunk_size: int) -> dict:
+def matmul_gflops(n: int = 4096, repeats: int = 5) -> float:
+    """Median fp32 GFLOP/s of an n x n matmul: the peak this process gets right now."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    jax.block_until_ready(f(x))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(x))
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def bench_step(shape: str, steps: int, warmup: int, chunk_size: int, peak: float) -> dict:
     import jax
     import numpy as np
 
@@ -92,6 +109,8 @@ def bench_step(shape: str, steps: int, warmup: int, chunk_size: int) -> dict:
             ema_rate=0.05,
         ),
     )
+    load_before = os.getloadavg()[0]
+    measured_peak = matmul_gflops()
     t0 = time.perf_counter()
     state, m = step(state, batch)
     jax.block_until_ready(m)
@@ -105,18 +124,37 @@ def bench_step(shape: str, steps: int, warmup: int, chunk_size: int) -> dict:
         state, m = step(state, batch)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
+    measured_peak = max(measured_peak, matmul_gflops())  # the better of before/after
     step_s = statistics.median(times)
-    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    n_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
+    # Model FLOPs: 6 N per student token (fwd + bwd) + 2 N per teacher token (fwd only).
+    student_tokens, teacher_tokens = (
+        B * (PROMPT + RESPONSE),
+        B * (PROMPT + TEACHER_EXTRA + RESPONSE),
+    )
+    flops = 6 * n_params * student_tokens + 2 * n_params * teacher_tokens
+    gflops = flops / step_s / 1e9
     return {
         "bench": "train_step",
         "shape": shape,
         "step_s": step_s,
+        "min_step_s": min(times),
         "response_tokens_per_s": B * RESPONSE / step_s,
         "first_step_s": compile_s,
-        "params": int(n_params),
+        "params": n_params,
         "steps": steps,
+        "chunk_tokens": chunk_size,
+        "model_gflop_per_step": flops / 1e9,
+        "achieved_gflops": gflops,
+        "peak_gflops": peak,
+        "mfu": gflops / peak,
+        # The issue's convention for the PyTorch 54 %: 6 N x student tokens only.
+        "mfu_student_only": 6 * n_params * student_tokens / step_s / 1e9 / peak,
+        "measured_matmul_gflops": measured_peak,
+        "mfu_vs_measured_matmul": gflops / measured_peak,
         "loss": float(m["loss"][0]),
         "device": str(jax.devices()[0].device_kind),
+        "load_avg_1m_before": load_before,
         "load_avg_1m": os.getloadavg()[0],
     }
 
@@ -216,6 +254,12 @@ def main() -> None:
     p.add_argument("--head", action="store_true", help="chunked vs full-logit head benchmark")
     p.add_argument("--head-variant", choices=("chunked", "full"), help=argparse.SUPPRESS)
     p.add_argument("--time", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--peak-gflops",
+        type=float,
+        default=NOMINAL_PEAK_GFLOPS,
+        help="device peak for MFU (default: the idle 2-core CPU's fp32 matmul)",
+    )
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--time-tokens", type=int, default=512)
     p.add_argument("--vocab", type=int, default=151_936)
@@ -226,7 +270,7 @@ def main() -> None:
     elif a.head:
         result = bench_head(a.tokens, a.vocab, a.hidden, a.chunk, a.time_tokens)
     else:
-        result = bench_step(a.shape, a.steps, a.warmup, a.chunk)
+        result = bench_step(a.shape, a.steps, a.warmup, a.chunk, a.peak_gflops)
     print(json.dumps(result))
 
 
