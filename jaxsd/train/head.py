@@ -89,29 +89,9 @@ def head_on_logits(
     return out
 
 
-@jax.custom_vjp
 def _logits(h_BxCxH: jax.Array, w_HxV: jax.Array) -> jax.Array:
     # fp32 accumulation: bf16 logits lose whole nats in the softmax over 150k entries.
     return jnp.einsum("bch,hv->bcv", h_BxCxH, w_HxV, preferred_element_type=jnp.float32)
-
-
-def _logits_fwd(h_BxCxH: jax.Array, w_HxV: jax.Array):
-    return _logits(h_BxCxH, w_HxV), (h_BxCxH, w_HxV)
-
-
-def _logits_bwd(res, g_BxCxV: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The matmul's two gradients, with h^T materialised for dW (see below)."""
-    h_BxCxH, w_HxV = res
-    dh = jnp.einsum("bcv,hv->bch", g_BxCxV, w_HxV, preferred_element_type=jnp.float32)
-    # dW = h^T g. Left to itself XLA:CPU transposes the [C, V] gradient (V >> H) and runs a
-    # transposed-operand matmul, ~3x slower than this [H, C] x [C, V] product.
-    h_HxN = jax.lax.optimization_barrier(h_BxCxH.reshape(-1, h_BxCxH.shape[-1]).T)
-    g_NxV = g_BxCxV.reshape(-1, g_BxCxV.shape[-1])
-    dw = jnp.matmul(h_HxN, g_NxV, preferred_element_type=jnp.float32)
-    return dh.astype(h_BxCxH.dtype), dw.astype(w_HxV.dtype)
-
-
-_logits.defvjp(_logits_fwd, _logits_bwd)
 
 
 def chunked_head(
