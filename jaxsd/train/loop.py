@@ -558,6 +558,14 @@ def train(cfg: Any) -> dict[str, Any]:
     if is_main:
         from jaxsd.plots import plot_run
 
+        # A resumed run reports start vs end from the whole run's log, not just this process.
+        evals = [
+            r for r in metrics_lib.read_metrics(run_dir) if any(k.startswith("eval/") for k in r)
+        ]
+        if evals:
+            summary["eval_start"] = {k: v for k, v in evals[0].items() if k.startswith("eval/")}
+            summary["eval_end"] = {k: v for k, v in evals[-1].items() if k.startswith("eval/")}
+
         summary["plot"] = plot_run(run_dir)
     summary["wall_s"] = time.perf_counter() - t0
     summary["end_step"] = cfg.total_steps
