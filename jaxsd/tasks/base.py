@@ -130,3 +130,13 @@ def chat(system: str | None, user: str) -> list[dict[str, str]]:
 def clip_text(text: str, limit: int = 200) -> str:
     """Shorten text for feedback messages (the answer may be a 1 MB ramble)."""
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+FEEDBACK_STYLES = ("rich", "sdpo")  # "rich": name what was wrong; "sdpo": the paper's own text
+
+
+def check_feedback_style(feedback_style: str) -> str:
+    """Validate a task's `feedback_style` argument (shared by every verifier with feedback)."""
+    if feedback_style not in FEEDBACK_STYLES:
+        raise ValueError(f"feedback_style={feedback_style!r}; use one of {FEEDBACK_STYLES}")
+    return feedback_style

@@ -15,6 +15,7 @@ from jaxsd.tasks.base import (
     RecordError,
     Verdict,
     chat,
+    check_feedback_style,
     clip_text,
     load_json_rows,
     register_task,
@@ -23,7 +24,6 @@ from jaxsd.tasks.base import (
     where,
 )
 
-FEEDBACK_STYLES = ("rich", "sdpo")
 # SDPO data/format/prompts.py PROMPT.
 MATH_PROMPT = (
     "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}."
@@ -160,8 +160,7 @@ class MathTask:
     def __init__(self, name: str, feedback_style: str = "rich") -> None:
         if name not in _SOURCES:
             raise ValueError(f"unknown math task {name!r}; use one of {sorted(_SOURCES)}")
-        if feedback_style not in FEEDBACK_STYLES:
-            raise ValueError(f"feedback_style={feedback_style!r}; use one of {FEEDBACK_STYLES}")
+        check_feedback_style(feedback_style)
         self.name = name
         self.feedback_style = feedback_style
 

@@ -9,6 +9,7 @@ from jaxsd.tasks.base import (
     RecordError,
     Verdict,
     chat,
+    check_feedback_style,
     clip_text,
     load_json_rows,
     register_task,
@@ -19,7 +20,6 @@ from jaxsd.tasks.base import (
 
 DOMAINS = ("biology", "chemistry", "material", "physics")
 LETTERS = ("A", "B", "C", "D")
-FEEDBACK_STYLES = ("rich", "sdpo")
 
 # SDPO's data/format/sciknoweval.py system prompt; records carry it, this is the fallback.
 SYSTEM_PROMPT = """
@@ -69,8 +69,7 @@ class SciKnowEvalTask:
     def __init__(self, domain: str | None = None, feedback_style: str = "rich") -> None:
         if domain is not None and domain not in DOMAINS:
             raise ValueError(f"unknown SciKnowEval domain {domain!r}; use one of {DOMAINS}")
-        if feedback_style not in FEEDBACK_STYLES:
-            raise ValueError(f"feedback_style={feedback_style!r}; use one of {FEEDBACK_STYLES}")
+        check_feedback_style(feedback_style)
         self.domain = domain
         self.feedback_style = feedback_style
         self.name = "sciknoweval" if domain is None else f"sciknoweval_{domain}"

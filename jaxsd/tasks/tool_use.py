@@ -15,6 +15,7 @@ from jaxsd.tasks.base import (
     RecordError,
     Verdict,
     chat,
+    check_feedback_style,
     clip_text,
     load_json_rows,
     register_task,
@@ -22,8 +23,6 @@ from jaxsd.tasks.base import (
     resolve_data_file,
     where,
 )
-
-FEEDBACK_STYLES = ("rich", "sdpo")
 
 # SDPO's datasets/tooluse prompt, rebuilt from ToolAlpaca fields ("NLDocumentation" ends in "\n").
 TOOL_PROMPT = (
@@ -197,8 +196,7 @@ class ToolUseTask:
     def __init__(self, source: str = "sdpo", feedback_style: str = "rich") -> None:
         if source not in ("sdpo", "toolalpaca"):
             raise ValueError(f"source={source!r}; use 'sdpo' or 'toolalpaca'")
-        if feedback_style not in FEEDBACK_STYLES:
-            raise ValueError(f"feedback_style={feedback_style!r}; use one of {FEEDBACK_STYLES}")
+        check_feedback_style(feedback_style)
         self.source = source
         self.feedback_style = feedback_style
         self.name = "tooluse" if source == "sdpo" else "toolalpaca"
