@@ -1,11 +1,12 @@
 """Train-step throughput, ours vs the peers (TRL/PyTorch, tunix), same workload, one run.
 
 Runs, one after another on the same machine (never concurrently: they would share the cores):
-- ours: bench/train_step.py in jaxsd's .venv (skipped with a note while it does not exist);
+- ours: bench/train_step.py in jaxsd's .venv, once per algorithm (`--algos sdpo,grpo`);
 - trl: bench/peers/trl_step.py in the throwaway `trl` venv (torch SDPO, TRL GKD, TRL GRPO);
 - tunix: bench/peers/tunix_step.py in the throwaway `tunix` venv (tunix's GRPO learner loss).
 The venvs are created under --venv-root on first use (minutes) and reused after.
-Prints one JSON object with every record and `ratios` = our tokens/s / the peer's tokens/s.
+Prints one JSON object with every record and, per algorithm, `ratios` = our tokens/s / the
+peer's tokens/s (SDPO only against SDPO peer steps, GRPO only against GRPO ones).
 
 Usage: .venv/bin/python bench/compare_peers.py --shape tiny --steps 5 [--skip-install]
 """
@@ -51,16 +52,10 @@ def run_json(cmd: list[str], timeout_s: float, env: dict[str, str] | None = None
     return record
 
 
-def run_ours(args: argparse.Namespace) -> dict[str, Any]:
-    script = ROOT / "bench" / "train_step.py"
-    if not script.exists():
-        return {"error": "bench/train_step.py does not exist yet (our step bench); nothing to run"}
+def run_ours(args: argparse.Namespace, algo: str) -> dict[str, Any]:
     py = ROOT / ".venv" / "bin" / "python"
-    help_text = subprocess.run([str(py), str(script), "--help"], capture_output=True, text=True,
-                               cwd=ROOT).stdout  # fmt: skip
-    cmd = [str(py), str(script), "--shape", args.shape]
-    if "--steps" in help_text:
-        cmd += ["--steps", str(args.steps)]
+    cmd = [str(py), str(ROOT / "bench" / "train_step.py"), "--shape", args.shape,
+           "--algo", algo, "--steps", str(args.steps)]  # fmt: skip
     return run_json(cmd, args.timeout_s)
 
 
@@ -88,8 +83,8 @@ def _peer_rates(record: dict[str, Any], algorithm: str) -> dict[str, float]:
 def ratios(ours: dict[str, Any], peers: list[dict[str, Any]]) -> dict[str, Any]:
     """ours / peer tokens/s, only against peer steps of the same algorithm as ours.
 
-    bench/train_step.py runs SDPO steps (two forwards, top-k JSD, EMA); a GRPO learner step
-    (one forward, no teacher) does less work, so it is not a like-for-like peer of it.
+    An SDPO step (two forwards, top-k JSD, EMA) does more work than a GRPO learner step (one
+    forward, no teacher), so each of our rows is compared with peers of its own algorithm.
     """
     algorithm = ours.get("algorithm", "sdpo")
     rates = {k: v for p in peers for k, v in _peer_rates(p, algorithm).items()}
@@ -113,20 +108,25 @@ def main() -> None:
     ap.add_argument("--venv-root", type=Path, default=venvs.DEFAULT_ROOT)
     ap.add_argument("--peers", default=",".join(PEERS), help=f"subset of {sorted(PEERS)}")
     ap.add_argument("--no-ours", action="store_true", help="run the peers only")
+    ap.add_argument("--algos", default="sdpo,grpo", help="our algorithms to run (sdpo,grpo)")
     ap.add_argument("--timeout-s", type=float, default=1800, help="per bench script")
     args = ap.parse_args()
     names = [p for p in args.peers.split(",") if p]
     if set(names) - set(PEERS):
         ap.error(f"unknown --peers {sorted(set(names) - set(PEERS))}; use {sorted(PEERS)}")
+    algos = [a for a in args.algos.split(",") if a]
+    if set(algos) - {"sdpo", "grpo"}:
+        ap.error(f"unknown --algos {sorted(set(algos) - {'sdpo', 'grpo'})}; use sdpo,grpo")
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     load_before = os.getloadavg()
-    ours = {"error": "skipped (--no-ours)"} if args.no_ours else run_ours(args)
+    ours = {a: {"error": "skipped (--no-ours)"} if args.no_ours else run_ours(args, a)
+            for a in algos}  # fmt: skip
     peers = [run_peer(n, args) for n in names]
     print(json.dumps({
         "bench": "compare_peers", "started": started, "shape": args.shape, "steps": args.steps,
         "cpu_count": os.cpu_count(), "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(), "ours": ours, "peers": peers,
-        "ratios": ratios(ours, peers),
+        "ratios": {a: ratios(ours[a] | {"algorithm": a}, peers) for a in algos},
     }))  # fmt: skip
 
 

@@ -31,6 +31,12 @@ SHAPES: dict[str, dict[str, int]] = {
                  num_key_value_heads=2, head_dim=32, intermediate_size=256, vocab_size=512),
     "small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
                   num_key_value_heads=4, head_dim=64, intermediate_size=1536, vocab_size=32768),
+    # Qwen3-0.6B's shape, but with an untied head like the other shapes (0.75 B params).
+    "0.6b": dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
+                 num_key_value_heads=8, head_dim=128, intermediate_size=3072, vocab_size=151936),
+    # Qwen3-8B's layer shape (36 layers); GPU rows cut the depth with --layers to fit AdamW.
+    "8b": dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32,
+               num_key_value_heads=8, head_dim=128, intermediate_size=12288, vocab_size=151936),
 }  # fmt: skip
 
 
@@ -43,6 +49,49 @@ def shape(name: str) -> dict[str, int]:
 
 def response_tokens_per_step() -> int:
     return BATCH * RESPONSE
+
+
+def param_counts(s: dict[str, int]) -> dict[str, int]:
+    """Parameters of a Qwen3 shape (untied head): per group and in total."""
+    h, d, f = s["hidden_size"], s["head_dim"], s["intermediate_size"]
+    q, kv = s["num_attention_heads"] * d, s["num_key_value_heads"] * d
+    per_layer = 2 * h * q + 2 * h * kv + 3 * h * f + 2 * d + 2 * h  # + q/k norms, 2 layer norms
+    layers = s["num_hidden_layers"] * per_layer
+    embed = head = s["vocab_size"] * h
+    return {"layers": layers, "embed": embed, "head": head, "total": layers + embed + head + h}
+
+
+def step_flops(
+    s: dict[str, int], *, batch: int, prompt: int, response: int, teacher_extra: int,
+    algo: str,
+) -> dict[str, float]:  # fmt: skip
+    """FLOPs of one train step, two ways (both: fwd = 2, fwd + bwd = 6 FLOPs per weight-token).
+
+    - `six_n`: the issue's convention, 6 N per student token with N = all parameters, plus
+      2 N per teacher token for SDPO (its extra no-grad forward). Over-counts our step: the
+      embedding is a gather, not a matmul, and the LM head runs on response positions only.
+    - `model`: the matmuls the step needs: the decoder layers on every token, the LM head on
+      the response tokens only, and attention scores/values (4 T S d per head and layer
+      forward, the full T x S matrix as computed) — the PaLM-style count, no recompute.
+    """
+    n = param_counts(s)
+    ts, tt = prompt + response, prompt + teacher_extra + response
+    student, teacher = batch * ts, batch * tt
+    L, heads, d = s["num_hidden_layers"], s["num_attention_heads"], s["head_dim"]
+
+    def attn(t: int) -> float:
+        return 4.0 * batch * t * t * heads * d * L  # QK^T and PV, forward
+
+    fwd_student = 2.0 * n["layers"] * student + 2.0 * n["head"] * batch * response + attn(ts)
+    fwd_teacher = 2.0 * n["layers"] * teacher + 2.0 * n["head"] * batch * response + attn(tt)
+    six_n = 6.0 * n["total"] * student
+    model = 3.0 * fwd_student
+    if algo == "sdpo":
+        six_n += 2.0 * n["total"] * teacher
+        model += fwd_teacher
+    elif algo != "grpo":
+        raise ValueError(f"algo={algo!r}; use 'sdpo' or 'grpo'")
+    return {"six_n": six_n, "six_n_student_only": 6.0 * n["total"] * student, "model": model}
 
 
 def time_steps(

@@ -1,0 +1,106 @@
+"""Summarise bench/gpu_rows.sh's rows.jsonl: a markdown table, ours vs the PyTorch peer.
+
+    python bench/gpu_rows.py /tmp/gpu_rows_out/rows.jsonl > summary.md
+
+Rows are paired by (algorithm, shape, layers, batch, prompt, response, dtypes); the ratio is
+our response tokens/s over the peer's (> 1 = ours faster). Plain Python: no jax or torch.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+KEY = ("algorithm", "shape", "layers", "batch", "prompt", "response", "param_dtype",
+       "compute_dtype")  # fmt: skip
+
+
+def load(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
+
+
+def _gb(x: Any) -> str:
+    return "–" if not x else f"{x / 2**30:.1f}"
+
+
+def _pct(x: Any) -> str:
+    return "–" if x is None else f"{100 * x:.1f} %"
+
+
+def step_table(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per step row, with ours/peer next to our row when the peer row exists."""
+    steps = [r for r in rows if r.get("bench") in ("train_step", "torch_step")]
+    peers = {tuple(r.get(k) for k in KEY): r for r in steps if r["bench"] == "torch_step"}
+    out = [
+        "| row | algo | shape (layers) | B × (P+R) | step s | resp tok/s | all tok/s | "
+        "MFU 6N (nominal) | MFU model FLOPs (nominal / measured) | peak GB | first step s | "
+        "ours / torch |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in steps:
+        ratio = "–"
+        peer = peers.get(tuple(r.get(k) for k in KEY))
+        if r["bench"] == "train_step" and peer is not None:
+            ratio = f"**{r['response_tokens_per_s'] / peer['response_tokens_per_s']:.2f}×**"
+        measured = r.get("mfu_model_flops_vs_measured_matmul")
+        out.append(
+            f"| {r['row']} | {r['algorithm']} | {r['shape']} ({r['layers']}) | "
+            f"{r['batch']} × ({r['prompt']}+{r['response']}) | {r['step_s']:.4f} | "
+            f"{r['response_tokens_per_s']:,.0f} | {r['tokens_per_s']:,.0f} | {_pct(r['mfu'])} | "
+            f"{_pct(r['mfu_model_flops'])} / {_pct(measured)} | "
+            f"{_gb(r.get('peak_device_bytes'))} | {r['first_step_s']:.1f} | {ratio} |"
+        )
+    return out
+
+
+def head_lines(rows: list[dict[str, Any]]) -> list[str]:
+    out = []
+    for r in rows:
+        if r.get("bench") != "distillation_head":
+            continue
+        out.append(
+            f"\nHead (V = {r['vocab']:,}, H = {r['hidden']}, {r['dtype']}, "
+            f"{r['time_tokens']} tokens timed):"
+        )
+        out.append("| variant | fwd+bwd s | device peak GB (head only) | XLA buffer peak GB |")
+        out.append("| --- | ---: | ---: | ---: |")
+        for name, t in r["timing"].items():
+            xla = r["memory"].get(name, {}).get("peak_bytes")
+            time_s = f"{t['time_s']:.4f}" if "time_s" in t else t.get("error", "–")[:80]
+            head_gb = _gb(t.get("device_head_peak_bytes"))
+            out.append(f"| {name} | {time_s} | {head_gb} | {_gb(xla)} |")
+        for k, v in r.items():
+            if "ratio" in k and v is not None:
+                out.append(f"- {k}: {v:.2f}")
+    return out
+
+
+def other_lines(rows: list[dict[str, Any]]) -> list[str]:
+    out = []
+    for r in rows:
+        if r.get("bench") == "matmul_peak":
+            out.append(
+                f"- matmul {r['n']}³ {r['dtype']}: {r['tflops']:.0f} TFLOP/s measured "
+                f"({_pct(r['fraction_of_nominal'])} of nominal {r['nominal_tflops']:.0f})"
+            )
+        elif "error" in r or "skipped" in r:
+            out.append(f"- {r['row']}: {r.get('error') or r.get('skipped')} "
+                       f"{r.get('stderr_tail', '')[:300]}")  # fmt: skip
+        elif "versions" in r:
+            out.append(f"- versions: {r['versions']}; devices {r['jax_devices']}")
+        elif "torch" in r and "bench" not in r:
+            out.append(f"- torch: {r}")
+    return out
+
+
+def main() -> None:
+    if len(sys.argv) != 2:
+        sys.exit("usage: python bench/gpu_rows.py ROWS.jsonl")
+    rows = load(Path(sys.argv[1]))
+    print("\n".join(other_lines(rows) + [""] + step_table(rows) + head_lines(rows)))
+
+
+if __name__ == "__main__":
+    main()

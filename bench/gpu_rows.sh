@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# GPU rows of issue 9 in one command: versions, bf16 matmul peak, our SDPO/GRPO steps vs the
+# PyTorch peer (0.6B-shaped, Qwen3-8B-layer-shaped, small), the distillation head.
+#
+#   bench/gpu_rows.sh               # on the GPU machine (python3 = jax + torch there)
+#   bench/gpu_rows.sh --cpu-smoke   # same rows, tiny shapes and steps, JAX on CPU
+#
+# One JSON line per row on stdout (also appended to $OUT/rows.jsonl); everything is tee'd to
+# $OUT/gpu_rows.log; $OUT/summary.md pairs ours with the peer (bench/gpu_rows.py). Each row
+# runs in its own process under `timeout`, so a failure or OOM costs only that row, and the
+# whole script stops starting rows once its deadline (DEADLINE_S, default 430 s) is near.
+# Env: PY (jax rows, default python3), PY_TORCH (torch rows, default $PY), OUT, DEADLINE_S,
+# PEAK_TFLOPS (nominal dense bf16 peak for MFU, default 989 = H100 SXM).
+set -u
+cd "$(dirname "$0")/.."
+SMOKE=0
+[ "${1:-}" = "--cpu-smoke" ] && SMOKE=1
+OUT=${OUT:-/tmp/gpu_rows_out}
+mkdir -p "$OUT/rows"
+LOG="$OUT/gpu_rows.log"
+ROWS="$OUT/rows.jsonl"
+: >"$ROWS"
+exec > >(tee -a "$LOG") 2>&1
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="${PYTHONPATH:-.}"
+# Let XLA take most of the GPU (default 75 %): the 8b-layer rows need ~60 GB.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
+export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
+# Rows of one shape share their state-init compile (and a rerun on a warm machine all of them).
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jaxsd_jax_cache}
+PY=${PY:-python3}
+PY_TORCH=${PY_TORCH:-$PY}
+PEAK=${PEAK_TFLOPS:-989}
+START=$(date +%s)
+DEADLINE=$((START + ${DEADLINE_S:-430}))
+
+if [ "$SMOKE" = 1 ]; then
+  export JAX_PLATFORMS=cpu
+  S06=tiny; S8=tiny; L8=1; SSMALL=tiny
+  FIXED=(--batch 2 --prompt 16 --response 16 --teacher-extra 8)
+  LARGE06=(--batch 2 --prompt 32 --response 32)
+  LARGE8=(--batch 2 --prompt 32 --response 32)
+  STEPS=(--steps 2 --warmup 1 --matmul-n 256)
+  MATMUL=(--matmul-n 512 --steps 3)
+  HEAD=(--tokens 256 --time-tokens 256 --vocab 4096 --hidden 64 --chunk 64)
+else
+  S06=0.6b; S8=8b; L8=4; SSMALL=small
+  FIXED=()  # the issue's fixed workload: B 8, prompt 128 + response 128, teacher +64
+  LARGE06=(--batch 16 --prompt 256 --response 256)
+  LARGE8=(--batch 8 --prompt 512 --response 512)
+  STEPS=(--steps 8 --warmup 2 --matmul-n 8192)
+  MATMUL=(--matmul-n 8192 --steps 20)
+  HEAD=(--tokens 4096 --time-tokens 4096 --vocab 151936 --hidden 1024 --chunk 256)
+fi
+BF16=(--dtype bfloat16 --param-dtype float32 --peak-tflops "$PEAK")
+
+# row NAME TIMEOUT_S CMD...: run CMD under timeout, keep its last JSON line, tag it with NAME.
+row() {
+  local name=$1 limit=$2
+  shift 2
+  local left=$((DEADLINE - $(date +%s)))
+  if [ "$left" -lt 25 ]; then
+    echo "{\"row\": \"$name\", \"skipped\": \"deadline: ${left}s left\"}" | tee -a "$ROWS"
+    return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  local t0=$(date +%s) rc=0
+  timeout -k 5 "$limit" "$@" >"$OUT/rows/$name.out" 2>"$OUT/rows/$name.err" || rc=$?
+  local json
+  json=$(grep '^{' "$OUT/rows/$name.out" | tail -n 1)
+  if [ "$rc" = 0 ] && [ -n "$json" ]; then
+    echo "{\"row\": \"$name\", \"wall_s\": $(($(date +%s) - t0)), ${json#\{}" | tee -a "$ROWS"
+  else
+    local why="exit $rc"
+    [ "$rc" = 124 ] && why="timeout after ${limit}s"
+    local tail_txt
+    tail_txt=$(tail -n 4 "$OUT/rows/$name.err" | tr -d '"\\' | tr '\n\t' '  ' | cut -c1-600)
+    echo "{\"row\": \"$name\", \"error\": \"$why\", \"stderr_tail\": \"$tail_txt\"}" |
+      tee -a "$ROWS"
+  fi
+}
+
+echo "== gpu_rows $(date -u +%FT%TZ) smoke=$SMOKE py=$PY py_torch=$PY_TORCH deadline=${DEADLINE_S:-430}s"
+nvidia-smi -L 2>/dev/null || echo "nvidia-smi: not available"
+row versions 60 "$PY" -c '
+import importlib.metadata as md, json
+names = ["jax", "jaxlib", "jax-cuda13-plugin", "flax", "optax", "orbax-checkpoint", "chex",
+         "numpy", "torch", "transformers"]
+def v(n):
+    try: return md.version(n)
+    except md.PackageNotFoundError: return None
+import jax, flax
+print(json.dumps({"versions": {n: v(n) for n in names}, "flax_file": flax.__file__,
+                  "jax_devices": [str(d) for d in jax.devices()],
+                  "device_kind": jax.devices()[0].device_kind}))'
+row torch_versions 60 "$PY_TORCH" -c '
+import json, torch, transformers
+print(json.dumps({"torch": torch.__version__, "transformers": transformers.__version__,
+                  "cuda": torch.cuda.is_available(),
+                  "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}))'
+row matmul_bf16 60 "$PY" bench/train_step.py --matmul-only --dtype bfloat16 "${MATMUL[@]}" \
+  --peak-tflops "$PEAK"
+
+# Highest value first: 0.6b-shaped fixed workload, ours vs the torch peer, SDPO and GRPO.
+for algo in sdpo grpo; do
+  row "ours_${algo}_${S06}_fixed" 200 "$PY" bench/train_step.py --algo $algo --shape $S06 \
+    "${FIXED[@]}" "${BF16[@]}" "${STEPS[@]}"
+  row "torch_${algo}_${S06}_fixed" 90 "$PY_TORCH" bench/peers/torch_step.py --algo $algo \
+    --shape $S06 "${FIXED[@]}" "${BF16[@]}" "${STEPS[@]}"
+done
+# MFU rows: Qwen3-8B layer shape cut to $L8 layers (AdamW state fits), larger workload.
+for algo in sdpo grpo; do
+  row "ours_${algo}_${S8}x${L8}_large" 120 "$PY" bench/train_step.py --algo $algo --shape $S8 \
+    --layers $L8 "${LARGE8[@]}" "${BF16[@]}" "${STEPS[@]}"
+  row "torch_${algo}_${S8}x${L8}_large" 90 "$PY_TORCH" bench/peers/torch_step.py --algo $algo \
+    --shape $S8 --layers $L8 "${LARGE8[@]}" "${BF16[@]}" "${STEPS[@]}"
+done
+row head 120 "$PY" bench/train_step.py --head --head-torch --dtype bfloat16 "${HEAD[@]}"
+# 0.6b at a larger batch (MFU), then the small shape (issue's fixed workload).
+for algo in sdpo grpo; do
+  row "ours_${algo}_${S06}_large" 150 "$PY" bench/train_step.py --algo $algo --shape $S06 \
+    "${LARGE06[@]}" "${BF16[@]}" "${STEPS[@]}"
+  row "torch_${algo}_${S06}_large" 90 "$PY_TORCH" bench/peers/torch_step.py --algo $algo \
+    --shape $S06 "${LARGE06[@]}" "${BF16[@]}" "${STEPS[@]}"
+done
+row "ours_sdpo_${S8}x${L8}_fixed" 90 "$PY" bench/train_step.py --algo sdpo --shape $S8 \
+  --layers $L8 "${FIXED[@]}" "${BF16[@]}" "${STEPS[@]}"
+row "torch_sdpo_${S8}x${L8}_fixed" 60 "$PY_TORCH" bench/peers/torch_step.py --algo sdpo \
+  --shape $S8 --layers $L8 "${FIXED[@]}" "${BF16[@]}" "${STEPS[@]}"
+for algo in sdpo grpo; do
+  row "ours_${algo}_${SSMALL}_fixed" 60 "$PY" bench/train_step.py --algo $algo --shape $SSMALL \
+    "${FIXED[@]}" "${BF16[@]}" "${STEPS[@]}"
+  row "torch_${algo}_${SSMALL}_fixed" 45 "$PY_TORCH" bench/peers/torch_step.py --algo $algo \
+    --shape $SSMALL "${FIXED[@]}" "${BF16[@]}" "${STEPS[@]}"
+done
+
+"$PY" bench/gpu_rows.py "$ROWS" | tee "$OUT/summary.md"
+echo "== done in $(($(date +%s) - START)) s"
