@@ -107,3 +107,29 @@ def test_bad_inputs_are_rejected_with_the_fix(tmp_path):
     with pytest.raises(ValueError, match="step=-1"):
         publish_weights({"w": np.ones(1)}, tmp_path, -1)
     assert published_steps(tmp_path) == []
+
+
+def _bytes_on_disk(path: pathlib.Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def test_steps_are_stored_uncompressed_so_the_exchange_runs_at_disk_speed(tmp_path):
+    # All-zero tensors shrink ~1000x under zstd; stored raw they take their full size on disk.
+    zeros = {
+        f"model.layers.{i}.mlp.up_proj.weight": np.zeros((256, 256), np.float32) for i in (0, 1)
+    }
+    path = publish_weights(zeros, tmp_path, 0)
+    raw = sum(v.nbytes for v in zeros.values())
+    assert raw <= _bytes_on_disk(path) < raw + 64 * 1024  # data plus small metadata files
+
+
+def test_steps_published_with_orbax_defaults_still_restore(tmp_path):
+    import orbax.checkpoint as ocp
+
+    state = {"lm_head.weight": _tensor((8, 4), np.float32, 0), "model.norm.weight": np.ones(4)}
+    with ocp.StandardCheckpointer() as checkpointer:  # the old publisher: compressed, async
+        checkpointer.save(step_path(tmp_path, 2).absolute(), state)
+        checkpointer.wait_until_finished()
+    restored = restore_weights(tmp_path, 2)
+    for name, arr in state.items():
+        np.testing.assert_array_equal(restored[name], arr)
