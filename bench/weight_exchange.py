@@ -4,7 +4,7 @@ For each model size it writes a random-init Qwen3 HF folder, starts one vLLM rol
 and repeats: publish step N (Orbax save) -> load_weights(N) (worker restores on host and
 reloads in place) -> generate one token (the first rollout with step N). It also times the
 restart fallback once per size, and sequential disk write (+fsync) and read speed of a file
-as large as the biggest model, for comparison. Prints one JSON object.
+as large as each model, for comparison. Prints one JSON object.
 
 The goal (issue 9): save + restore + load + first token <= 2x the disk bound, where the disk
 bound is param_bytes / write speed + param_bytes / read speed. The read is measured twice:
@@ -12,7 +12,7 @@ from the page cache (where the worker finds a step just written on the same mach
 after posix_fadvise(DONTNEED) drops the file's pages (a cold read, as from shared storage;
 dropping the whole page cache needs privileges a container may not have).
 
-    .venv/bin/python bench/weight_exchange.py --sizes=tiny,small,medium --reps=3
+    .venv/bin/python bench/weight_exchange.py --sizes=tiny,small,medium --reps=3 --baseline
 """
 
 from __future__ import annotations
@@ -94,12 +94,12 @@ def disk_speed(directory: pathlib.Path, num_bytes: int, reps: int = 3) -> dict[s
     }
 
 
-def against_disk(result: dict, disk: dict) -> dict:
-    """The size's save-to-generating time vs the disk bound (warm and cold read)."""
+def against_disk(result: dict, medians: dict, disk: dict) -> dict:
+    """A publisher's save-to-generating time vs the size's disk bound (warm and cold read)."""
     mb = result["param_bytes"] / 1e6
     bound = mb / disk["write_MBps"] + mb / disk["read_MBps"]
     cold_bound = mb / disk["write_MBps"] + mb / disk["cold_read_MBps"]
-    total = result["median_save_to_generating_s"]
+    total = medians["median_save_to_generating_s"]
     return {
         "exchange_MBps": mb / total,
         "disk_bound_s": bound,
@@ -120,11 +120,30 @@ def publish_orbax_defaults(state: dict, weights_dir: pathlib.Path, step: int, ke
         checkpointer.wait_until_finished()
 
 
-def bench_size(size: str, root: pathlib.Path, reps: int, orbax_defaults: bool = False) -> dict:
+def _medians(rows: list[dict]) -> dict:
+    def med(key: str) -> float:
+        return float(np.median([r[key] for r in rows]))
+
+    return {
+        "reps": len(rows),
+        "median_save_s": med("save_s"),
+        "median_worker_restore_s": med("worker_restore_s"),
+        "median_worker_reload_s": med("worker_reload_s"),
+        "median_saved_to_generating_s": med("saved_to_generating_s"),
+        "median_save_to_generating_s": med("save_to_generating_s"),
+    }
+
+
+def bench_size(size: str, root: pathlib.Path, reps: int, baseline: bool = False) -> dict:
+    """Step 1 warms the worker up (its first load imports Orbax) and is left out of the medians;
+    then `reps` in-place steps per publisher (alternating with the baseline when asked, so both
+    see the same machine load), then one step through the restart fallback."""
     from jaxsd.rollout import SamplingConfig, VllmEngine, VllmWorkerConfig, publish_weights
 
-    publish = publish_orbax_defaults if orbax_defaults else publish_weights
-
+    publishers = {"publish_weights": publish_weights}
+    if baseline:
+        publishers["orbax_defaults"] = publish_orbax_defaults
+    names = ["publish_weights"] + [n for _ in range(reps) for n in publishers] + ["restart"]
     model_dir, weights_dir = root / size / "hf", root / size / "weights"
     state = make_model(model_dir, size)
     param_bytes = int(sum(v.nbytes for v in state.values()))
@@ -143,8 +162,9 @@ def bench_size(size: str, root: pathlib.Path, reps: int, orbax_defaults: bool = 
     rows = []
     try:
         engine.generate([[1, 2, 3]], 1, one_token)  # warm-up at step 0
-        for step in range(1, reps + 2):
-            in_place = step <= reps  # the last step goes through the restart fallback
+        for step, name in enumerate(names, start=1):
+            in_place = name != "restart"
+            publish = publishers.get(name, publish_weights)
             new = {k: v + np.float32(1e-3 * step) for k, v in state.items()}
             t0 = time.perf_counter()
             publish(new, weights_dir, step, keep=2)
@@ -158,6 +178,7 @@ def bench_size(size: str, root: pathlib.Path, reps: int, orbax_defaults: bool = 
             rows.append(
                 {
                     "step": step,
+                    "publisher": name if step > 1 else "warm-up",
                     "mode": load["mode"],
                     "save_s": t1 - t0,
                     "load_ack_s": t2 - t1,
@@ -170,22 +191,15 @@ def bench_size(size: str, root: pathlib.Path, reps: int, orbax_defaults: bool = 
             )
     finally:
         engine.close()
-    in_place_rows = [r for r in rows if r["mode"] == "in_place"]
+    by_publisher = {n: _medians([r for r in rows if r["publisher"] == n]) for n in publishers}
     return {
         "size": size,
         "param_bytes": param_bytes,
         "num_params": param_bytes // 4,
         "worker_start_s": start_s,
-        "median_save_s": float(np.median([r["save_s"] for r in in_place_rows])),
-        "median_saved_to_generating_s": float(
-            np.median([r["saved_to_generating_s"] for r in in_place_rows])
-        ),
-        "median_worker_restore_s": float(np.median([r["worker_restore_s"] for r in in_place_rows])),
-        "median_worker_reload_s": float(np.median([r["worker_reload_s"] for r in in_place_rows])),
-        "median_save_to_generating_s": float(
-            np.median([r["save_to_generating_s"] for r in in_place_rows])
-        ),
+        **by_publisher["publish_weights"],
         "restart_fallback_saved_to_generating_s": rows[-1]["saved_to_generating_s"],
+        "baseline_orbax_defaults": by_publisher.get("orbax_defaults"),
         "steps": rows,
     }
 
@@ -196,9 +210,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="in-place publishes per size")
     parser.add_argument("--dir", default="", help="work folder (default: a temporary one)")
     parser.add_argument(
-        "--orbax-defaults",
+        "--baseline",
         action="store_true",
-        help="publish with StandardCheckpointer defaults (the untuned baseline)",
+        help="alternate steps with StandardCheckpointer defaults (the untuned publisher)",
     )
     args = parser.parse_args()
     sizes = args.sizes.split(",")
@@ -208,16 +222,19 @@ def main() -> None:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(dir=args.dir or None) as tmp:
         root = pathlib.Path(tmp)
-        results = [bench_size(s, root, args.reps, args.orbax_defaults) for s in sizes]
-        disk = disk_speed(root, max(r["param_bytes"] for r in results))
+        results = [bench_size(s, root, args.reps, args.baseline) for s in sizes]
+        for r in results:  # per size: for small files fsync latency, not bandwidth, dominates
+            r["disk"] = disk_speed(root, r["param_bytes"])
     for r in results:
-        r.update(against_disk(r, disk))
+        r.update(against_disk(r, r, r["disk"]))
+        if r["baseline_orbax_defaults"]:
+            r["baseline_orbax_defaults"].update(
+                against_disk(r, r["baseline_orbax_defaults"], r["disk"])
+            )
     out = {
         "benchmark": "weight_exchange",
-        "publisher": "orbax_defaults" if args.orbax_defaults else "publish_weights",
         "loadavg_1m_before_after": [load_before[0], os.getloadavg()[0]],
         "sizes": results,
-        "disk": disk,
     }
     print(json.dumps(out, indent=1))
 
