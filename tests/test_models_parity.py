@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -25,6 +27,7 @@ from jaxsd.models import (
     set_lora_enabled,
     to_hf_state_dict,
 )
+from jaxsd.models.qwen3 import _MASK_VALUE, attend, attention_mask
 
 TOL = 1e-4
 B, T = 3, 9
@@ -342,3 +345,79 @@ def test_unreachable_hub_name_says_pass_a_local_path(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OSError, match="local folder"):
         from_pretrained("Qwen/Qwen3-0.6B-not-cached")
+
+
+def _torch_attention(q, k, v, mask):
+    """Plain GQA attention in torch (kv heads repeated), masked scores set to _MASK_VALUE."""
+    g = q.shape[2] // k.shape[2]
+    k, v = (x.repeat_interleave(g, dim=2) for x in (k, v))
+    scores = torch.einsum("btnd,bsnd->bnts", q, k) * q.shape[-1] ** -0.5
+    scores = scores.masked_fill(~mask[:, None], _MASK_VALUE)
+    return torch.einsum("bnts,bsnd->btnd", torch.softmax(scores, dim=-1), v)
+
+
+def test_attention_value_and_gradients_match_torch_autograd():
+    """`attend`'s hand-written backward vs torch autograd of the textbook formula, GQA with
+    causal, right-padded and fully masked (left-padding) query rows, non-zero cotangents."""
+    rng = np.random.RandomState(0)
+    b, t, n, k, d = 3, 7, 6, 2, 8
+    q, kk, v, cot = (rng.standard_normal(s).astype(np.float32) for s in
+                     [(b, t, n, d), (b, t, k, d), (b, t, k, d), (b, t, n, d)])  # fmt: skip
+    valid = np.ones((b, t), bool)
+    valid[1, 5:] = False  # right padding
+    valid[2, :3] = False  # left padding: query rows 0-2 see no valid key at all
+    mask = np.asarray(attention_mask(jnp.arange(t), jnp.asarray(valid), None))
+    assert (~mask[2, :3]).all()  # the fully masked rows are under test
+
+    def ours(q, kk, v):
+        return jnp.sum(attend(q, kk, v, jnp.asarray(mask)) * cot)
+
+    value, grads = jax.jit(jax.value_and_grad(ours, argnums=(0, 1, 2)))(q, kk, v)
+    tq, tk, tv = (torch.tensor(x, requires_grad=True) for x in (q, kk, v))
+    ref = torch.sum(_torch_attention(tq, tk, tv, torch.tensor(mask)) * torch.tensor(cot))
+    ref.backward()
+    np.testing.assert_allclose(float(value), ref.item(), rtol=1e-5, atol=1e-5)
+    for ours_g, ref_t in zip(grads, (tq, tk, tv), strict=True):
+        np.testing.assert_allclose(np.asarray(ours_g), ref_t.grad.numpy(), rtol=1e-4, atol=1e-5)
+
+
+OUTPUT_INDEX_CASES = {
+    "qwen3": TINY,
+    "olmo3_sliding": dataclasses.replace(
+        TINY,
+        model_type="olmo3",
+        qk_norm_scope="full",
+        norm_placement="post",
+        sliding_window=3,
+        layer_types=("sliding_attention", "full_attention"),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OUTPUT_INDEX_CASES))
+def test_hidden_states_at_output_index_equal_indexed_full_forward(case):
+    """`output_index` (the last layer on R rows only) == indexing the full hidden states, in
+    value and in the parameter gradient of a weighted sum."""
+    model = _random_model(OUTPUT_INDEX_CASES[case])
+    ids, mask = _batch(TINY.vocab_size, seed=3)
+    index = np.array([[8, 2, 5, 6], [0, 1, 4, 5], [4, 6, 7, 8]])  # unsorted, repeats allowed
+    weight = np.random.RandomState(1).standard_normal((B, 4, TINY.hidden_size))
+    graphdef, params = nnx.split(model)
+
+    def loss(params, rows):
+        m = nnx.merge(graphdef, params)
+        if rows:
+            h = m.hidden_states(ids, mask, output_index=index)
+        else:
+            h = jnp.take_along_axis(m.hidden_states(ids, mask), index[..., None], axis=1)
+        return jnp.sum(h * weight), h
+
+    (_, h_rows), g_rows = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(
+        params, True
+    )
+    (_, h_full), g_full = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(
+        params, False
+    )
+    assert h_rows.shape == (B, 4, TINY.hidden_size)
+    np.testing.assert_allclose(np.asarray(h_rows), np.asarray(h_full), rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(g_rows, g_full, rtol=1e-4, atol=1e-5)

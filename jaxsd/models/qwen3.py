@@ -65,12 +65,54 @@ def attend(
     # Queries head-major, [B, K, G*T, D]: every kv head is then one plain [G*T, D] x [D, S]
     # matmul. Contracting the [B, T, K, G, D] layout directly is ~4x slower on XLA:CPU.
     q_BxKxXxD = q_BxTxNxD.reshape(b, t, k, g, d).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, d)
-    scores = jnp.einsum("bkxd,bskd->bkxs", q_BxKxXxD, k_BxSxKxD, preferred_element_type=jnp.float32)
-    scores_BxKxGxTxS = scores.reshape(b, k, g, t, -1) * d**-0.5
-    scores_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], scores_BxKxGxTxS, _MASK_VALUE)
-    probs = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(v_BxSxKxD.dtype)
-    out_BxKxXxD = jnp.einsum("bkxs,bskd->bkxd", probs.reshape(b, k, g * t, -1), v_BxSxKxD)
+    out_BxKxXxD = _attend_grouped(q_BxKxXxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS)
     return out_BxKxXxD.reshape(b, k, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, n, d)
+
+
+def _probs(q_BxKxXxD: jax.Array, k_BxSxKxD: jax.Array, mask_BxTxS: jax.Array) -> jax.Array:
+    """fp32 attention weights [B, K, G*T, S] of head-major queries."""
+    b, kh, x, d = q_BxKxXxD.shape
+    t, s = mask_BxTxS.shape[1:]
+    scores = jnp.einsum("bkxd,bskd->bkxs", q_BxKxXxD, k_BxSxKxD, preferred_element_type=jnp.float32)
+    scores_BxKxGxTxS = scores.reshape(b, kh, x // t, t, s) * d**-0.5
+    scores_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], scores_BxKxGxTxS, _MASK_VALUE)
+    return jax.nn.softmax(scores_BxKxGxTxS, axis=-1).reshape(b, kh, x, s)
+
+
+@jax.custom_vjp
+def _attend_grouped(q_BxKxXxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS):
+    probs = _probs(q_BxKxXxD, k_BxSxKxD, mask_BxTxS).astype(v_BxSxKxD.dtype)
+    return jnp.einsum("bkxs,bskd->bkxd", probs, v_BxSxKxD)
+
+
+def _attend_fwd(q_BxKxXxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS):
+    p_BxKxXxS = _probs(q_BxKxXxD, k_BxSxKxD, mask_BxTxS)
+    out = jnp.einsum("bkxs,bskd->bkxd", p_BxKxXxS.astype(v_BxSxKxD.dtype), v_BxSxKxD)
+    return out, (q_BxKxXxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS, p_BxKxXxS, out)
+
+
+def _attend_bwd(res, do_BxKxXxD):
+    # The softmax backward ds = p * (dp - sum_s p dp) with sum_s p_s dp_s = do . o (o = p v):
+    # a sum over D instead of another pass over the [..., S] weights. Masked scores were
+    # replaced by a constant, so their gradient is 0 (p is already 0 there except on fully
+    # masked rows, whose weights are uniform).
+    q, k, v, mask, p, out = res
+    b, kh, x, d = q.shape
+    t, s = mask.shape[1:]
+    do32 = do_BxKxXxD.astype(jnp.float32)
+    dp = jnp.einsum("bkxd,bskd->bkxs", do_BxKxXxD, v, preferred_element_type=jnp.float32)
+    delta = jnp.sum(do32 * out.astype(jnp.float32), axis=-1, keepdims=True)
+    ds = (p * (dp - delta) * d**-0.5).reshape(b, kh, x // t, t, s)
+    ds = jnp.where(mask[:, None, None], ds, 0.0).reshape(b, kh, x, s).astype(q.dtype)
+    dq = jnp.einsum("bkxs,bskd->bkxd", ds, k, preferred_element_type=jnp.float32)
+    dk = jnp.einsum("bkxs,bkxd->bskd", ds, q, preferred_element_type=jnp.float32)
+    dv = jnp.einsum(
+        "bkxs,bkxd->bskd", p.astype(v.dtype), do_BxKxXxD, preferred_element_type=jnp.float32
+    )
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_attend_grouped.defvjp(_attend_fwd, _attend_bwd)
 
 
 class RMSNorm(nnx.Module):
@@ -131,18 +173,28 @@ class Attention(nnx.Module):
         mask_BxTxS: jax.Array,
         kv: tuple[jax.Array, jax.Array] | None = None,
         cache_index: jax.Array | None = None,
+        query_index: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """Returns the output [B, T, H] and the (k, v) the step attended over ([B, S, K, D])."""
-        b, t, _ = x_BxTxH.shape
-        q, k, v = self.q_proj(x_BxTxH), self.k_proj(x_BxTxH), self.v_proj(x_BxTxH)
+        """Returns the output [B, T, H] and the (k, v) the step attended over ([B, S, K, D]).
+
+        `query_index` [B, R] keeps only those query rows (keys and values still cover all T):
+        the output is then [B, R, H].
+        """
+        x_q = x_BxTxH
+        if query_index is not None:
+            x_q = _rows(x_BxTxH, query_index)
+            positions_q = _rows(positions_BxT, query_index)
+            mask_BxTxS = _rows(mask_BxTxS, query_index)
+        b, t, _ = x_q.shape
+        q, k, v = self.q_proj(x_q), self.k_proj(x_BxTxH), self.v_proj(x_BxTxH)
         if self.full_qk_norm:  # OLMo: norm over all heads at once, before the head split
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.reshape(b, t, self.num_heads, self.head_dim)
-        k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
+        k = k.reshape(*x_BxTxH.shape[:2], self.num_kv_heads, self.head_dim)
+        v = v.reshape(k.shape)
         if self.q_norm is not None and not self.full_qk_norm:  # Qwen3: per-head norm
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q, positions_BxT, self.rope_theta)
+        q = apply_rope(q, positions_BxT if query_index is None else positions_q, self.rope_theta)
         k = apply_rope(k, positions_BxT, self.rope_theta)
         if kv is not None:
             start = (0, cache_index, 0, 0)
@@ -187,14 +239,24 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = norm()
         self.post_feedforward_layernorm = norm() if self.post else None
 
-    def __call__(self, x, positions_BxT, mask_BxTxS, kv=None, cache_index=None):
+    def __call__(self, x, positions_BxT, mask_BxTxS, kv=None, cache_index=None, query_index=None):
+        """`query_index` [B, R]: compute only those output rows (the last layer of a forward
+        whose caller reads R positions: its other rows feed nothing)."""
+        attn_in = x if self.post else self.input_layernorm(x)
+        a, kv = self.self_attn(attn_in, positions_BxT, mask_BxTxS, kv, cache_index, query_index)
+        if query_index is not None:
+            x = _rows(x, query_index)
         if self.post:
-            a, kv = self.self_attn(x, positions_BxT, mask_BxTxS, kv, cache_index)
             x = x + self.post_attention_layernorm(a)
             return x + self.post_feedforward_layernorm(self.mlp(x)), kv
-        a, kv = self.self_attn(self.input_layernorm(x), positions_BxT, mask_BxTxS, kv, cache_index)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+def _rows(x_BxTx: jax.Array, index_BxR: jax.Array) -> jax.Array:
+    """x[b, index[b, r], ...]: [B, T, ...] -> [B, R, ...]."""
+    index = index_BxR.reshape(index_BxR.shape + (1,) * (x_BxTx.ndim - 2))
+    return jnp.take_along_axis(x_BxTx, index, axis=1)
 
 
 def default_positions(attention_mask_BxT: jax.Array | None, b: int, t: int) -> jax.Array:
@@ -266,16 +328,20 @@ class Transformer(nnx.Module):
             self.config.compute_jnp_dtype
         )
 
-    def _run_layers(self, x, positions_BxT, query_slots_T, key_valid_BxS, cache=None):
+    def _run_layers(
+        self, x, positions_BxT, query_slots_T, key_valid_BxS, cache=None, output_index=None
+    ):
         masks: dict[int | None, jax.Array] = {}
         new_k, new_v = [], []
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             window = self.config.layer_window(i)
             if window not in masks:
                 masks[window] = attention_mask(query_slots_T, key_valid_BxS, window)
             kv = None if cache is None else (cache["k"][i], cache["v"][i])
             index = None if cache is None else cache["index"]
-            x, (k, v) = layer(x, positions_BxT, masks[window], kv, index)
+            rows = output_index if i == last else None
+            x, (k, v) = layer(x, positions_BxT, masks[window], kv, index, rows)
             new_k.append(k)
             new_v.append(v)
         return self.norm(x), (tuple(new_k), tuple(new_v))
@@ -300,14 +366,20 @@ class Transformer(nnx.Module):
         input_ids: jax.Array,
         attention_mask: jax.Array | None = None,
         positions: jax.Array | None = None,
+        output_index: jax.Array | None = None,
     ) -> jax.Array:
-        """Final-norm hidden states [B, T, H] (the train step applies the LM head in chunks)."""
+        """Final-norm hidden states [B, T, H] (the train step applies the LM head in chunks).
+
+        With `output_index` [B, R], only the hidden states at those positions, [B, R, H]: the
+        last layer then runs its queries, MLP and norm on those R rows only (same values as
+        indexing the full result, for a fraction of the last layer's work).
+        """
         spec = P(*_spec(input_ids), None)
         return self._in_auto_axes(
-            Transformer._hidden_states, spec, input_ids, attention_mask, positions
+            Transformer._hidden_states, spec, input_ids, attention_mask, positions, output_index
         )
 
-    def _hidden_states(self, input_ids, attention_mask, positions):
+    def _hidden_states(self, input_ids, attention_mask, positions, output_index=None):
         b, t = input_ids.shape
         chex.assert_rank(input_ids, 2)
         if attention_mask is not None:
@@ -316,7 +388,11 @@ class Transformer(nnx.Module):
             positions = default_positions(attention_mask, b, t)
         chex.assert_shape(positions, (b, t))
         valid_BxT = jnp.ones((b, t), bool) if attention_mask is None else attention_mask
-        h, _ = self._run_layers(self._embed(input_ids), positions, jnp.arange(t), valid_BxT)
+        if output_index is not None:
+            chex.assert_rank(output_index, 2)
+            chex.assert_equal(output_index.shape[0], b)
+        x = self._embed(input_ids)
+        h, _ = self._run_layers(x, positions, jnp.arange(t), valid_BxT, output_index=output_index)
         return h
 
     def logits(self, h_BxTxH: jax.Array) -> jax.Array:

@@ -132,11 +132,12 @@ def make_loss_fn(graphdef: nnx.GraphDef, cfg: StepConfig) -> Callable[..., Any]:
 
     def hidden_at_response(params, frozen, tokens, mask, positions, index):
         model = nnx.merge(graphdef, params, frozen)
-        h_BxTxH = model.hidden_states(tokens, mask, positions)
+        # Only the response rows: the last layer then skips the prompt positions.
+        h_BxRxH = model.hidden_states(tokens, mask, positions, output_index=index)
         # Cast like Transformer.logits: an fp32 master weight would promote bf16 hidden
         # states and run the (largest) head matmul in fp32.
         w_HxV = model.lm_head_weight().astype(model.config.compute_jnp_dtype)
-        return jnp.take_along_axis(h_BxTxH, index[..., None], axis=1), w_HxV
+        return h_BxRxH, w_HxV
 
     def loss_fn(params, frozen, teacher, batch: TrainBatch, global_norms=None):
         b = batch
