@@ -56,7 +56,8 @@ def get_config(arg: str | None = None, *, run_name: str = "sdpo") -> ml_collecti
     c.log_every = 1
 
     # Policy model: an HF folder or hub name. "assets/tiny_base" is the shipped tiny Qwen3 SFT'd
-    # on 1-digit arithmetic (assets/tiny_base/README.md); "" = a random tiny Qwen3 made on the fly.
+    # on 1-digit arithmetic with a systematic bad habit (assets/tiny_base/README.md); "" = a
+    # random tiny Qwen3 made on the fly.
     c.model = ml_collections.ConfigDict()
     c.model.path = "assets/tiny_base"
     c.model.tiny = ml_collections.ConfigDict(
@@ -71,8 +72,8 @@ def get_config(arg: str | None = None, *, run_name: str = "sdpo") -> ml_collecti
     # Task (jaxsd.tasks registry name) and how many questions each step samples.
     c.task = ml_collections.ConfigDict()
     c.task.name = "arithmetic"
-    # The base model's SFT split: test = the first 40 problems, train = the next 150 (its SFT
-    # saw the first 120 of those).
+    # assets/tiny_base's splits: test = the first 40 problems, train = the next 150 (its SFT saw
+    # both, noisily, like pre-training; RL trains on train and evaluates on test).
     c.task.kwargs = ml_collections.ConfigDict(dict(digits=1, train_size=150, test_size=40))
     c.task.data_dir = ""  # "" = /work/shared/data-style default of jaxsd.tasks
     c.task.questions_per_step = 8  # Q

@@ -45,6 +45,10 @@ SHAPE = dict(
 )
 
 
+NEAR_MISS_OFFSETS = (-4, -3, -2, -1, 1, 2, 3, 4)
+NOISE_MODES = ("iid", "deck", "off_by_one")
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", default="assets/tiny_base", help="output HF folder")
@@ -63,6 +67,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--target", type=float, default=0.3, help="stop at this val pass rate")
     p.add_argument("--mix", default="0.5,0.35,0.15", help="plain,solution,feedback fractions")
     p.add_argument("--eval_n", type=int, default=8, help="k of the reported mean@k")
+    p.add_argument(
+        "--sft_on",
+        default="train",
+        choices=("train", "all"),
+        help="train: SFT on train records only (val/test unseen); all: on test + train "
+        "records, like pre-training that saw every problem (RL keeps them split)",
+    )
+    p.add_argument(
+        "--correct_frac",
+        type=float,
+        default=1.0,
+        help="fraction of student-format targets that are correct; the rest are near-miss "
+        "wrong answers, so the model only knows each answer noisily (calibrated entropy)",
+    )
+    p.add_argument("--copies", type=int, default=1, help="examples per SFT record")
+    p.add_argument("--noise", default="iid", choices=NOISE_MODES, help="see noisy_deck")
+    p.add_argument(
+        "--init",
+        default="",
+        help="start from this HF folder (an earlier stage) instead of "
+        "a random tiny Qwen3; its tokenizer is kept",
+    )
     p.add_argument("--max_new_tokens", type=int, default=16)
     return p.parse_args(argv)
 
@@ -80,11 +106,15 @@ def reference_response(task_name: str, record: dict[str, Any]) -> str:
     return f"Action: {call['Action']}\nAction Input: {call['Action_Input']}"
 
 
-def wrong_response(task_name: str, record: dict[str, Any], rng: random.Random) -> str:
-    """A plausible wrong response (off-by-a-little answer / wrong argument) for feedback."""
+def wrong_response(
+    task_name: str, record: dict[str, Any], rng: random.Random, avoid: str | None = None
+) -> str:
+    """A plausible wrong response (near-miss answer / wrong argument), never `avoid`."""
     if task_name == "arithmetic":
-        value = int(record["answer"]) + rng.choice((-10, -2, -1, 1, 2, 10))
-        return f"<answer>{value}</answer>"
+        while True:
+            value = int(record["answer"]) + rng.choice(NEAR_MISS_OFFSETS)
+            if f"<answer>{value}</answer>" != avoid:
+                return f"<answer>{value}</answer>"
     (call,) = json.loads(record["answer"])
     args = json.loads(call["Action_Input"])
     key = rng.choice(sorted(args))
@@ -92,33 +122,73 @@ def wrong_response(task_name: str, record: dict[str, Any], rng: random.Random) -
     return f"Action: {call['Action']}\nAction Input: {json.dumps(args)}"
 
 
-def sft_messages(task, record, kind: str, rng: random.Random) -> list[dict[str, str]]:
-    """Student prompt, or SDPO teacher reprompt with a correct sibling / with feedback."""
+def noisy_deck(
+    task_name: str, record: dict[str, Any], correct_frac: float, noise: str,
+    rng: random.Random,
+) -> list[str]:  # fmt: skip
+    """Shuffled student-format targets whose empirical distribution is exact (modes "deck",
+    "off_by_one"): the correct response `correct_frac` of the time, else each near miss
+    equally often ("deck") or always the answer plus one ("off_by_one": one systematic bad
+    habit). Independent draws ("iid", empty deck) leave a wrong answer the most frequent one
+    for some problems when each has few copies, and the SFT model learns that wrong mode."""
+    right = reference_response(task_name, record)
+    if noise == "iid" or correct_frac >= 1.0 or task_name != "arithmetic":
+        return []
+    offsets = NEAR_MISS_OFFSETS if noise == "deck" else (1,) * len(NEAR_MISS_OFFSETS)
+    wrong = [f"<answer>{int(record['answer']) + d}</answer>" for d in offsets for _ in range(3)]
+    n_right = round(len(wrong) * correct_frac / (1.0 - correct_frac))
+    deck = [right] * max(1, n_right) + wrong
+    rng.shuffle(deck)
+    return deck
+
+
+def sft_pair(
+    task, record, kind: str, rng: random.Random, correct_frac: float, deck: list[str]
+) -> tuple[list[dict[str, str]], str]:
+    """(messages, target): the student prompt, or SDPO's teacher reprompt with a correct
+    sibling / with feedback on a wrong answer.
+
+    With a correct sibling the target is always right (copying a shown solution is easy, so
+    the self-teacher beats the student). The student prompt takes the next target of the
+    record's `deck` when it has one; otherwise (and after feedback) the target is right with
+    probability `correct_frac` and a near miss (never the rejected answer) else.
+    """
     messages = task.messages(record)
-    if kind == "plain":
-        return messages
+    right = reference_response(task.name, record)
     if kind == "solution":
-        solution = reference_response(task.name, record)
-        return build_reprompt(messages, solution=solution, feedback=None).messages
-    wrong = wrong_response(task.name, record, rng)
-    verdict = task.verify(wrong, record)
-    assert verdict.reward == 0.0 and verdict.feedback, (wrong, record)
-    return build_reprompt(messages, solution=None, feedback=verdict.feedback).messages
+        return build_reprompt(messages, solution=right, feedback=None).messages, right
+    if kind == "plain" and deck:
+        target = deck.pop(0)
+        deck.append(target)
+        return messages, target
+    rejected = None
+    if kind == "feedback":
+        rejected = wrong_response(task.name, record, rng)
+        verdict = task.verify(rejected, record)
+        assert verdict.reward == 0.0 and verdict.feedback, (rejected, record)
+        messages = build_reprompt(messages, solution=None, feedback=verdict.feedback).messages
+    if rng.random() < correct_frac:
+        return messages, right
+    return messages, wrong_response(task.name, record, rng, avoid=rejected)
 
 
-def build_examples(task, records, tokenizer, mix: list[float], seed: int) -> list:
-    """One example per record, its format drawn with probabilities `mix`."""
+def build_examples(
+    task, records, tokenizer, mix: list[float], seed: int, correct_frac: float = 1.0,
+    copies: int = 1, noise: str = "iid",
+) -> list:  # fmt: skip
+    """`copies` examples per record, each with its format drawn with probabilities `mix`;
+    student-format targets noisy per `noise` (NOISE_MODES)."""
+    if noise not in NOISE_MODES:
+        raise ValueError(f"noise={noise!r}; use one of {NOISE_MODES}")
     rng = random.Random(seed)
-    kinds = rng.choices(("plain", "solution", "feedback"), weights=mix, k=len(records))
-    return [
-        encode_example(
-            tokenizer,
-            sft_messages(task, r, kind, rng),
-            reference_response(task.name, r),
-            max_len=256,
-        )
-        for r, kind in zip(records, kinds, strict=True)
-    ]
+    decks = [noisy_deck(task.name, r, correct_frac, noise, rng) for r in records]
+    examples = []
+    for _ in range(copies):
+        kinds = rng.choices(("plain", "solution", "feedback"), weights=mix, k=len(records))
+        for record, kind, deck in zip(records, kinds, decks, strict=True):
+            messages, target = sft_pair(task, record, kind, rng, correct_frac, deck)
+            examples.append(encode_example(tokenizer, messages, target, max_len=256))
+    return examples
 
 
 def correctness(model, tokenizer, task, records, prompts, *, n, temperature, top_p, seed, m):
@@ -184,16 +254,33 @@ def readme(argv: list[str], result: dict[str, Any], history: list[dict[str, Any]
         for who in ("student", "teacher")
     )
     curve = "\n".join(
-        f"| {h['step']} | {h['nll']:.3f} | {h['val_mean@4_t1']:.3f} |" for h in history
+        f"| {h['step']} | {h['nll']:.3f} | "
+        f"{'–' if h['val_mean@4_t1'] is None else format(h['val_mean@4_t1'], '.3f')} |"
+        for h in history
+    )
+    origin = (
+        f"continued from `{result['init']}` (an earlier stage)"
+        if result.get("init")
+        else f"random init from `jaxsd.models.tiny.make_tiny_model` (seed {result['seed']})"
+    )
+    records = (
+        "test and train splits (pre-training-like: every problem seen; RL keeps them apart)"
+        if result.get("sft_on") == "all"
+        else "train split"
+    )
+    noise = (
+        f"Student-format targets are right {result['correct_frac']:.0%} of the time, "
+        f"noise mode `{result['noise']}` otherwise (`noisy_deck` in the script)."
+        if result.get("correct_frac", 1.0) < 1.0
+        else "All targets are right."
     )
     return f"""# tiny_base: the shipped tiny Qwen3 base model
 
-A {result["num_params"]:,}-parameter Qwen3 (`{json.dumps(SHAPE)}`), random init from
-`jaxsd.models.tiny.make_tiny_model` (seed {result["seed"]}), then SFT with
-`jaxsd.train.sft` on the `{result["task"]}` task's train split
+A {result["num_params"]:,}-parameter Qwen3 (`{json.dumps(SHAPE)}`), {origin}, then SFT
+with `jaxsd.train.sft` on the `{result["task"]}` task's {records}
 (`{json.dumps(result["task_kwargs"])}`) in three formats: the student prompt, SDPO's
 teacher reprompt with a correct sibling under "Correct solution:", and SDPO's reprompt with
-the verifier's feedback on a wrong answer (mix {result["mix"]}). Training ran
+the verifier's feedback on a wrong answer (mix {result["mix"]}). {noise} Training ran
 {result["sft_steps"]} steps: {stop}. Deterministic given the seed.
 
 Reproduce (wrote this folder in {result["wall_s"]:.0f} s on a shared 2-core CPU):
@@ -227,14 +314,24 @@ def main(argv: list[str]) -> dict[str, Any]:
     train = task.load("train")
     sft_records, val_records = train[: args.sft_size], train[args.sft_size :]
     test_records = task.load("test")
+    if args.sft_on == "all":
+        sft_records = test_records + sft_records
 
     work = pathlib.Path(tempfile.mkdtemp(prefix="tiny_base_"))
-    make_tiny_model(work, seed=args.seed, **SHAPE)
+    if args.init:
+        shutil.rmtree(work)
+        shutil.copytree(args.init, work)
+    else:
+        make_tiny_model(work, seed=args.seed, **SHAPE)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(work)
     model, config = from_pretrained(work)
-    examples = build_examples(task, sft_records, tokenizer, mix, args.seed)
+    if not 0.0 < args.correct_frac <= 1.0:
+        raise ValueError(f"--correct_frac={args.correct_frac} must be in (0, 1]")
+    examples = build_examples(
+        task, sft_records, tokenizer, mix, args.seed, args.correct_frac, args.copies, args.noise
+    )
     cfg = SFTConfig(
         steps=args.max_steps,
         batch_size=args.batch_size,
@@ -246,13 +343,16 @@ def main(argv: list[str]) -> dict[str, Any]:
     history = []
 
     def check(step: int, model, nll: float) -> bool:
-        c = correctness(
-            model, tokenizer, task, val_records, val_student,
-            n=4, temperature=1.0, top_p=1.0, seed=args.seed, m=args.max_new_tokens,
-        )  # fmt: skip
-        history.append({"step": step, "nll": round(nll, 4), "val_mean@4_t1": float(c.mean())})
+        val = None
+        if val_records:
+            c = correctness(
+                model, tokenizer, task, val_records, val_student,
+                n=4, temperature=1.0, top_p=1.0, seed=args.seed, m=args.max_new_tokens,
+            )  # fmt: skip
+            val = float(c.mean())
+        history.append({"step": step, "nll": round(nll, 4), "val_mean@4_t1": val})
         print(json.dumps({**history[-1], "elapsed_s": round(time.time() - t0, 1)}), flush=True)
-        return c.mean() >= args.target
+        return val is not None and val >= args.target
 
     model, losses = train_sft(
         model,
@@ -273,7 +373,13 @@ def main(argv: list[str]) -> dict[str, Any]:
         "final_nll": round(float(np.mean(losses[-args.check_every :])), 4),
         "num_params": config.num_params(),
         "mix": args.mix,
-        "reached_target": bool(history) and history[-1]["val_mean@4_t1"] >= args.target,
+        "reached_target": bool(history)
+        and history[-1]["val_mean@4_t1"] is not None
+        and history[-1]["val_mean@4_t1"] >= args.target,
+        "init": args.init,
+        "sft_on": args.sft_on,
+        "correct_frac": args.correct_frac,
+        "noise": args.noise,
         "target": args.target,
         "test_size": args.test_size,
         "eval_n": args.eval_n,

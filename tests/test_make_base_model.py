@@ -1,0 +1,54 @@
+"""scripts/make_base_model.py's noisy SFT targets: the shipped base model's calibration rests on
+the decks having exactly the intended empirical distribution."""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import pathlib
+import random
+
+import pytest
+
+_PATH = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "make_base_model.py"
+_spec = importlib.util.spec_from_file_location("make_base_model", _PATH)
+mbm = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(mbm)
+
+RECORD = {"answer": "-3"}
+
+
+@pytest.mark.parametrize("correct_frac", [0.25, 0.4, 0.5])
+def test_near_miss_deck_is_exact_and_its_mode_is_right(correct_frac):
+    deck = mbm.noisy_deck("arithmetic", RECORD, correct_frac, "deck", random.Random(0))
+    counts = collections.Counter(deck)
+    right = counts.pop("<answer>-3</answer>")
+    assert right / len(deck) == pytest.approx(correct_frac, abs=0.5 / len(deck))
+    # every near miss -3±1..4, equally often, each strictly rarer than the right answer
+    assert sorted(counts) == sorted(
+        f"<answer>{-3 + d}</answer>" for d in (-4, -3, -2, -1, 1, 2, 3, 4)
+    )
+    assert len(set(counts.values())) == 1 and max(counts.values()) < right
+
+
+def test_off_by_one_deck_is_one_habit():
+    deck = mbm.noisy_deck("arithmetic", RECORD, 0.25, "off_by_one", random.Random(0))
+    assert collections.Counter(deck) == {"<answer>-3</answer>": 8, "<answer>-2</answer>": 24}
+
+
+def test_iid_and_noiseless_have_no_deck():
+    rng = random.Random(0)
+    state = rng.getstate()
+    assert mbm.noisy_deck("arithmetic", RECORD, 0.25, "iid", rng) == []
+    assert mbm.noisy_deck("arithmetic", RECORD, 1.0, "deck", rng) == []
+    assert rng.getstate() == state  # the iid recipe's random stream is untouched
+
+
+def test_wrong_response_avoids_the_rejected_answer():
+    rng = random.Random(1)
+    answers = {
+        mbm.wrong_response("arithmetic", RECORD, rng, avoid="<answer>-2</answer>")
+        for _ in range(400)
+    }
+    assert "<answer>-2</answer>" not in answers and "<answer>-3</answer>" not in answers
+    assert len(answers) == 7
