@@ -102,10 +102,12 @@ def _attend_bwd(res, do_BxKxXxD):
     do32 = do_BxKxXxD.astype(jnp.float32)
     dp = jnp.einsum("bkxd,bskd->bkxs", do_BxKxXxD, v, preferred_element_type=jnp.float32)
     delta = jnp.sum(do32 * out.astype(jnp.float32), axis=-1, keepdims=True)
-    ds = (p * (dp - delta) * d**-0.5).reshape(b, kh, x // t, t, s)
+    ds = (p * (dp - delta)).reshape(b, kh, x // t, t, s)
     ds = jnp.where(mask[:, None, None], ds, 0.0).reshape(b, kh, x, s).astype(q.dtype)
-    dq = jnp.einsum("bkxs,bskd->bkxd", ds, k, preferred_element_type=jnp.float32)
-    dk = jnp.einsum("bkxs,bkxd->bskd", ds, q, preferred_element_type=jnp.float32)
+    # The 1/sqrt(D) of the scores goes on the [..., D] results: a scalar inside the [..., S]
+    # fusion above is materialised as a full broadcast on XLA:CPU.
+    dq = jnp.einsum("bkxs,bskd->bkxd", ds, k, preferred_element_type=jnp.float32) * d**-0.5
+    dk = jnp.einsum("bkxs,bkxd->bskd", ds, q, preferred_element_type=jnp.float32) * d**-0.5
     dv = jnp.einsum(
         "bkxs,bkxd->bskd", p.astype(v.dtype), do_BxKxXxD, preferred_element_type=jnp.float32
     )
