@@ -200,6 +200,18 @@ def test_greedy_continuation_matches_the_embedded_engine(engine, jax_model, stat
         np.testing.assert_allclose(a, b, atol=1e-3)
 
 
+def test_a_large_seeded_batch_samples_and_repeats_exactly(engine):
+    # 40 prompts x 16 seeded samples: more prompt tokens than one scheduler step takes. With
+    # chunked prefill on, vLLM's CPU backend crashed here ("CPU Generator does not use offset").
+    prompts = [[1 + (i * 7 + j) % 900 for j in range(30)] for i in range(40)]
+    sampling = SamplingConfig(temperature=0.6, top_p=0.95, max_new_tokens=6, seed=11)
+    first = engine.generate(prompts, 16, sampling)
+    again = engine.generate(prompts, 16, sampling)
+    assert len(first.token_ids) == 40 * 16
+    assert sorted(first.prompt_index) == sorted(i for i in range(40) for _ in range(16))
+    assert [list(t) for t in first.token_ids] == [list(t) for t in again.token_ids]
+
+
 def test_unloadable_steps_leave_the_worker_on_its_previous_step(
     engine, jax_model, states, weights_dir
 ):

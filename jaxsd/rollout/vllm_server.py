@@ -114,8 +114,14 @@ def export_hf_folder(
 def build_llm(model_dir: str | os.PathLike, opts: WorkerOptions):
     """A vllm.LLM for token-id prompts, with the Orbax weight loader mixed into its worker."""
     from vllm import LLM
+    from vllm.platforms import current_platform
 
+    # vLLM's CPU backend cannot rewind a seeded request's torch.Generator ("CPU Generator
+    # does not use offset"), which chunked prefill does whenever a batch of prompts exceeds the
+    # token budget (e.g. 40 eval prompts x 16 samples). Whole-prompt prefill avoids it.
+    cpu_only = {"enable_chunked_prefill": False} if current_platform.is_cpu() else {}
     return LLM(
+        **cpu_only,
         model=str(model_dir),
         dtype=opts.dtype,
         enforce_eager=opts.enforce_eager,
