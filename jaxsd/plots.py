@@ -89,14 +89,30 @@ def plot_run(run_dir: str | os.PathLike, out_png: str | os.PathLike | None = Non
     return _save(make_run_figure(rows, title=os.path.basename(os.path.normpath(run_dir))), out)
 
 
+def mean_curve(
+    curves: Sequence[tuple[np.ndarray, np.ndarray]],
+) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, mean values) over the steps every curve has."""
+    common = curves[0][0]
+    for steps, _ in curves[1:]:
+        common = np.intersect1d(common, steps)
+    stacked = [values[np.searchsorted(steps, common)] for steps, values in curves]
+    return common, np.mean(stacked, axis=0)
+
+
 def plot_runs(
     run_dirs: Sequence[str | os.PathLike],
     out_png: str | os.PathLike,
     metric: str,
     *,
     labels: Sequence[str] | None = None,
+    groups: Sequence[str] | None = None,
 ) -> str:
-    """One curve of `metric` per run (methods compared on one axis); return the PNG path."""
+    """One curve of `metric` per run (methods compared on one axis); return the PNG path.
+
+    With `groups` (e.g. each run's method), runs of a group share a colour as thin lines and
+    the group's mean over its runs (at the steps all of them logged) is drawn thick.
+    """
     if not run_dirs:
         raise ValueError("plot_runs needs at least one run folder")
     labels = (
@@ -106,15 +122,30 @@ def plot_runs(
     )
     if len(labels) != len(run_dirs):
         raise ValueError(f"{len(labels)} labels for {len(run_dirs)} run folders")
+    if groups is not None and len(groups) != len(run_dirs):
+        raise ValueError(f"{len(groups)} groups for {len(run_dirs)} run folders")
     fig, ax = plt.subplots(figsize=(7, 4))
-    for run_dir, label in zip(run_dirs, labels, strict=True):
+    curves = []
+    for run_dir in run_dirs:
         rows = read_metrics(run_dir)
         steps, values = series(rows, metric)
         if steps.size == 0:
             plt.close(fig)
             available = sorted({k for r in rows for k in r} - {"step", "time"})
             raise ValueError(f"{run_dir} has no values of {metric!r}; it has {available}")
-        ax.plot(steps, values, label=label)
+        curves.append((steps, values))
+    if groups is None:
+        for (steps, values), label in zip(curves, labels, strict=True):
+            ax.plot(steps, values, label=label)
+    else:
+        for k, group in enumerate(dict.fromkeys(groups)):
+            members = [c for c, g in zip(curves, groups, strict=True) if g == group]
+            for steps, values in members:
+                ax.plot(steps, values, color=f"C{k}", alpha=0.3, linewidth=1)
+            steps, mean = mean_curve(members)
+            ax.plot(
+                steps, mean, color=f"C{k}", linewidth=2.5, label=f"{group} (mean of {len(members)})"
+            )
     ax.set_xlabel("step")
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)

@@ -95,3 +95,17 @@ def test_plot_script_writes_png(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == str(out)
     _assert_png(out, 700, 260 * 5)
+
+
+def test_mean_curve_averages_at_the_steps_every_run_has():
+    a = (np.array([0, 10, 20, 30]), np.array([0.1, 0.2, 0.3, 0.4]))
+    b = (np.array([0, 10, 30]), np.array([0.3, 0.4, 0.8]))
+    steps, mean = plots.mean_curve([a, b])
+    np.testing.assert_array_equal(steps, [0, 10, 30])
+    np.testing.assert_allclose(mean, [0.2, 0.3, 0.6])
+
+
+def test_plot_runs_groups_need_one_group_per_run(tmp_path):
+    _write_run(tmp_path / "a", with_eval=False)
+    with pytest.raises(ValueError, match="groups"):
+        plots.plot_runs([tmp_path / "a"], tmp_path / "x.png", M.PASS_RATE, groups=["x", "y"])

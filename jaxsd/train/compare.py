@@ -82,10 +82,13 @@ def compare(
             "n": len(ends),
         }
     dirs = [r["run_dir"] for r in runs.values()]
+    groups = [r["method"] for r in runs.values()]
     summary["plot_pass_rate"] = plot_runs(
-        dirs, out_dir / "pass_rate.png", "rollout/pass_rate", labels=list(runs)
+        dirs, out_dir / "pass_rate.png", "rollout/pass_rate", labels=list(runs), groups=groups
     )
-    summary["plot_eval"] = plot_runs(dirs, out_dir / "eval.png", metric, labels=list(runs))
+    summary["plot_eval"] = plot_runs(
+        dirs, out_dir / "eval.png", metric, labels=list(runs), groups=groups
+    )
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
