@@ -1,8 +1,8 @@
 """Shared defaults of every method's config; method files override only what differs.
 
 `get_config(arg)` picks a preset:
-- "" / None (default): the embedded CPU run — a tiny Qwen3 made on the fly
-  (jaxsd.models.tiny), the offline arithmetic task, the embedded JAX sampler, a 1-device mesh.
+- "" / None (default): the embedded CPU run — the shipped tiny Qwen3 `assets/tiny_base`, the
+  offline 1-digit arithmetic task, the embedded JAX sampler, a 1-device mesh, 80 steps.
 - "smoke": the tiniest variant (3 steps) that CI runs end to end for every method.
 - "qwen3_8b": the paper's table A.2 (METHODS §10) with vLLM rollouts.
 Command-line overrides work as usual: `--config.optim.lr=3e-6`.
