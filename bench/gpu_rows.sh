@@ -10,7 +10,7 @@
 # runs in its own process under `timeout`, so a failure or OOM costs only that row, and the
 # whole script stops starting rows once its deadline (DEADLINE_S, default 430 s) is near.
 # Env: PY (jax rows, default python3), PY_TORCH (torch rows, default $PY), OUT, DEADLINE_S,
-# PEAK_TFLOPS (nominal dense bf16 peak for MFU, default 989 = H100 SXM).
+# PEAK_TFLOPS (nominal dense bf16 peak for MFU, default 989 = H100 SXM), FIRST (mfu | 0.6b).
 set -u
 cd "$(dirname "$0")/.."
 SMOKE=0
@@ -101,20 +101,26 @@ print(json.dumps({"torch": torch.__version__, "transformers": transformers.__ver
 row matmul_bf16 60 "$PY" bench/train_step.py --matmul-only --dtype bfloat16 "${MATMUL[@]}" \
   --peak-tflops "$PEAK"
 
-# Highest value first: 0.6b-shaped fixed workload, ours vs the torch peer, SDPO and GRPO.
-for algo in sdpo grpo; do
-  row "ours_${algo}_${S06}_fixed" 200 "$PY" bench/train_step.py --algo $algo --shape $S06 \
-    "${FIXED[@]}" "${BF16[@]}" "${STEPS[@]}"
-  row "torch_${algo}_${S06}_fixed" 90 "$PY_TORCH" bench/peers/torch_step.py --algo $algo \
-    --shape $S06 "${FIXED[@]}" "${BF16[@]}" "${STEPS[@]}"
-done
+# 0.6b-shaped fixed workload, ours vs the torch peer, SDPO and GRPO.
+rows_06_fixed() {
+  for algo in sdpo grpo; do
+    row "ours_${algo}_${S06}_fixed" 200 "$PY" bench/train_step.py --algo $algo --shape $S06 \
+      "${FIXED[@]}" "${BF16[@]}" "${STEPS[@]}"
+    row "torch_${algo}_${S06}_fixed" 90 "$PY_TORCH" bench/peers/torch_step.py --algo $algo \
+      --shape $S06 "${FIXED[@]}" "${BF16[@]}" "${STEPS[@]}"
+  done
+}
 # MFU rows: Qwen3-8B layer shape cut to $L8 layers (AdamW state fits), larger workload.
-for algo in sdpo grpo; do
-  row "ours_${algo}_${S8}x${L8}_large" 120 "$PY" bench/train_step.py --algo $algo --shape $S8 \
-    --layers $L8 "${LARGE8[@]}" "${BF16[@]}" "${STEPS[@]}"
-  row "torch_${algo}_${S8}x${L8}_large" 90 "$PY_TORCH" bench/peers/torch_step.py --algo $algo \
-    --shape $S8 --layers $L8 "${LARGE8[@]}" "${BF16[@]}" "${STEPS[@]}"
-done
+rows_8b_mfu() {
+  for algo in sdpo grpo; do
+    row "ours_${algo}_${S8}x${L8}_large" 200 "$PY" bench/train_step.py --algo $algo --shape $S8 \
+      --layers $L8 "${LARGE8[@]}" "${BF16[@]}" "${STEPS[@]}"
+    row "torch_${algo}_${S8}x${L8}_large" 90 "$PY_TORCH" bench/peers/torch_step.py --algo $algo \
+      --shape $S8 --layers $L8 "${LARGE8[@]}" "${BF16[@]}" "${STEPS[@]}"
+  done
+}
+# FIRST=mfu (default: the 0.6b SDPO pair is already recorded, bench/README.md) or FIRST=0.6b.
+if [ "${FIRST:-mfu}" = mfu ]; then rows_8b_mfu; rows_06_fixed; else rows_06_fixed; rows_8b_mfu; fi
 row head 120 "$PY" bench/train_step.py --head --head-torch --dtype bfloat16 "${HEAD[@]}"
 # 0.6b at a larger batch (MFU), then the small shape (issue's fixed workload).
 for algo in sdpo grpo; do
