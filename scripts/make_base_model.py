@@ -247,6 +247,8 @@ def readme(argv: list[str], result: dict[str, Any], history: list[dict[str, Any]
         f"the first check where the student's sampled (T=1) pass rate on held-out train "
         f"records reached the target {result['target']}"
         if result["reached_target"]
+        else "the step cap (no pass-rate target: no validation split)"
+        if result["target"] > 1.0
         else f"the step cap, WITHOUT reaching the target pass rate {result['target']}"
     )
     rows = "\n".join(
