@@ -101,44 +101,29 @@ print(json.dumps({"torch": torch.__version__, "transformers": transformers.__ver
 row matmul_bf16 60 "$PY" bench/train_step.py --matmul-only --dtype bfloat16 "${MATMUL[@]}" \
   --peak-tflops "$PEAK"
 
-# 0.6b-shaped fixed workload, ours vs the torch peer, SDPO and GRPO.
-rows_06_fixed() {
-  for algo in sdpo grpo; do
-    row "ours_${algo}_${S06}_fixed" 200 "$PY" bench/train_step.py --algo $algo --shape $S06 \
-      "${FIXED[@]}" "${BF16[@]}" "${STEPS[@]}"
-    row "torch_${algo}_${S06}_fixed" 90 "$PY_TORCH" bench/peers/torch_step.py --algo $algo \
-      --shape $S06 "${FIXED[@]}" "${BF16[@]}" "${STEPS[@]}"
+# pair SUFFIX T_OURS T_TORCH "ALGOS" ARGS...: ours and the torch peer on the same workload
+# (rows ours_<algo>_SUFFIX, torch_<algo>_SUFFIX), bf16, same step counts.
+pair() {
+  local suffix=$1 t_ours=$2 t_torch=$3 algos=$4
+  shift 4
+  for algo in $algos; do
+    row "ours_${algo}_${suffix}" "$t_ours" "$PY" bench/train_step.py --algo "$algo" "$@" \
+      "${BF16[@]}" "${STEPS[@]}"
+    row "torch_${algo}_${suffix}" "$t_torch" "$PY_TORCH" bench/peers/torch_step.py \
+      --algo "$algo" "$@" "${BF16[@]}" "${STEPS[@]}"
   done
 }
+# 0.6b-shaped, the fixed workload.
+rows_06_fixed() { pair "${S06}_fixed" 200 90 "sdpo grpo" --shape $S06 "${FIXED[@]}"; }
 # MFU rows: Qwen3-8B layer shape cut to $L8 layers (AdamW state fits), larger workload.
-rows_8b_mfu() {
-  for algo in sdpo grpo; do
-    row "ours_${algo}_${S8}x${L8}_large" 200 "$PY" bench/train_step.py --algo $algo --shape $S8 \
-      --layers $L8 "${LARGE8[@]}" "${BF16[@]}" "${STEPS[@]}"
-    row "torch_${algo}_${S8}x${L8}_large" 90 "$PY_TORCH" bench/peers/torch_step.py --algo $algo \
-      --shape $S8 --layers $L8 "${LARGE8[@]}" "${BF16[@]}" "${STEPS[@]}"
-  done
-}
+rows_8b_mfu() { pair "${S8}x${L8}_large" 200 90 "sdpo grpo" --shape $S8 --layers $L8 "${LARGE8[@]}"; }
 # FIRST=mfu (default: the 0.6b SDPO pair is already recorded, bench/README.md) or FIRST=0.6b.
 if [ "${FIRST:-mfu}" = mfu ]; then rows_8b_mfu; rows_06_fixed; else rows_06_fixed; rows_8b_mfu; fi
 row head 120 "$PY" bench/train_step.py --head --head-torch --dtype bfloat16 "${HEAD[@]}"
-# 0.6b at a larger batch (MFU), then the small shape (issue's fixed workload).
-for algo in sdpo grpo; do
-  row "ours_${algo}_${S06}_large" 150 "$PY" bench/train_step.py --algo $algo --shape $S06 \
-    "${LARGE06[@]}" "${BF16[@]}" "${STEPS[@]}"
-  row "torch_${algo}_${S06}_large" 90 "$PY_TORCH" bench/peers/torch_step.py --algo $algo \
-    --shape $S06 "${LARGE06[@]}" "${BF16[@]}" "${STEPS[@]}"
-done
-row "ours_sdpo_${S8}x${L8}_fixed" 90 "$PY" bench/train_step.py --algo sdpo --shape $S8 \
-  --layers $L8 "${FIXED[@]}" "${BF16[@]}" "${STEPS[@]}"
-row "torch_sdpo_${S8}x${L8}_fixed" 60 "$PY_TORCH" bench/peers/torch_step.py --algo sdpo \
-  --shape $S8 --layers $L8 "${FIXED[@]}" "${BF16[@]}" "${STEPS[@]}"
-for algo in sdpo grpo; do
-  row "ours_${algo}_${SSMALL}_fixed" 60 "$PY" bench/train_step.py --algo $algo --shape $SSMALL \
-    "${FIXED[@]}" "${BF16[@]}" "${STEPS[@]}"
-  row "torch_${algo}_${SSMALL}_fixed" 45 "$PY_TORCH" bench/peers/torch_step.py --algo $algo \
-    --shape $SSMALL "${FIXED[@]}" "${BF16[@]}" "${STEPS[@]}"
-done
+# 0.6b at a larger batch (MFU), the 8b-layer shape and small on the fixed workload.
+pair "${S06}_large" 150 90 "sdpo grpo" --shape $S06 "${LARGE06[@]}"
+pair "${S8}x${L8}_fixed" 90 60 "sdpo" --shape $S8 --layers $L8 "${FIXED[@]}"
+pair "${SSMALL}_fixed" 60 45 "sdpo grpo" --shape $SSMALL "${FIXED[@]}"
 
 "$PY" bench/gpu_rows.py "$ROWS" | tee "$OUT/summary.md"
 echo "== done in $(($(date +%s) - START)) s"
