@@ -98,10 +98,15 @@ def task_kwargs(args: argparse.Namespace, train_size: int) -> dict[str, Any]:
     return dict(seed=args.task_seed, train_size=train_size, test_size=args.test_size, **extra)
 
 
+def answer_text(value: int | str) -> str:
+    """The arithmetic response format the verifier reads."""
+    return f"<answer>{value}</answer>"
+
+
 def reference_response(task_name: str, record: dict[str, Any]) -> str:
     """The short correct response in the format the task's verifier expects."""
     if task_name == "arithmetic":
-        return f"<answer>{record['answer']}</answer>"
+        return answer_text(record["answer"])
     (call,) = json.loads(record["answer"])
     return f"Action: {call['Action']}\nAction Input: {call['Action_Input']}"
 
@@ -113,8 +118,8 @@ def wrong_response(
     if task_name == "arithmetic":
         while True:
             value = int(record["answer"]) + rng.choice(NEAR_MISS_OFFSETS)
-            if f"<answer>{value}</answer>" != avoid:
-                return f"<answer>{value}</answer>"
+            if answer_text(value) != avoid:
+                return answer_text(value)
     (call,) = json.loads(record["answer"])
     args = json.loads(call["Action_Input"])
     key = rng.choice(sorted(args))
@@ -135,7 +140,7 @@ def noisy_deck(
     if noise == "iid" or correct_frac >= 1.0 or task_name != "arithmetic":
         return []
     offsets = NEAR_MISS_OFFSETS if noise == "deck" else (1,) * len(NEAR_MISS_OFFSETS)
-    wrong = [f"<answer>{int(record['answer']) + d}</answer>" for d in offsets for _ in range(3)]
+    wrong = [answer_text(int(record["answer"]) + d) for d in offsets for _ in range(3)]
     n_right = round(len(wrong) * correct_frac / (1.0 - correct_frac))
     deck = [right] * max(1, n_right) + wrong
     rng.shuffle(deck)
