@@ -53,6 +53,8 @@ else
   HEAD=(--tokens 4096 --time-tokens 4096 --vocab 151936 --hidden 1024 --chunk 256)
 fi
 BF16=(--dtype bfloat16 --param-dtype float32 --peak-tflops "$PEAK")
+# Our attention implementations to time (the fused cuDNN kernel first: the likely fastest).
+if [ "$SMOKE" = 1 ]; then ATTNS=${ATTNS:-"xla jaxsd"}; else ATTNS=${ATTNS:-"cudnn jaxsd"}; fi
 
 # row NAME TIMEOUT_S CMD...: run CMD under timeout, keep its last JSON line, tag it with NAME.
 row() {
@@ -101,14 +103,19 @@ print(json.dumps({"torch": torch.__version__, "transformers": transformers.__ver
 row matmul_bf16 60 "$PY" bench/train_step.py --matmul-only --dtype bfloat16 "${MATMUL[@]}" \
   --peak-tflops "$PEAK"
 
-# pair SUFFIX T_OURS T_TORCH "ALGOS" ARGS...: ours and the torch peer on the same workload
-# (rows ours_<algo>_SUFFIX, torch_<algo>_SUFFIX), bf16, same step counts.
+# pair SUFFIX T_OURS T_TORCH "ALGOS" ARGS...: ours (once per attention in $ATTNS) and the
+# torch peer on the same workload, bf16, same step counts. Rows: ours_<algo>_SUFFIX (our
+# attention), ours_<attn>_<algo>_SUFFIX (jax.nn.dot_product_attention), torch_<algo>_SUFFIX.
 pair() {
   local suffix=$1 t_ours=$2 t_torch=$3 algos=$4
   shift 4
   for algo in $algos; do
-    row "ours_${algo}_${suffix}" "$t_ours" "$PY" bench/train_step.py --algo "$algo" "$@" \
-      "${BF16[@]}" "${STEPS[@]}"
+    for attn in $ATTNS; do
+      local name="ours_${attn}_${algo}_${suffix}"
+      [ "$attn" = jaxsd ] && name="ours_${algo}_${suffix}"
+      row "$name" "$t_ours" "$PY" bench/train_step.py --algo "$algo" --attention "$attn" "$@" \
+        "${BF16[@]}" "${STEPS[@]}"
+    done
     row "torch_${algo}_${suffix}" "$t_torch" "$PY_TORCH" bench/peers/torch_step.py \
       --algo "$algo" "$@" "${BF16[@]}" "${STEPS[@]}"
   done

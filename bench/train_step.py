@@ -39,7 +39,14 @@ TOP_K = W.TOP_K
 NOMINAL_PEAK_GFLOPS = 138.0  # fp32 4096^2 matmul on the project's idle 2-core CPU (FACTS.md)
 
 
-def model_config(shape: str, layers: int | None, param_dtype: str, dtype: str) -> Any:
+def model_config(
+    shape: str,
+    layers: int | None,
+    param_dtype: str,
+    dtype: str,
+    attention: str = "jaxsd",
+    remat: bool = False,
+) -> Any:
     """Our ModelConfig for a workload shape (HF field names -> ours), depth optionally cut."""
     from jaxsd.models import ModelConfig
 
@@ -54,6 +61,8 @@ def model_config(shape: str, layers: int | None, param_dtype: str, dtype: str) -
         vocab_size=s["vocab_size"],
         param_dtype=param_dtype,
         compute_dtype=dtype,
+        attention=attention,
+        remat=remat,
     )
 
 
@@ -145,7 +154,7 @@ def bench_step(a: argparse.Namespace) -> dict[str, Any]:
     from jaxsd.train.step import make_train_step
 
     b, prompt, response, extra = a.batch, a.prompt, a.response, a.teacher_extra
-    cfg = model_config(a.shape, a.layers, a.param_dtype, a.dtype)
+    cfg = model_config(a.shape, a.layers, a.param_dtype, a.dtype, a.attention, a.remat)
     step_cfg = step_config(a.algo, a.chunk)
     tx = make_optimizer(W.LR, weight_decay=W.WEIGHT_DECAY, clip_norm=W.GRAD_CLIP)
     load_before = os.getloadavg()[0]
@@ -197,6 +206,8 @@ def bench_step(a: argparse.Namespace) -> dict[str, Any]:
         "response": response,
         "teacher_extra": extra if a.algo == "sdpo" else 0,
         "param_dtype": a.param_dtype,
+        "attention": a.attention,
+        "remat": a.remat,
         "compute_dtype": a.dtype,
         "step_s": step_s,
         "min_step_s": min(times),
@@ -428,6 +439,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--teacher-extra", type=int, default=W.TEACHER_EXTRA)
     p.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 on GPU)")
     p.add_argument("--param-dtype", default="float32", help="parameter (master) dtype")
+    p.add_argument(
+        "--attention", choices=("jaxsd", "xla", "cudnn"), default="jaxsd",
+        help="attention implementation (cudnn: fused flash attention, NVIDIA + bf16)",
+    )  # fmt: skip
+    p.add_argument("--remat", action="store_true", help="recompute layer activations in bwd")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--chunk", type=int, default=256, help="tokens per LM-head chunk")

@@ -66,7 +66,9 @@ def get_config(arg: str | None = None, *, run_name: str = "sdpo") -> ml_collecti
     )  # fmt: skip
     c.model.param_dtype = "float32"
     c.model.compute_dtype = "float32"
-    c.model.remat = False
+    c.model.remat = False  # recompute decoder-layer activations in the backward (memory)
+    # "jaxsd" (ours, any backend) | "xla" | "cudnn" (fused flash attention, NVIDIA, bf16)
+    c.model.attention = "jaxsd"
     c.model.enable_thinking = False  # chat template switch (Qwen3)
 
     # Task (jaxsd.tasks registry name) and how many questions each step samples.

@@ -104,3 +104,48 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     assert state_a.keys() == state_b.keys()
     for name in state_a:  # params, EMA teacher, Adam moments, step, RNG
         np.testing.assert_allclose(state_b[name], state_a[name], rtol=0, atol=1e-6, err_msg=name)
+
+
+def test_model_runtime_keys_reach_the_trained_and_sampling_models(tmp_path):
+    """config.model.compute_dtype / remat / attention are what the step and engine run with."""
+    from flax import nnx
+
+    from jaxsd.train.loop import build_run
+
+    cfg = load_config("sdpo")
+    cfg.run_dir = str(tmp_path / "run")
+    cfg.model.compute_dtype = "bfloat16"
+    cfg.model.remat = True
+    cfg.model.attention = "xla"
+    run = build_run(cfg)
+    trained = nnx.merge(run.graphdef, run.state.params).config
+    assert (trained.compute_dtype, trained.remat, trained.attention) == ("bfloat16", True, "xla")
+    assert (trained.param_dtype, run.model.config.compute_dtype) == ("float32", "bfloat16")
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("attention", "flash", "model.attention"),
+        ("compute_dtype", "fp8", "model.compute_dtype"),
+        ("param_dtype", "int8", "model.param_dtype"),
+    ],
+)
+def test_bad_model_keys_are_named(key, value, message):
+    from jaxsd.algorithms.validate import validate_config
+
+    cfg = load_config("sdpo")
+    cfg.model[key] = value
+    with pytest.raises(ValueError, match=message):
+        validate_config(cfg)
+
+
+def test_cudnn_attention_needs_bf16_compute():
+    from jaxsd.algorithms.validate import validate_config
+
+    cfg = load_config("sdpo")
+    cfg.model.attention = "cudnn"
+    with pytest.raises(ValueError, match="compute_dtype 'bfloat16'"):
+        validate_config(cfg)
+    cfg.model.compute_dtype = "bfloat16"
+    validate_config(cfg)

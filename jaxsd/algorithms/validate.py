@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from jaxsd import algorithms
+from jaxsd.models.config import ATTENTION_IMPLS
 
 ENGINES = ("jax", "vllm")
 LOSS_AGG_MODES = (
@@ -17,6 +18,7 @@ LOSS_AGG_MODES = (
 )
 SCHEDULES = ("constant", "cosine", "linear")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
 REQUIRED_KEYS = (
     "total_steps",
     "seed",
@@ -159,12 +161,22 @@ def validate_config(
         "optim.grad_clip": (lambda v: _number(v) and v > 0, "use a global-norm clip > 0"),
         "optim.warmup_steps": (lambda v: _int(v) and v >= 0, "use an integer >= 0"),
         "optim.schedule": (lambda v: v in SCHEDULES, f"use one of {SCHEDULES}"),
+        "model.param_dtype": (lambda v: v in MODEL_DTYPES, f"use one of {MODEL_DTYPES}"),
+        "model.compute_dtype": (lambda v: v in MODEL_DTYPES, f"use one of {MODEL_DTYPES}"),
+        "model.attention": (lambda v: v in ATTENTION_IMPLS, f"use one of {ATTENTION_IMPLS}"),
+        "model.remat": (lambda v: isinstance(v, bool), "use True or False"),
     }
     for key, (ok, rule) in optional.items():
         section, field = key.split(".")
         if field in _get(cfg, section):
             _check(cfg, key, ok, rule)
     _check(cfg, "optim.lr", lambda v: _number(v) and v > 0, "the learning rate must be > 0")
+    model = _get(cfg, "model")
+    if model.get("attention") == "cudnn" and model.get("compute_dtype", "float32") == "float32":
+        raise ValueError(
+            "config model.attention='cudnn' needs model.compute_dtype 'bfloat16' (cuDNN flash "
+            "attention has no fp32 kernel); set compute_dtype or use attention='jaxsd'"
+        )
 
     shape = mesh_shape(cfg, num_devices)
     batch_shards = shape["data"] * shape["fsdp"]

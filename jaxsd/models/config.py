@@ -27,6 +27,7 @@ _FAMILIES: dict[str, dict[str, Any]] = {
     ),
 }
 SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
+ATTENTION_IMPLS = ("jaxsd", "xla", "cudnn")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -73,6 +74,12 @@ class ModelConfig:
     layer_types: tuple[str, ...] | None = None  # per layer "full_attention" | "sliding_attention"
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
+    # Runtime switches (not part of config.json).
+    # "jaxsd": our attention with a hand-written backward (any mask, any backend);
+    # "xla" / "cudnn": jax.nn.dot_product_attention with that implementation (cudnn = fused
+    # flash attention on NVIDIA GPUs, bf16/fp16 compute only).
+    attention: str = "jaxsd"
+    remat: bool = False  # recompute each decoder layer's activations in the backward pass
 
     def __post_init__(self) -> None:
         if self.model_type not in _FAMILIES:
@@ -102,6 +109,13 @@ class ModelConfig:
                 raise ValueError("layer_types has sliding_attention but sliding_window is unset")
         dtype_from_name(self.param_dtype)
         dtype_from_name(self.compute_dtype)
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention={self.attention!r}; use one of {ATTENTION_IMPLS}")
+        if self.attention == "cudnn" and self.compute_dtype == "float32":
+            raise ValueError(
+                "attention='cudnn' needs compute_dtype 'bfloat16' or 'float16' (cuDNN flash "
+                "attention has no fp32 kernel); use attention='jaxsd' for fp32"
+            )
 
     @property
     def param_jnp_dtype(self) -> jnp.dtype:

@@ -239,10 +239,13 @@ def from_pretrained(
     compute_dtype: Any = None,
     lora: LoraConfig | None = None,
     seed: int = 0,
+    attention: str = "jaxsd",
+    remat: bool = False,
 ) -> tuple[Transformer, ModelConfig]:
     """Load an HF folder (or hub name) into a `Transformer` with `dtype` params.
 
-    compute_dtype defaults to `dtype`; `seed` initialises LoRA A matrices (B starts at zero).
+    compute_dtype defaults to `dtype`; `seed` initialises LoRA A matrices (B starts at zero);
+    `attention` and `remat` are `ModelConfig`'s runtime switches.
     """
     folder = _resolve(path_or_name)
     config = read_config(folder)
@@ -250,6 +253,8 @@ def from_pretrained(
         config,
         param_dtype=dtype_name(dtype),
         compute_dtype=dtype_name(dtype if compute_dtype is None else compute_dtype),
+        attention=attention,
+        remat=remat,
     )
     source = _TensorSource(folder)
     # Shapes only: the weights come from the files, so never materialise a random init.

@@ -69,6 +69,29 @@ def attend(
     return out_BxKxXxD.reshape(b, k, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, n, d)
 
 
+def attend_with(
+    impl: str,
+    q_BxTxNxD: jax.Array,
+    k_BxSxKxD: jax.Array,
+    v_BxSxKxD: jax.Array,
+    mask_BxTxS: jax.Array,
+    causal: bool = False,
+) -> jax.Array:
+    """`attend` by implementation: "jaxsd" (ours) or jax.nn.dot_product_attention's "xla" /
+    "cudnn" (the mask becomes an additive bias). `causal`: query t is key slot t (T == S),
+    so the kernel may skip the upper triangle; the mask must already say the same."""
+    if impl == "jaxsd":
+        return attend(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS)
+    return jax.nn.dot_product_attention(
+        q_BxTxNxD,
+        k_BxSxKxD,
+        v_BxSxKxD,
+        mask=mask_BxTxS[:, None],
+        is_causal=causal,
+        implementation=impl,
+    )
+
+
 def _probs(q_BxKxXxD: jax.Array, k_BxSxKxD: jax.Array, mask_BxTxS: jax.Array) -> jax.Array:
     """fp32 attention weights [B, K, G*T, S] of head-major queries."""
     b, kh, x, d = q_BxKxXxD.shape
@@ -167,6 +190,7 @@ class Attention(nnx.Module):
         self.full_qk_norm = cfg.qk_norm and cfg.qk_norm_scope == "full"
         self.num_heads, self.num_kv_heads, self.head_dim = n, k, d
         self.rope_theta = cfg.rope_theta
+        self.attention_impl = cfg.attention
 
     def __call__(
         self,
@@ -203,7 +227,10 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
             v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
             q = q.astype(k.dtype)
-        out = attend(q, k, v, mask_BxTxS).astype(x_BxTxH.dtype)
+        # The KV-cache (sampling) path always uses ours: decode steps are one query row.
+        impl = "jaxsd" if kv is not None else self.attention_impl
+        causal = kv is None and query_index is None
+        out = attend_with(impl, q, k, v, mask_BxTxS, causal).astype(x_BxTxH.dtype)
         return self.o_proj(out.reshape(b, t, -1)), (k, v)
 
 
@@ -253,6 +280,10 @@ class DecoderLayer(nnx.Module):
             return x + self.post_feedforward_layernorm(self.mlp(x)), kv
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+def _call_layer(layer: DecoderLayer, *args: Any) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return layer(*args)
 
 
 def _rows(x_BxTx: jax.Array, index_BxR: jax.Array) -> jax.Array:
@@ -336,14 +367,22 @@ class Transformer(nnx.Module):
         masks: dict[int | None, jax.Array] = {}
         new_k, new_v = [], []
         last = len(self.layers) - 1
+        # A fully masked query row (left padding) gets uniform weights from ours but
+        # implementation-defined values elsewhere: a padding slot also sees itself. Only
+        # padding rows change; no real row reads them.
+        see_self = cache is None and self.config.attention != "jaxsd"
+        call = nnx.remat(_call_layer) if self.config.remat and cache is None else _call_layer
         for i, layer in enumerate(self.layers):
             window = self.config.layer_window(i)
             if window not in masks:
-                masks[window] = attention_mask(query_slots_T, key_valid_BxS, window)
+                mask = attention_mask(query_slots_T, key_valid_BxS, window)
+                if see_self:
+                    mask |= query_slots_T[:, None] == jnp.arange(mask.shape[-1])[None, :]
+                masks[window] = mask
             kv = None if cache is None else (cache["k"][i], cache["v"][i])
             index = None if cache is None else cache["index"]
             rows = output_index if i == last else None
-            x, (k, v) = layer(x, positions_BxT, masks[window], kv, index, rows)
+            x, (k, v) = call(layer, x, positions_BxT, masks[window], kv, index, rows)
             new_k.append(k)
             new_v.append(v)
         return self.norm(x), (tuple(new_k), tuple(new_v))

@@ -162,7 +162,8 @@ def build_run(cfg: Any) -> Run:
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     dtype = jnp.dtype(cfg.model.param_dtype)
-    model, model_config = from_pretrained(model_dir, dtype=dtype)
+    compute_dtype = jnp.dtype(cfg.model.compute_dtype)
+    model, model_config = from_pretrained(model_dir, dtype=dtype, compute_dtype=compute_dtype)
     validate_config(cfg, vocab_size=model_config.vocab_size, num_devices=jax.device_count())
 
     task = get_task(cfg.task.name, **dict(cfg.task.kwargs))
@@ -189,7 +190,13 @@ def build_run(cfg: Any) -> Run:
     shape = mesh_shape(cfg, jax.device_count())
     mesh = make_mesh((shape["data"], shape["fsdp"], shape["tensor"]))
     # The trainer owns its own copy of the weights; `model` stays the engine's copy.
-    train_model, _ = from_pretrained(model_dir, dtype=dtype)
+    train_model, _ = from_pretrained(
+        model_dir,
+        dtype=dtype,
+        compute_dtype=compute_dtype,
+        attention=cfg.model.get("attention", "jaxsd"),
+        remat=cfg.model.get("remat", False),
+    )
     graphdef, state, shardings = train_state_from_model(
         train_model, tx, mesh=mesh, seed=cfg.seed, teacher_mode=step_cfg.teacher_mode
     )
