@@ -179,6 +179,11 @@ def bench_step(a: argparse.Namespace) -> dict[str, Any]:
         state, m = step(state, batch)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
+    if a.trace:
+        with jax.profiler.trace(a.trace, create_perfetto_trace=True):
+            for _ in range(3):
+                state, m = step(state, batch)
+            jax.block_until_ready(m)
     peak_bytes = device_peak_bytes()  # before the matmul probe allocates anything
     measured = max(matmul_gflops(a.matmul_n, a.dtype) for _ in range(2))
     step_s = statistics.median(times)
@@ -444,6 +449,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="attention implementation (cudnn: fused flash attention, NVIDIA + bf16)",
     )  # fmt: skip
     p.add_argument("--remat", action="store_true", help="recompute layer activations in bwd")
+    p.add_argument("--trace", help="also profile 3 steps into this folder (perfetto trace)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--chunk", type=int, default=256, help="tokens per LM-head chunk")
