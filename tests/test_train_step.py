@@ -290,6 +290,48 @@ def _mean(m, key):
     return float(s) / float(c)
 
 
+def _dot_eqns(jaxpr) -> list:
+    """Every dot_general of a jaxpr, nested calls included."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            out.append(eqn)
+        for value in eqn.params.values():
+            inner = getattr(value, "jaxpr", value)
+            if hasattr(inner, "eqns"):
+                out += _dot_eqns(inner)
+    return out
+
+
+def test_head_matmul_backward_runs_in_the_compute_dtype():
+    """bf16 head: both backward matmuls take bf16 operands (fp32 accumulation), and the
+    gradients are those of the fp32 cotangent rounded to bf16 first (mixed precision)."""
+    from jaxsd.train.head import _logits
+
+    kh, kw, kc = jax.random.split(jax.random.key(0), 3)
+    h = jax.random.normal(kh, (2, 3, 16)).astype(jnp.bfloat16)
+    w = jax.random.normal(kw, (16, 40)).astype(jnp.bfloat16)
+    c = jax.random.normal(kc, (2, 3, 40))  # fp32 cotangent of the fp32 logits
+
+    def f(h, w):
+        return jnp.sum(_logits(h, w) * c)
+
+    dh, dw = jax.grad(f, (0, 1))(h, w)
+    chex.assert_type([dh, dw], jnp.bfloat16)
+    g = np.asarray(c.astype(jnp.bfloat16), np.float32)
+    h32, w32 = np.asarray(h, np.float32), np.asarray(w, np.float32)
+    np.testing.assert_allclose(
+        np.asarray(dh, np.float32), np.einsum("bcv,hv->bch", g, w32), rtol=1e-2, atol=1e-2
+    )
+    np.testing.assert_allclose(
+        np.asarray(dw, np.float32), np.einsum("bch,bcv->hv", h32, g), rtol=1e-2, atol=1e-2
+    )
+    dots = _dot_eqns(jax.make_jaxpr(jax.grad(f, (0, 1)))(h, w).jaxpr)
+    assert len(dots) >= 3  # forward, dh, dw
+    for eqn in dots:
+        assert all(v.aval.dtype == jnp.bfloat16 for v in eqn.invars), eqn
+
+
 def test_pulse_loss_falls_on_a_fixed_batch(pulse_run):
     ms = pulse_run["metrics"]
     first, last = ms[0], ms[-1]
