@@ -123,6 +123,21 @@ def test_model_runtime_keys_reach_the_trained_and_sampling_models(tmp_path):
     assert (trained.param_dtype, run.model.config.compute_dtype) == ("float32", "bfloat16")
 
 
+def test_a_bf16_remat_xla_attention_run_trains(tmp_path):
+    from jaxsd.train.loop import train
+
+    cfg = load_config("sdpo")
+    cfg.run_dir = str(tmp_path / "run")
+    cfg.total_steps = 2
+    cfg.model.compute_dtype = "bfloat16"
+    cfg.model.remat = True
+    cfg.model.attention = "xla"
+    train(cfg)
+    rows = [r for r in read_metrics(cfg.run_dir) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(np.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)
+
+
 @pytest.mark.parametrize(
     "key, value, message",
     [
