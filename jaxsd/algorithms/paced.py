@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import numpy as np
 
@@ -46,22 +45,14 @@ def freeze_pass_rates(state: base.HostState, pass_rates: Mapping[str, float]) ->
 
 
 @dataclasses.dataclass(frozen=True)
-class PACED:
-    """SDPO with PACED's frozen, globally normalised question weights."""
+class PACED(sdpo.SDPO):
+    """SDPO with PACED's frozen, globally normalised question weights.
+
+    `init_state` is empty: the loop calls `freeze_pass_rates` after its offline pass.
+    """
 
     exponent: float = 1.0
-    success_threshold: float = 0.5
-    feedback_only_without_solution: bool = True
-    dont_reprompt_on_self_success: bool = True
     name: str = "paced"
-
-    def init_state(self, seed: int) -> base.HostState:
-        """Empty; the loop must call `freeze_pass_rates` after its offline pass."""
-        return base.HostState()
-
-    def step_switches(self) -> dict[str, Any]:
-        """Distillation only, EMA self-teacher."""
-        return dict(sdpo.DISTILL_SWITCHES)
 
     def question_weights(self, state: base.HostState) -> dict[str, float]:
         """`w_i` for every question of the dataset (global normalisation), METHODS §5."""
@@ -75,11 +66,8 @@ class PACED:
         w = np.asarray(weights_lib.paced_weights(p0, exponent=self.exponent), np.float64)
         return dict(zip(ids, w.tolist(), strict=True))
 
-    def plan(
-        self, groups: Sequence[base.Group], state: base.HostState, *, epoch: int
-    ) -> tuple[list[base.RolloutPlan], base.HostState, dict[str, float]]:
-        """SDPO plans with `sd_weight = w_i · sd_mask`; the state is never changed."""
-        base.check_epoch(epoch)
+    def batch_weights(self, groups: Sequence[base.Group], state: base.HostState) -> np.ndarray:
+        """This batch's rows of the frozen table; the state is never changed."""
         table = self.question_weights(state)
         missing = [g.question_id for g in groups if g.question_id not in table]
         if missing:
@@ -87,14 +75,4 @@ class PACED:
                 f"questions {missing[:5]} have no frozen PACED pass rate; the offline pass must "
                 "cover every training question"
             )
-        w = [table[g.question_id] for g in groups]
-        plans = sdpo.weighted_sdpo_plans(
-            groups,
-            w,
-            success_threshold=self.success_threshold,
-            feedback_only_without_solution=self.feedback_only_without_solution,
-            dont_reprompt_on_self_success=self.dont_reprompt_on_self_success,
-        )
-        metrics = common.plan_metrics(plans, groups, self.success_threshold)
-        metrics["question_weight/mean"] = float(np.mean(w)) if w else 0.0
-        return plans, state, metrics
+        return np.asarray([table[g.question_id] for g in groups], np.float64)

@@ -1,7 +1,7 @@
 """SDPO (METHODS §1): distil every rollout towards the self-teacher on its reprompt.
 
-The question-weighted variants (SC-SDPO, PACED, hard filter) reuse `weighted_sdpo_plans`
-with their own per-question weight.
+The question-weighted variants (SC-SDPO, PACED, hard filter) subclass `SDPO` and override
+its per-question weight.
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 from jaxsd.algorithms import base, common
 
@@ -58,7 +60,11 @@ def weighted_sdpo_plans(
 
 @dataclasses.dataclass(frozen=True)
 class SDPO:
-    """Plain SDPO: weight 1 on every rollout that has a solution or feedback."""
+    """Plain SDPO: weight 1 on every rollout that has a solution or feedback.
+
+    Also the shell of the question-weighted variants (SC-SDPO, PACED, hard filter): a
+    subclass adds its hyper-parameters and overrides `question_weights` only.
+    """
 
     success_threshold: float = 0.5
     feedback_only_without_solution: bool = True
@@ -66,23 +72,34 @@ class SDPO:
     name: str = "sdpo"
 
     def init_state(self, seed: int) -> base.HostState:
-        """SDPO is stateless."""
+        """Stateless: the weights come from this batch (PACED: from its frozen table)."""
         return base.HostState()
 
     def step_switches(self) -> dict[str, Any]:
         """Distillation only, EMA self-teacher."""
         return dict(DISTILL_SWITCHES)
 
+    def batch_weights(
+        self, groups: Sequence[base.Group], state: base.HostState
+    ) -> np.ndarray:  # fmt: skip
+        """`w_i` per group (question) of this batch; plain SDPO: 1."""
+        return np.ones(len(groups))
+
     def plan(
         self, groups: Sequence[base.Group], state: base.HostState, *, epoch: int
     ) -> tuple[list[base.RolloutPlan], base.HostState, dict[str, float]]:
-        """One plan per rollout, METHODS §1."""
+        """One plan per rollout with `sd_weight = w_i · sd_mask`, METHODS §1/§5; the host
+        state is returned unchanged."""
         base.check_epoch(epoch)
+        w = np.asarray(self.batch_weights(groups, state), np.float64)
         plans = weighted_sdpo_plans(
             groups,
-            [1.0] * len(groups),
+            w.tolist(),
             success_threshold=self.success_threshold,
             feedback_only_without_solution=self.feedback_only_without_solution,
             dont_reprompt_on_self_success=self.dont_reprompt_on_self_success,
         )
-        return plans, state, common.plan_metrics(plans, groups, self.success_threshold)
+        metrics = common.plan_metrics(plans, groups, self.success_threshold)
+        metrics["question_weight/mean"] = float(w.mean()) if w.size else 0.0
+        metrics["question_weight/max"] = float(w.max()) if w.size else 0.0
+        return plans, state, metrics
