@@ -164,3 +164,11 @@ def test_cudnn_attention_needs_bf16_compute():
         validate_config(cfg)
     cfg.model.compute_dtype = "bfloat16"
     validate_config(cfg)
+
+
+def test_config_validation_knows_the_models_choices():
+    from jaxsd.algorithms import validate
+    from jaxsd.models import config
+
+    assert validate.ATTENTION_IMPLS == config.ATTENTION_IMPLS
+    assert set(validate.MODEL_DTYPES) == set(config._DTYPES)

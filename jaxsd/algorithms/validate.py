@@ -7,7 +7,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from jaxsd import algorithms
-from jaxsd.models.config import ATTENTION_IMPLS
 
 ENGINES = ("jax", "vllm")
 LOSS_AGG_MODES = (
@@ -19,6 +18,9 @@ LOSS_AGG_MODES = (
 SCHEDULES = ("constant", "cosine", "linear")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
+# The layout keeps algorithms/ free of models/ imports; tests check these equal
+# jaxsd.models.config's tuples.
+ATTENTION_IMPLS = ("jaxsd", "xla", "cudnn")
 REQUIRED_KEYS = (
     "total_steps",
     "seed",
