@@ -411,3 +411,54 @@ def test_step_config_rejects_inconsistent_switches():
         StepConfig(kl_coef=0.1, teacher_mode="none")
     with pytest.raises(ValueError, match="loss_agg_mode"):
         StepConfig(loss_agg_mode="mean")
+
+
+def test_lora_step_trains_only_the_adapters_with_closed_form_gradients():
+    """LoRA (trainable = nnx.LoRAParam): with B = 0 at init, dL/dB = scale · Aᵀ dL/dW and
+    dL/dA = 0 for every adapted projection (W = the frozen base kernel); a step then moves
+    the adapters only, and the EMA teacher follows the adapters."""
+    from jaxsd.models.lora import LoraConfig
+
+    lora = LoraConfig(rank=4, alpha=8.0)
+    cfg = dataclasses.replace(ALL_TERMS, teacher_mode="ema")
+    model_fn = lambda r: Transformer(CFG, rngs=r, lora=lora)  # noqa: E731
+    batch = jax.tree.map(jnp.asarray, build_batch(_samples(0), pad_id=0, length_buckets=BUCKETS))
+
+    # Closed form, from one gradient over every Param (adapters included).
+    tx = make_optimizer(1e-3)
+    graphdef, full, _ = create_train_state(model_fn, tx, teacher_mode="fixed")
+    loss_fn = make_loss_fn(graphdef, cfg)
+    teacher = _perturbed(full.teacher, seed=1)
+    grads = jax.grad(lambda p: loss_fn(p, full.frozen, teacher, batch)[0])(full.params)
+    flat = {"/".join(map(str, k)): v for k, v in nnx.to_flat_state(grads)}
+    params = {"/".join(map(str, k)): v for k, v in nnx.to_flat_state(full.params)}
+    adapted = [k[: -len("/lora_b")] for k in flat if k.endswith("/lora_b")]
+    assert len(adapted) == CFG.num_layers * 7  # q k v o gate up down
+    for name in adapted:
+        a = np.asarray(params[f"{name}/lora_a"][...])
+        d_kernel = np.asarray(flat[f"{name}/kernel"][...])
+        assert np.abs(d_kernel).max() > 1e-6, name  # a gradient with content
+        np.testing.assert_allclose(
+            np.asarray(flat[f"{name}/lora_b"][...]), lora.scale * a.T @ d_kernel,
+            rtol=1e-4, atol=1e-6,
+        )  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(flat[f"{name}/lora_a"][...]), 0.0)
+
+    # A LoRA train step: base weights bit-identical, adapters (B) moved, teacher = EMA of them.
+    graphdef, state, _ = create_train_state(
+        model_fn, tx, teacher_mode="ema", trainable=nnx.LoRAParam
+    )
+    assert all(isinstance(v, nnx.LoRAParam) for _, v in nnx.to_flat_state(state.params)), (
+        "only adapters are trainable"
+    )
+    before = state
+    step = make_train_step(graphdef, tx, cfg, donate=False)
+    state, metrics = step(state, batch)
+    chex.assert_trees_all_equal(state.frozen, before.frozen)
+    moved = jax.tree.map(lambda x, y: float(jnp.max(jnp.abs(x - y))), state.params, before.params)
+    assert max(jax.tree.leaves(moved)) > 0
+    expected_teacher = jax.tree.map(
+        lambda t, p: (1 - cfg.ema_rate) * t + cfg.ema_rate * p, before.teacher, state.params
+    )
+    chex.assert_trees_all_close(state.teacher, expected_teacher, atol=1e-7)
+    assert np.isfinite(float(metrics["loss"][0]))
