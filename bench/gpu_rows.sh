@@ -57,6 +57,7 @@ fi
 BF16=(--dtype bfloat16 --param-dtype float32 --peak-tflops "$PEAK")
 # Our attention implementations to time (the fused cuDNN kernel first: the likely fastest).
 if [ "$SMOKE" = 1 ]; then ATTNS=${ATTNS:-"xla jaxsd"}; else ATTNS=${ATTNS:-"cudnn jaxsd"}; fi
+if [ "$SMOKE" = 1 ]; then TOPK_BLOCK=128; else TOPK_BLOCK=4096; fi
 
 # row NAME TIMEOUT_S CMD...: run CMD under timeout, keep its last JSON line, tag it with NAME.
 row() {
@@ -126,8 +127,15 @@ pair() {
 rows_06_fixed() { pair "${S06}_fixed" 200 90 "sdpo grpo" --shape $S06 "${FIXED[@]}"; }
 # MFU rows: Qwen3-8B layer shape cut to $L8 layers (AdamW state fits), larger workload.
 rows_8b_mfu() { pair "${S8}x${L8}_large" 200 90 "sdpo grpo" --shape $S8 --layers $L8 "${LARGE8[@]}"; }
+# The blocked exact top-k (StepConfig.topk_block) against the full-vocabulary sort, 8b×4 SDPO.
+rows_topk() {
+  row "ours_topkblock_sdpo_${S8}x${L8}_large" 200 "$PY" bench/train_step.py --algo sdpo \
+    --attention "${ATTNS%% *}" --topk-block "$TOPK_BLOCK" --shape $S8 --layers $L8 "${LARGE8[@]}" \
+    "${BF16[@]}" "${STEPS[@]}"
+}
 # FIRST=mfu (default: the 0.6b SDPO pair is already recorded, bench/README.md) or FIRST=0.6b.
-if [ "${FIRST:-mfu}" = mfu ]; then rows_8b_mfu; rows_06_fixed; else rows_06_fixed; rows_8b_mfu; fi
+if [ "${FIRST:-mfu}" = mfu ]; then rows_8b_mfu; rows_topk; rows_06_fixed
+else rows_06_fixed; rows_8b_mfu; rows_topk; fi
 row head 120 "$PY" bench/train_step.py --head --head-torch --dtype bfloat16 "${HEAD[@]}"
 # 0.6b at a larger batch (MFU), the 8b-layer shape and small on the fixed workload.
 pair "${S06}_large" 150 90 "sdpo grpo" --shape $S06 "${LARGE06[@]}"

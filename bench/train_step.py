@@ -119,7 +119,7 @@ def make_batch(cfg: Any, algo: str, b: int, prompt: int, response: int, extra: i
     )
 
 
-def step_config(algo: str, chunk_size: int) -> Any:
+def step_config(algo: str, chunk_size: int, topk_block: int | None = None) -> Any:
     """StepConfig of the benchmarked algorithm, built the way jaxsd.train.loop builds it."""
     from jaxsd.algorithms.grpo import SURROGATE_SWITCHES
     from jaxsd.train.step import StepConfig
@@ -133,6 +133,7 @@ def step_config(algo: str, chunk_size: int) -> Any:
             loss_agg_mode="token-mean",
             chunk_size=chunk_size,
             ema_rate=W.EMA_RATE,
+            topk_block=topk_block,
         )
     if algo == "grpo":
         return StepConfig(
@@ -155,7 +156,7 @@ def bench_step(a: argparse.Namespace) -> dict[str, Any]:
 
     b, prompt, response, extra = a.batch, a.prompt, a.response, a.teacher_extra
     cfg = model_config(a.shape, a.layers, a.param_dtype, a.dtype, a.attention, a.remat)
-    step_cfg = step_config(a.algo, a.chunk)
+    step_cfg = step_config(a.algo, a.chunk, a.topk_block)
     tx = make_optimizer(W.LR, weight_decay=W.WEIGHT_DECAY, clip_norm=W.GRAD_CLIP)
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
@@ -213,6 +214,7 @@ def bench_step(a: argparse.Namespace) -> dict[str, Any]:
         "param_dtype": a.param_dtype,
         "attention": a.attention,
         "remat": a.remat,
+        "topk_block": a.topk_block,
         "compute_dtype": a.dtype,
         "step_s": step_s,
         "min_step_s": min(times),
@@ -449,6 +451,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="attention implementation (cudnn: fused flash attention, NVIDIA + bf16)",
     )  # fmt: skip
     p.add_argument("--remat", action="store_true", help="recompute layer activations in bwd")
+    p.add_argument("--topk-block", type=int, help="exact top-k in blocks of this many logits")
     p.add_argument("--trace", help="also profile 3 steps into this folder (perfetto trace)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)

@@ -172,3 +172,19 @@ def test_config_validation_knows_the_models_choices():
 
     assert validate.ATTENTION_IMPLS == config.ATTENTION_IMPLS
     assert set(validate.MODEL_DTYPES) == set(config._DTYPES)
+
+
+def test_loss_topk_block_reaches_the_step_and_is_validated():
+    from jaxsd import algorithms
+    from jaxsd.algorithms.validate import validate_config
+    from jaxsd.train.loop import step_config
+
+    cfg = load_config("sdpo")
+    switches = algorithms.from_config(cfg.algorithm).step_switches()
+    assert step_config(cfg, switches).topk_block is None
+    cfg.loss.topk_block = 4096
+    validate_config(cfg)
+    assert step_config(cfg, switches).topk_block == 4096
+    cfg.loss.topk_block = 0
+    with pytest.raises(ValueError, match="loss.topk_block"):
+        validate_config(cfg)

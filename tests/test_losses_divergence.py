@@ -366,3 +366,41 @@ def test_bad_arguments_raise_clear_errors():
         distillation_divergence(s, t[..., :-1])
     with pytest.raises(ValueError, match="top-k shape"):
         topk_divergence_from_logprobs(s[..., :K], s[..., 0], t[..., : K - 1], t[..., 0])
+
+
+# ---------------------------------------------------------------- blocked top-k
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    vocab=st.integers(1, 70),
+    rows=st.integers(1, 4),
+    block=st.integers(1, 80),
+    k_frac=st.floats(0.0, 1.0),
+    levels=st.integers(1, 6),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_blocked_top_k_equals_lax_top_k_ties_included(vocab, rows, block, k_frac, levels, seed):
+    """Few distinct values (many ties), -inf entries, any block width: same indices, same order."""
+    from jaxsd.losses import top_k_indices
+
+    k = max(1, round(k_frac * vocab))
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, levels, (rows, vocab)).astype(np.float32)
+    x[rng.random((rows, vocab)) < 0.1] = -np.inf
+    expected = np.asarray(jax.lax.top_k(jnp.asarray(x), k)[1])
+    got = np.asarray(top_k_indices(jnp.asarray(x), k, block=block))
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_blocked_top_k_on_a_real_vocab_and_bad_arguments():
+    from jaxsd.losses import top_k_indices
+
+    x = jax.random.normal(jax.random.key(0), (3, 5, 1000))
+    expected = jax.lax.top_k(x, 100)[1]
+    chex.assert_trees_all_equal(top_k_indices(x, 100, block=128), expected)
+    chex.assert_trees_all_equal(top_k_indices(x, 100), expected)
+    with pytest.raises(ValueError, match="block=0"):
+        top_k_indices(x, 10, block=0)
+    with pytest.raises(ValueError, match="top_k=1001"):
+        top_k_indices(x, 1001, block=128)

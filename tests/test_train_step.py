@@ -332,6 +332,29 @@ def test_head_matmul_backward_runs_in_the_compute_dtype():
         assert all(v.aval.dtype == jnp.bfloat16 for v in eqn.invars), eqn
 
 
+def test_blocked_top_k_step_equals_the_plain_step():
+    """StepConfig.topk_block changes how the top-k is found, not the loss or its gradient."""
+    tx = make_optimizer(1e-3)
+    graphdef, state, _ = create_train_state(
+        lambda r: Transformer(CFG, rngs=r), tx, teacher_mode="fixed"
+    )
+    teacher = _perturbed(state.teacher, seed=1)
+    batch = jax.tree.map(jnp.asarray, build_batch(_samples(0), pad_id=0, length_buckets=BUCKETS))
+
+    def value_and_grad(cfg):
+        loss_fn = make_loss_fn(graphdef, cfg)
+        return jax.value_and_grad(lambda p: loss_fn(p, state.frozen, teacher, batch)[0])(
+            state.params
+        )
+
+    plain = value_and_grad(ALL_TERMS)
+    blocked = value_and_grad(dataclasses.replace(ALL_TERMS, topk_block=24))
+    assert abs(float(plain[0])) > 1e-3
+    chex.assert_trees_all_close(blocked, plain, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="topk_block"):
+        dataclasses.replace(ALL_TERMS, topk_block=0)
+
+
 def test_pulse_loss_falls_on_a_fixed_batch(pulse_run):
     ms = pulse_run["metrics"]
     first, last = ms[0], ms[-1]

@@ -159,6 +159,7 @@ def validate_config(
         "loss.kl_coef": (lambda v: _number(v) and v >= 0, "use a coefficient >= 0"),
         "loss.kl_estimator": (lambda v: v in KL_ESTIMATORS, f"use one of {KL_ESTIMATORS}"),
         "loss.chunk_size": (lambda v: _int(v) and v >= 1, "use an integer >= 1"),
+        "loss.topk_block": (lambda v: v is None or (_int(v) and v >= 1), "use None or >= 1"),
         "optim.weight_decay": (lambda v: _number(v) and v >= 0, "use a decay >= 0"),
         "optim.grad_clip": (lambda v: _number(v) and v > 0, "use a global-norm clip > 0"),
         "optim.warmup_steps": (lambda v: _int(v) and v >= 0, "use an integer >= 0"),

@@ -8,6 +8,7 @@ from jaxsd.losses.divergence import (
     entropy_from_logits,
     entropy_from_logprobs,
     generalized_jsd_from_logprobs,
+    top_k_indices,
     topk_divergence_from_logprobs,
     topk_logprobs_and_tail,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "grpo_advantages",
     "hard_filter_weights",
     "importance_weight",
+    "top_k_indices",
     "kl_penalty",
     "log_ratio",
     "paced_weights",

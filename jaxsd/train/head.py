@@ -55,6 +55,7 @@ def head_on_logits(
     add_tail: bool = True,
     divergence: bool = True,
     ssopd_clip: float | None = None,
+    topk_block: int | None = None,
 ) -> dict[str, jax.Array]:
     """Per-token head outputs from full logits `[..., V]` (one chunk's worth), METHODS §2/§6.
 
@@ -75,7 +76,9 @@ def head_on_logits(
                 s_logp_V, t_logp_V, alpha=alpha
             )
         else:
-            _, idx_K = jax.lax.top_k(jax.lax.stop_gradient(student_logits), top_k)
+            idx_K = losses.top_k_indices(
+                jax.lax.stop_gradient(student_logits), top_k, block=topk_block
+            )
             idx_K = _saved(idx_K)
             s_topk, s_tail = losses.topk_logprobs_and_tail(student_logits, idx_K)
             t_topk, t_tail = map(_saved, losses.topk_logprobs_and_tail(teacher_logits, idx_K))
@@ -126,6 +129,7 @@ def chunked_head(
     add_tail: bool = True,
     divergence: bool = True,
     ssopd_clip: float | None = None,
+    topk_block: int | None = None,
 ) -> dict[str, jax.Array]:
     """`head_on_logits` of `h @ W`, computed `chunk_size` tokens at a time (DESIGN §2).
 
@@ -169,6 +173,7 @@ def chunked_head(
             add_tail=add_tail,
             divergence=divergence,
             ssopd_clip=ssopd_clip,
+            topk_block=topk_block,
         )
 
     _, ys = jax.lax.scan(lambda carry, x: (carry, one_chunk(x)), None, xs)

@@ -117,6 +117,7 @@ def step_config(cfg: Any, switches: dict[str, Any]) -> StepConfig:
         is_clip=loss.is_clip,
         loss_agg_mode=loss.loss_agg_mode,
         chunk_size=loss.chunk_size,
+        topk_block=loss.get("topk_block"),
         kl_coef=loss.kl_coef,
         kl_kind=loss.kl_estimator,
         entropy_coef=loss.entropy_coef,

@@ -43,6 +43,9 @@ class StepConfig:
     use_ssopd: bool = False
     use_rhythm: bool = False  # DRIFT gate on the surrogate (needs use_surrogate)
     top_k: int | None = 100  # None = full-vocabulary divergence
+    # Top-k in blocks of this many logits (exact; see losses.top_k_indices): for GPUs, where
+    # a full-vocabulary top-k is a multi-pass radix sort. None = one lax.top_k.
+    topk_block: int | None = None
     alpha: float = 0.5  # 0 forward KL, 0.5 JSD, 1 reverse KL
     add_tail: bool = True
     is_clip: float | None = 2.0
@@ -69,6 +72,8 @@ class StepConfig:
             raise ValueError(f"ema_rate={self.ema_rate} must be in (0, 1]")
         if self.micro_batches < 1:
             raise ValueError(f"micro_batches={self.micro_batches} must be >= 1")
+        if self.topk_block is not None and self.topk_block < 1:
+            raise ValueError(f"topk_block={self.topk_block} must be >= 1 (or None)")
         if self.use_rhythm and not self.use_surrogate:
             raise ValueError("use_rhythm gates the surrogate; set use_surrogate=True as well")
         if self.kl_coef and self.teacher_mode == "none":
@@ -163,6 +168,7 @@ def make_loss_fn(graphdef: nnx.GraphDef, cfg: StepConfig) -> Callable[..., Any]:
             t_w,
             chunk_size=cfg.chunk_size,
             top_k=cfg.top_k,
+            topk_block=cfg.topk_block,
             alpha=cfg.alpha,
             add_tail=cfg.add_tail,
             divergence=cfg.use_distillation,
