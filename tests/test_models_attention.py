@@ -51,7 +51,7 @@ def _loss_and_grads(config: ModelConfig, output_index=None):
         w = valid if output_index is None else jnp.take_along_axis(valid, output_index, 1)
         return jnp.sum(tok * w) / jnp.sum(w), h
 
-    (value, h), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    (value, h), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     return value, h, grads
 
 
@@ -61,9 +61,10 @@ def test_attend_with_xla_matches_ours_on_rows_that_see_a_key():
     k = jax.random.normal(kk, (2, 7, 2, 8))
     v = jax.random.normal(kv, (2, 7, 2, 8))
     mask = jax.random.bernoulli(jax.random.key(3), 0.6, (2, 5, 7)).at[:, :, 0].set(True)
-    ours = attend(q, k, v, mask)
-    chex.assert_trees_all_close(attend_with("xla", q, k, v, mask), ours, atol=1e-5)
-    chex.assert_trees_all_close(attend_with("jaxsd", q, k, v, mask), ours, atol=0)
+    ours = jax.jit(attend)(q, k, v, mask)
+    with_impl = jax.jit(attend_with, static_argnums=0)
+    chex.assert_trees_all_close(with_impl("xla", q, k, v, mask), ours, atol=1e-5)
+    chex.assert_trees_all_close(with_impl("jaxsd", q, k, v, mask), ours, atol=0)
 
 
 @pytest.mark.parametrize("output_index", [None, "last_rows"])
