@@ -63,7 +63,7 @@ class SDPO:
     """Plain SDPO: weight 1 on every rollout that has a solution or feedback.
 
     Also the shell of the question-weighted variants (SC-SDPO, PACED, hard filter): a
-    subclass adds its hyper-parameters and overrides `question_weights` only.
+    subclass adds its hyper-parameters and overrides `batch_weights` only.
     """
 
     success_threshold: float = 0.5
@@ -79,9 +79,7 @@ class SDPO:
         """Distillation only, EMA self-teacher."""
         return dict(DISTILL_SWITCHES)
 
-    def batch_weights(
-        self, groups: Sequence[base.Group], state: base.HostState
-    ) -> np.ndarray:  # fmt: skip
+    def batch_weights(self, groups: Sequence[base.Group], state: base.HostState) -> np.ndarray:
         """`w_i` per group (question) of this batch; plain SDPO: 1."""
         return np.ones(len(groups))
 

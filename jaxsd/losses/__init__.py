@@ -46,12 +46,12 @@ __all__ = [
     "grpo_advantages",
     "hard_filter_weights",
     "importance_weight",
-    "top_k_indices",
     "kl_penalty",
     "log_ratio",
     "paced_weights",
     "pass_rate_weights",
     "rhythm_gate",
+    "top_k_indices",
     "topk_divergence_from_logprobs",
     "topk_logprobs_and_tail",
 ]
