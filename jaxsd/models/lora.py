@@ -21,6 +21,38 @@ LORA_FILTER = nnx.LoRAParam
 BASE_FILTER = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
 
 
+@jax.custom_vjp
+def dense(x: jax.Array, w: jax.Array) -> jax.Array:
+    """`x [..., I] @ w [I, O]`, with a backward pass that transposes the narrower operand.
+
+    The weight gradient contracts the token axes of `x` and of the output cotangent `g`, so a
+    GEMM needs one of them transposed. JAX's transpose rule always puts `g` first
+    (`dwᵀ = gᵀ x`); XLA:CPU then fuses `gᵀ` into g's elementwise producer (SwiGLU's backward),
+    a strided loop ~10× slower than the plain one: ~0.45 s of a 6.8 s `small` step. Here the
+    operand with fewer features is the transposed one (`x` on ties: q/k/v and gate/up share
+    it). Measured: `small` SDPO step 6.97 → 6.55 s, `tiny` 0.165 → 0.148 s (2-core CPU).
+    GPUs and TPUs take either operand order at no cost.
+    """
+    return x @ w
+
+
+def _dense_fwd(x: jax.Array, w: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return x @ w, (x, w)
+
+
+def _dense_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x, w = res
+    dx = g @ w.T
+    if w.shape[1] < w.shape[0]:
+        dw = jnp.einsum("...o,...i->oi", g, x).T
+    else:
+        dw = jnp.einsum("...i,...o->io", x, g)
+    return dx, dw
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
     """Adapter rank, alpha (scale = alpha / rank) and which projections carry adapters."""
@@ -87,7 +119,7 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.compute_dtype)
-        y = x @ self.kernel[...].astype(self.compute_dtype)
+        y = dense(x, self.kernel[...].astype(self.compute_dtype))
         if self.lora_a is not None and self.lora_enabled:
             a = self.lora_a[...].astype(self.compute_dtype)
             b = self.lora_b[...].astype(self.compute_dtype)
