@@ -20,12 +20,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import importlib.metadata
+import importlib
 import io
 import math
 import os
 import tempfile
-import traceback
 from typing import Any
 
 import torch
@@ -238,15 +237,7 @@ def run_variant(name: str, shape: str, steps: int) -> dict[str, Any]:
             times = W.time_steps(step, steps)
         return W.step_record(times, algorithm=ALGORITHM[name])
     except Exception as e:  # a peer API that moved is a result to report, not a crash
-        return {"error": f"{type(e).__name__}: {e}",
-                "traceback_tail": traceback.format_exc().strip().splitlines()[-4:]}  # fmt: skip
-
-
-def _version(pkg: str) -> str | None:
-    try:
-        return importlib.metadata.version(pkg)
-    except importlib.metadata.PackageNotFoundError:
-        return None
+        return W.error_record(e)
 
 
 def main() -> None:
@@ -265,7 +256,7 @@ def main() -> None:
         "peer": "trl",
         "shape": args.shape,
         "params": sum(p.numel() for p in model.parameters()),
-        "versions": {k: _version(k) for k in ("torch", "transformers", "trl")},
+        "versions": W.versions("torch", "transformers", "trl"),
         "torch_threads": torch.get_num_threads(),
         "attn_implementation": model.config._attn_implementation,
         "cpu_count": os.cpu_count(),

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.metadata
 import io
 import math
 import os
-import traceback
 from typing import Any
 
 import jax
@@ -86,13 +84,6 @@ def grpo_step(shape: str) -> Any:
     return lambda: jax.block_until_ready(train_step(example))
 
 
-def _version(pkg: str) -> str | None:
-    try:
-        return importlib.metadata.version(pkg)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="tiny", choices=sorted(W.SHAPES))
@@ -103,11 +94,10 @@ def main() -> None:
             times = W.time_steps(grpo_step(args.shape), args.steps)
             result = W.step_record(times, algorithm="grpo")
     except Exception as e:  # an API tunix moved is a result to report, not a crash
-        result = {"error": f"{type(e).__name__}: {e}",
-                  "traceback_tail": traceback.format_exc().strip().splitlines()[-4:]}  # fmt: skip
+        result = W.error_record(e)
     W.emit({
         "peer": "tunix", "shape": args.shape,
-        "versions": {k: _version(k) for k in ("google-tunix", "jax", "flax", "optax")},
+        "versions": W.versions("google-tunix", "jax", "flax", "optax"),
         "device": jax.devices()[0].platform, "cpu_count": os.cpu_count(),
         "variants": {"tunix_grpo": result},
     })  # fmt: skip

@@ -6,9 +6,11 @@ have torch or a different jax but not jaxsd.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import statistics
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -127,6 +129,24 @@ def step_record(times: tuple[list[float], list[float]], **extra: Any) -> dict[st
         "step_times_s": [round(t, 5) for t in wall],
         **extra,
     }
+
+
+def error_record(e: BaseException) -> dict[str, Any]:
+    """A peer variant that failed (an API that moved): a result to report, not a crash."""
+    tail = traceback.format_exc().strip().splitlines()[-4:]
+    return {"error": f"{type(e).__name__}: {e}", "traceback_tail": tail}
+
+
+def versions(*packages: str) -> dict[str, str | None]:
+    """Installed version of each distribution (None when it is not installed)."""
+
+    def version(pkg: str) -> str | None:
+        try:
+            return importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return {pkg: version(pkg) for pkg in packages}
 
 
 def emit(record: dict[str, Any]) -> None:
