@@ -50,6 +50,14 @@ def test_dense_keeps_the_compute_dtype_in_both_directions(shape):
     chex.assert_shape([dx, dw], [x.shape, w.shape])
 
 
+def test_dense_with_mixed_dtypes_matches_autodiff():
+    x, w, cot = _operands(3, 8)
+    w = w.astype(jnp.bfloat16)
+    (dx, dw), (ref_dx, ref_dw) = (jax.vjp(f, x, w)[1](cot) for f in (dense, jnp.matmul))
+    chex.assert_type([dx, dw], [jnp.float32, jnp.bfloat16])
+    chex.assert_trees_all_close((dx, dw), (ref_dx, ref_dw), rtol=1e-2, atol=1e-2)
+
+
 def _weight_grad_dot(i: int, o: int) -> jax.core.JaxprEqn:
     x, w, cot = _operands(i, o)
     jaxpr = jax.make_jaxpr(lambda w: jax.vjp(dense, x, w)[1](cot)[1])(w)

@@ -47,7 +47,7 @@ def _dense_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Arra
         dw = jnp.einsum("...o,...i->oi", g, x).T
     else:
         dw = jnp.einsum("...i,...o->io", x, g)
-    return dx, dw
+    return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
 dense.defvjp(_dense_fwd, _dense_bwd)
