@@ -8,7 +8,12 @@ The venvs are created under --venv-root on first use (minutes) and reused after.
 Prints one JSON object with every record and, per algorithm, `ratios` = our tokens/s / the
 peer's tokens/s (SDPO only against SDPO peer steps, GRPO only against GRPO ones).
 
-Usage: .venv/bin/python bench/compare_peers.py --shape tiny --steps 5 [--skip-install]
+This shared 2-core machine drifts by 15-25 % over an hour, peers included, so one run's ratio
+can be off by that much. `--rounds N` repeats the whole set N times, alternating the order
+(ours first, then peers first, ...), and reports per peer the median ratio over rounds with its
+[min, max]; `rounds` keeps every round's records.
+
+Usage: .venv/bin/python bench/compare_peers.py --shape tiny --steps 5 [--rounds 3] [--skip-install]
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -100,6 +106,41 @@ def ratios(ours: dict[str, Any], peers: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def median_ratios(per_round: list[dict[str, Any]]) -> dict[str, Any]:
+    """Combine one algorithm's `ratios` from several rounds: per peer the median over rounds
+    and its [min, max]; the fastest peer is the one with the smallest median ratio."""
+    by_peer: dict[str, list[float]] = {}
+    for r in per_round:
+        for peer, x in r.get("ours_over_peer_tokens_per_s", {}).items():
+            by_peer.setdefault(peer, []).append(x)
+    if not by_peer:
+        return {"note": "no round produced a ratio", "rounds": len(per_round)}
+    med = {peer: statistics.median(xs) for peer, xs in by_peer.items()}
+    fastest = min(med, key=med.get)
+    return {
+        "algorithm": per_round[0].get("algorithm"),
+        "ours_over_peer_tokens_per_s": med,
+        "spread": {peer: [min(xs), max(xs)] for peer, xs in by_peer.items()},
+        "rounds_with_ratio": {peer: len(xs) for peer, xs in by_peer.items()},
+        "fastest_peer": fastest,
+        "ours_over_fastest_peer": med[fastest],
+    }
+
+
+def one_round(args: argparse.Namespace, algos: list[str], names: list[str], peers_first: bool):
+    def ours() -> dict[str, Any]:
+        return {a: {"error": "skipped (--no-ours)"} if args.no_ours else run_ours(args, a)
+                for a in algos}  # fmt: skip
+
+    if peers_first:
+        peers = [run_peer(n, args) for n in names]
+        mine = ours()
+    else:
+        mine = ours()
+        peers = [run_peer(n, args) for n in names]
+    return mine, peers
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="tiny", choices=("tiny", "small"))
@@ -110,7 +151,10 @@ def main() -> None:
     ap.add_argument("--no-ours", action="store_true", help="run the peers only")
     ap.add_argument("--algos", default="sdpo,grpo", help="our algorithms to run (sdpo,grpo)")
     ap.add_argument("--timeout-s", type=float, default=1800, help="per bench script")
+    ap.add_argument("--rounds", type=int, default=1, help="repeat all, alternating the order")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error(f"--rounds {args.rounds} must be >= 1")
     names = [p for p in args.peers.split(",") if p]
     if set(names) - set(PEERS):
         ap.error(f"unknown --peers {sorted(set(names) - set(PEERS))}; use {sorted(PEERS)}")
@@ -119,15 +163,24 @@ def main() -> None:
         ap.error(f"unknown --algos {sorted(set(algos) - {'sdpo', 'grpo'})}; use sdpo,grpo")
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     load_before = os.getloadavg()
-    ours = {a: {"error": "skipped (--no-ours)"} if args.no_ours else run_ours(args, a)
-            for a in algos}  # fmt: skip
-    peers = [run_peer(n, args) for n in names]
-    print(json.dumps({
+    rounds = []
+    for i in range(args.rounds):
+        ours, peers = one_round(args, algos, names, peers_first=i % 2 == 1)
+        rounds.append({
+            "ours": ours, "peers": peers, "loadavg": os.getloadavg(),
+            "ratios": {a: ratios(ours[a] | {"algorithm": a}, peers) for a in algos},
+        })  # fmt: skip
+        print(f"round {i + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+    record = {
         "bench": "compare_peers", "started": started, "shape": args.shape, "steps": args.steps,
         "cpu_count": os.cpu_count(), "loadavg_before": load_before,
-        "loadavg_after": os.getloadavg(), "ours": ours, "peers": peers,
-        "ratios": {a: ratios(ours[a] | {"algorithm": a}, peers) for a in algos},
-    }))  # fmt: skip
+        "loadavg_after": os.getloadavg(), "ours": rounds[0]["ours"], "peers": rounds[0]["peers"],
+        "ratios": rounds[0]["ratios"],
+    }  # fmt: skip
+    if args.rounds > 1:
+        record["rounds"] = rounds
+        record["ratios"] = {a: median_ratios([r["ratios"][a] for r in rounds]) for a in algos}
+    print(json.dumps(record))
 
 
 if __name__ == "__main__":
