@@ -127,7 +127,11 @@ def median_ratios(per_round: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def one_round(args: argparse.Namespace, algos: list[str], names: list[str], peers_first: bool):
+def one_round(
+    args: argparse.Namespace, algos: list[str], names: list[str], peers_first: bool
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Our rows and the peers' rows once, in the order asked for."""
+
     def ours() -> dict[str, Any]:
         return {a: {"error": "skipped (--no-ours)"} if args.no_ours else run_ours(args, a)
                 for a in algos}  # fmt: skip
