@@ -109,8 +109,27 @@ def _logits_bwd(res, g_BxCxV):
     h, w = res
     g = g_BxCxV.astype(jnp.promote_types(h.dtype, w.dtype))
     dh = jnp.einsum("bcv,hv->bch", g, w, preferred_element_type=jnp.float32)
-    dw = jnp.einsum("bch,bcv->hv", h, g, preferred_element_type=jnp.float32)
+    hidden, vocab = w.shape
+    dw = _weight_grad(h.reshape(-1, hidden), g.reshape(-1, vocab))
     return dh.astype(h.dtype), dw.astype(w.dtype)
+
+
+def _weight_grad(h_NxH: jax.Array, g_NxV: jax.Array) -> jax.Array:
+    """dW = hᵀ g [H, V] in fp32: a short contraction (a chunk's tokens) into a vocab-wide output.
+
+    XLA:CPU runs this GEMM with the transposed operand folded in at 30–60 GFLOP/s for
+    H = 256–4096 (vs ~100 for plain GEMMs); transposing h into its own [H, N] buffer first
+    (the barrier keeps XLA from folding it back) makes it a plain GEMM at 70–100 GFLOP/s.
+    GPUs and TPUs run the folded form at full speed, so they keep it.
+    """
+
+    def folded(h, g):
+        return jnp.einsum("nh,nv->hv", h, g, preferred_element_type=jnp.float32)
+
+    def transposed_first(h, g):
+        return jnp.dot(jax.lax.optimization_barrier(h.T), g, preferred_element_type=jnp.float32)
+
+    return jax.lax.platform_dependent(h_NxH, g_NxV, cpu=transposed_first, default=folded)
 
 
 _logits.defvjp(_logits_fwd, _logits_bwd)
