@@ -169,7 +169,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "mfu": flops["six_n"] / step_s / 1e9 / peak,
         "mfu_student_only": flops["six_n_student_only"] / step_s / 1e9 / peak,
         "mfu_model_flops": flops["model"] / step_s / 1e9 / peak,
-        "peak_gflops": peak, "measured_matmul_gflops": measured,
+        "peak_gflops": peak, "peak_source": a.peak_source, "measured_matmul_gflops": measured,
         "mfu_model_flops_vs_measured_matmul": flops["model"] / step_s / 1e9 / measured,
         "peak_device_bytes": peak_bytes, "loss": loss,
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
@@ -194,11 +194,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--matmul-n", type=int, default=4096)
     peak = p.add_mutually_exclusive_group()
-    peak.add_argument("--peak-gflops", type=float, default=138.0)
+    peak.add_argument("--peak-gflops", type=float, help="default: 138 on CPU, else known bf16 peak")
     peak.add_argument("--peak-tflops", type=float)
     a = p.parse_args(argv)
     if a.peak_tflops is not None:
         a.peak_gflops = a.peak_tflops * 1e3
+    cuda = torch.cuda.is_available()
+    kind = torch.cuda.get_device_name() if cuda else "cpu"
+    try:
+        a.peak_gflops, a.peak_source = W.resolve_peak_gflops(
+            a.peak_gflops, "gpu" if cuda else "cpu", kind, a.dtype
+        )
+    except ValueError as e:
+        p.error(str(e))
     if a.param_dtype == "bfloat16" and a.dtype == "float32":
         p.error("--param-dtype bfloat16 needs --dtype bfloat16 (no fp32 compute on bf16 weights)")
     return a

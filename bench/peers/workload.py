@@ -27,6 +27,46 @@ GRAD_CLIP = 1.0
 EMA_RATE = 0.05
 SEED = 0
 
+# MFU's denominator when no --peak-gflops/--peak-tflops is given. CPU: the fp32 4096² matmul of
+# this project's idle 2-core machine (FACTS.md), the issue's convention. Accelerators: the
+# vendor's dense (no sparsity) 16-bit matmul peak, by device-kind substring, first match wins.
+CPU_NOMINAL_PEAK_GFLOPS = 138.0
+DENSE_16BIT_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756.0),
+    ("H100", 989.4),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("H200", 989.4),  # also GH200
+    ("A100", 312.0),
+    ("TPU v4", 275.0),
+    ("TPU v5 lite", 197.0),  # v5e
+    ("TPU v5", 459.0),  # v5p
+    ("TPU v6 lite", 918.0),  # v6e (Trillium)
+)
+
+
+def resolve_peak_gflops(
+    flag_gflops: float | None, platform: str, device_kind: str, compute_dtype: str
+) -> tuple[float, str]:
+    """(peak GFLOP/s for MFU, where it came from): the flag, else CPU nominal, else the table.
+
+    Raises ValueError for an accelerator the table does not know, or fp32 compute on one (its
+    peak depends on TF32/precision settings): a wrong denominator would print a plausible MFU.
+    """
+    if flag_gflops is not None:
+        if flag_gflops <= 0:
+            raise ValueError(f"peak {flag_gflops} GFLOP/s must be > 0")
+        return flag_gflops, "flag"
+    if platform == "cpu":
+        return CPU_NOMINAL_PEAK_GFLOPS, "cpu nominal (this project's 2-core machine, FACTS.md)"
+    if compute_dtype in ("bfloat16", "float16"):
+        for key, tflops in DENSE_16BIT_PEAK_TFLOPS:
+            if key.lower() in device_kind.lower():
+                return tflops * 1e3, f"table: {key}, dense 16-bit"
+    raise ValueError(
+        f"no known {compute_dtype} peak for device {device_kind!r} ({platform}); pass "
+        "--peak-tflops with the device's dense peak for that dtype"
+    )
+
+
 # Qwen3 architecture, untied head; field names follow transformers' Qwen3Config.
 SHAPES: dict[str, dict[str, int]] = {
     "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
