@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import pathlib
 
 import pytest
@@ -12,11 +11,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def compare():
-    spec = importlib.util.spec_from_file_location("compare_peers", ROOT / "bench/compare_peers.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def compare(repo_module):
+    return repo_module("bench/compare_peers.py")
 
 
 def _round(algorithm, **ratios):

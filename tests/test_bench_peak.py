@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 import subprocess
 import sys
@@ -13,11 +12,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def workload():
-    spec = importlib.util.spec_from_file_location("workload", ROOT / "bench/peers/workload.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def workload(repo_module):
+    return repo_module("bench/peers/workload.py")
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import pathlib
 
@@ -51,12 +50,8 @@ ENTRY %main.9 () -> f32[512,32768] {
 
 
 @pytest.fixture(scope="module")
-def trace_summary():
-    path = ROOT / "bench/trace_summary.py"
-    spec = importlib.util.spec_from_file_location("trace_summary", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def trace_summary(repo_module):
+    return repo_module("bench/trace_summary.py")
 
 
 def test_dot_flops_are_two_times_output_times_contraction(trace_summary):
