@@ -436,18 +436,6 @@ def bench_head(a: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def jax_peak_gflops(flag: float | None, dtype: str, error: Any) -> tuple[float, str]:
-    """MFU peak for JAX's default device (W.resolve_peak_gflops); a bad value exits via `error`."""
-    import jax
-
-    device = jax.devices()[0]
-    try:
-        return W.resolve_peak_gflops(flag, device.platform, str(device.device_kind), dtype)
-    except ValueError as e:
-        error(str(e))
-        raise
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--algo", choices=("sdpo", "grpo"), default="sdpo")
@@ -491,13 +479,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.peak_tflops is not None:
         a.peak_gflops = a.peak_tflops * 1e3
-    if not (a.head_variant or a.head):  # the head benchmarks report no MFU
-        a.peak_gflops, a.peak_source = jax_peak_gflops(a.peak_gflops, a.dtype, p.error)
     for name in ("batch", "prompt", "response", "steps", "chunk", "matmul_n"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     if a.layers is not None and a.layers < 1:
         p.error(f"--layers must be >= 1, got {a.layers}")
+    if not (a.head_variant or a.head):  # the head benchmarks report no MFU
+        import jax
+
+        device = jax.devices()[0]
+        try:
+            a.peak_gflops, a.peak_source = W.resolve_peak_gflops(
+                a.peak_gflops, device.platform, str(device.device_kind), a.dtype
+            )
+        except ValueError as e:
+            p.error(str(e))
     return a
 
 
