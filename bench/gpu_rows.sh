@@ -11,7 +11,9 @@
 # whole script stops starting rows once its deadline (DEADLINE_S, default 430 s) is near.
 # Env: PY (jax rows, default python3), PY_TORCH (torch rows, default $PY), OUT, DEADLINE_S,
 # PEAK_TFLOPS (nominal dense bf16 peak for MFU, default 989 = H100 SXM), FIRST (mfu | 0.6b),
-# ATTNS (our attention implementations to time, default "cudnn jaxsd"; smoke "xla jaxsd").
+# ATTNS (our attention implementations to time, default "cudnn jaxsd"; smoke "xla jaxsd"),
+# TRACE (1 = profile one 8b-shaped SDPO run after the head row, 0 = skip), ONLY (bash regex:
+# run only the rows whose name matches, e.g. ONLY='^(versions|trace_)').
 set -u
 cd "$(dirname "$0")/.."
 SMOKE=0
@@ -63,6 +65,7 @@ if [ "$SMOKE" = 1 ]; then TOPK_BLOCK=128; else TOPK_BLOCK=4096; fi
 row() {
   local name=$1 limit=$2
   shift 2
+  [[ -n "${ONLY:-}" && ! "$name" =~ $ONLY ]] && return
   local left=$((DEADLINE - $(date +%s)))
   if [ "$left" -lt 25 ]; then
     echo "{\"row\": \"$name\", \"skipped\": \"deadline: ${left}s left\"}" | tee -a "$ROWS"
@@ -133,14 +136,42 @@ rows_topk() {
     --attention "${ATTNS%% *}" --topk-block "$TOPK_BLOCK" --shape $S8 --layers $L8 "${LARGE8[@]}" \
     "${BF16[@]}" "${STEPS[@]}"
 }
-# FIRST=mfu (default: the 0.6b SDPO pair is already recorded, bench/README.md) or FIRST=0.6b.
-if [ "${FIRST:-mfu}" = mfu ]; then rows_8b_mfu; rows_topk; rows_06_fixed
-else rows_06_fixed; rows_8b_mfu; rows_topk; fi
-row head 120 "$PY" bench/train_step.py --head --head-torch --dtype bfloat16 "${HEAD[@]}"
+rows_head() {
+  row head 120 "$PY" bench/train_step.py --head --head-torch --dtype bfloat16 "${HEAD[@]}"
+}
+# One more 8b×4 SDPO run (first attention in $ATTNS) with a 3-step profile and an HLO dump;
+# bench/trace_summary.py turns them into $OUT/trace_summary.json (per-kernel ms and each fused
+# matmul's GFLOP/s). The dump and the trace are deleted after (too many files to bring back).
+rows_trace() {
+  [ "${TRACE:-1}" = 1 ] || return
+  local dir="$OUT/trace_8b" dump="$OUT/hlo_8b"
+  rm -rf "$dir" "$dump"
+  # A compilation-cache hit would skip the compile, and with it the HLO dump.
+  JAX_ENABLE_COMPILATION_CACHE=false XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=$dump" \
+    row "trace_sdpo_${S8}x${L8}_large" 120 "$PY" bench/train_step.py --algo sdpo \
+    --attention "${ATTNS%% *}" --shape $S8 --layers $L8 "${LARGE8[@]}" "${BF16[@]}" \
+    "${STEPS[@]}" --steps 1 --warmup 0 --trace "$dir"
+  local hlo
+  hlo=$(ls -S "$dump"/*after_optimizations.txt 2>/dev/null | head -n 1)
+  if [ -d "$dir" ] && [ -n "$hlo" ]; then
+    "$PY" bench/trace_summary.py "$dir" --top 40 --hlo "$hlo" >"$OUT/trace_summary.json" ||
+      echo "trace_summary failed"
+  fi
+  rm -rf "$dir" "$dump"
+}
 # 0.6b at a larger batch (MFU), the 8b-layer shape and small on the issue's fixed workload.
-pair "${S06}_large" 150 90 "sdpo grpo" --shape $S06 "${LARGE06[@]}"
-pair "${S8}x${L8}_fixed" 90 60 "sdpo" --shape $S8 --layers $L8 "${FIXED[@]}"
-pair "${SSMALL}_fixed" 60 45 "sdpo grpo" --shape $SSMALL "${FIXED[@]}"
+rows_rest() {
+  pair "${SSMALL}_fixed" 60 45 "sdpo grpo" --shape $SSMALL "${FIXED[@]}"
+  pair "${S06}_large" 150 90 "sdpo grpo" --shape $S06 "${LARGE06[@]}"
+  pair "${S8}x${L8}_fixed" 90 60 "sdpo" --shape $S8 --layers $L8 "${FIXED[@]}"
+}
+# FIRST=mfu (default): the 8b×4 pair, blocked top-k, head and profile before the 0.6b rows,
+# whose 28 unrolled layers cost ~2 min of compile per row; FIRST=0.6b: the 0.6b pair first.
+if [ "${FIRST:-mfu}" = mfu ]; then
+  rows_8b_mfu; rows_topk; rows_head; rows_trace; rows_06_fixed; rows_rest
+else
+  rows_06_fixed; rows_8b_mfu; rows_topk; rows_head; rows_trace; rows_rest
+fi
 
 "$PY" bench/gpu_rows.py "$ROWS" | tee "$OUT/summary.md"
 echo "== done in $(($(date +%s) - START)) s"
