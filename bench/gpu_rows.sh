@@ -44,6 +44,7 @@ if [ "$SMOKE" = 1 ]; then
   LARGE06=(--batch 2 --prompt 32 --response 32)
   LARGE8=(--batch 2 --prompt 32 --response 32)
   STEPS=(--steps 2 --warmup 1 --matmul-n 256)
+  OURS=(--chunk 64)  # our step's options only (the torch peer has no chunked head)
   MATMUL=(--matmul-n 512 --steps 3)
   HEAD=(--tokens 256 --time-tokens 256 --vocab 4096 --hidden 64 --chunk 64)
 else
@@ -52,7 +53,8 @@ else
   LARGE06=(--batch 16 --prompt 256 --response 256)
   LARGE8=(--batch 8 --prompt 512 --response 512)
   # LM-head chunks of 1024 tokens: 8 % faster than 256 at the 8B layer shape (H200, +4 GB).
-  STEPS=(--steps 8 --warmup 2 --matmul-n 8192 --chunk 1024)
+  STEPS=(--steps 8 --warmup 2 --matmul-n 8192)
+  OURS=(--chunk 1024)  # our step's options only (the torch peer has no chunked head)
   MATMUL=(--matmul-n 8192 --steps 20)
   HEAD=(--tokens 4096 --time-tokens 4096 --vocab 151936 --hidden 1024 --chunk 256)
 fi
@@ -120,7 +122,7 @@ pair() {
       local name="ours_${attn}_${algo}_${suffix}"
       [ "$attn" = jaxsd ] && name="ours_${algo}_${suffix}"
       row "$name" "$t_ours" "$PY" bench/train_step.py --algo "$algo" --attention "$attn" "$@" \
-        "${BF16[@]}" "${STEPS[@]}"
+        "${BF16[@]}" "${STEPS[@]}" "${OURS[@]}"
     done
     row "torch_${algo}_${suffix}" "$t_torch" "$PY_TORCH" bench/peers/torch_step.py \
       --algo "$algo" "$@" "${BF16[@]}" "${STEPS[@]}"
@@ -134,10 +136,10 @@ rows_8b_mfu() { pair "${S8}x${L8}_large" 200 90 "sdpo grpo" --shape $S8 --layers
 rows_topk() {
   row "ours_topkblock_sdpo_${S8}x${L8}_large" 200 "$PY" bench/train_step.py --algo sdpo \
     --attention "${ATTNS%% *}" --topk-block "$TOPK_BLOCK" --shape $S8 --layers $L8 "${LARGE8[@]}" \
-    "${BF16[@]}" "${STEPS[@]}"
+    "${BF16[@]}" "${STEPS[@]}" "${OURS[@]}"
 }
 rows_head() {
-  row head 120 "$PY" bench/train_step.py --head --head-torch --dtype bfloat16 "${HEAD[@]}"
+  row head 180 "$PY" bench/train_step.py --head --head-torch --dtype bfloat16 "${HEAD[@]}"
 }
 # One more 8b×4 SDPO run (first attention in $ATTNS) with a 3-step profile and an HLO dump;
 # bench/trace_summary.py turns them into $OUT/trace_summary.json (per-kernel ms and each fused
@@ -150,7 +152,7 @@ rows_trace() {
   JAX_ENABLE_COMPILATION_CACHE=false XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=$dump" \
     row "trace_sdpo_${S8}x${L8}_large" 120 "$PY" bench/train_step.py --algo sdpo \
     --attention "${ATTNS%% *}" --shape $S8 --layers $L8 "${LARGE8[@]}" "${BF16[@]}" \
-    "${STEPS[@]}" --steps 1 --warmup 0 --trace "$dir"
+    "${STEPS[@]}" "${OURS[@]}" --steps 1 --warmup 0 --trace "$dir"
   local hlo
   hlo=$(ls -S "$dump"/*after_optimizations.txt 2>/dev/null | head -n 1)
   if [ -d "$dir" ] && [ -n "$hlo" ]; then
