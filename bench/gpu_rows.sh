@@ -61,7 +61,8 @@ fi
 BF16=(--dtype bfloat16 --param-dtype float32 --peak-tflops "$PEAK")
 # Our attention implementations to time (the fused cuDNN kernel first: the likely fastest).
 if [ "$SMOKE" = 1 ]; then ATTNS=${ATTNS:-"xla jaxsd"}; else ATTNS=${ATTNS:-"cudnn jaxsd"}; fi
-if [ "$SMOKE" = 1 ]; then TOPK_BLOCK=128; else TOPK_BLOCK=4096; fi
+# A top-k block as wide as the vocabulary = one lax.top_k: the baseline of the pruned default.
+if [ "$SMOKE" = 1 ]; then TOPK_PLAIN=512; else TOPK_PLAIN=151936; fi
 
 # row NAME TIMEOUT_S CMD...: run CMD under timeout, keep its last JSON line, tag it with NAME.
 row() {
@@ -132,10 +133,11 @@ pair() {
 rows_06_fixed() { pair "${S06}_fixed" 200 90 "sdpo grpo" --shape $S06 "${FIXED[@]}"; }
 # MFU rows: Qwen3-8B layer shape cut to $L8 layers (AdamW state fits), larger workload.
 rows_8b_mfu() { pair "${S8}x${L8}_large" 200 90 "sdpo grpo" --shape $S8 --layers $L8 "${LARGE8[@]}"; }
-# The blocked exact top-k (StepConfig.topk_block) against the full-vocabulary sort, 8b×4 SDPO.
+# One lax.top_k over the whole vocabulary against the default block-max-pruned exact top-k
+# (StepConfig.topk_block = None), 8b×4 SDPO.
 rows_topk() {
-  row "ours_topkblock_sdpo_${S8}x${L8}_large" 200 "$PY" bench/train_step.py --algo sdpo \
-    --attention "${ATTNS%% *}" --topk-block "$TOPK_BLOCK" --shape $S8 --layers $L8 "${LARGE8[@]}" \
+  row "ours_topkplain_sdpo_${S8}x${L8}_large" 200 "$PY" bench/train_step.py --algo sdpo \
+    --attention "${ATTNS%% *}" --topk-block "$TOPK_PLAIN" --shape $S8 --layers $L8 "${LARGE8[@]}" \
     "${BF16[@]}" "${STEPS[@]}" "${OURS[@]}"
 }
 rows_head() {

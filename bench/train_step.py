@@ -148,6 +148,7 @@ def step_config(algo: str, chunk_size: int, topk_block: int | None = None) -> An
 def bench_step(a: argparse.Namespace) -> dict[str, Any]:
     import jax
 
+    from jaxsd.losses import topk_block_width
     from jaxsd.models import Transformer
     from jaxsd.train.optimizer import make_optimizer
     from jaxsd.train.state import create_train_state
@@ -213,7 +214,7 @@ def bench_step(a: argparse.Namespace) -> dict[str, Any]:
         "param_dtype": a.param_dtype,
         "attention": a.attention,
         "remat": a.remat,
-        "topk_block": a.topk_block,
+        "topk_block": a.topk_block or topk_block_width(cfg.vocab_size, W.TOP_K),
         "compute_dtype": a.dtype,
         "step_s": step_s,
         "min_step_s": min(times),
@@ -452,7 +453,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="attention implementation (cudnn: fused flash attention, NVIDIA + bf16)",
     )  # fmt: skip
     p.add_argument("--remat", action="store_true", help="recompute layer activations in bwd")
-    p.add_argument("--topk-block", type=int, help="exact top-k in blocks of this many logits")
+    p.add_argument(
+        "--topk-block",
+        type=int,
+        help="width of the logit blocks the exact top-k prunes (default: chosen from V and k)",
+    )
     p.add_argument("--trace", help="also profile 3 steps into this folder (perfetto trace)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)

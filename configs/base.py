@@ -107,8 +107,8 @@ def get_config(arg: str | None = None, *, run_name: str = "sdpo") -> ml_collecti
     c.loss.loss_agg_mode = "token-mean"
     c.loss.loss_agg_norm = 1.0  # constant of seq-mean-token-sum-norm (Dr. GRPO)
     c.loss.chunk_size = 256  # tokens per LM-head/divergence chunk
-    # Top-k in exact blocks of this many logits (GPU: avoids a full-vocabulary radix sort;
-    # unmeasured on GPU so far); None = one lax.top_k (faster on CPU).
+    # Width of the logit blocks the exact top-k prunes by their maxima (avoids sorting the
+    # whole vocabulary); None = chosen from V and k (jaxsd.losses.topk_block_width).
     c.loss.topk_block = ml_collections.config_dict.placeholder(int)
     c.loss.clip_low = 0.2
     c.loss.clip_high = 0.28

@@ -368,39 +368,61 @@ def test_bad_arguments_raise_clear_errors():
         topk_divergence_from_logprobs(s[..., :K], s[..., 0], t[..., : K - 1], t[..., 0])
 
 
-# ---------------------------------------------------------------- blocked top-k
+# ---------------------------------------------------------------- pruned top-k
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(
-    vocab=st.integers(1, 70),
+    vocab=st.integers(1, 90),
     rows=st.integers(1, 4),
-    block=st.integers(1, 80),
-    k_frac=st.floats(0.0, 1.0),
+    block=st.integers(1, 40),
+    k_frac=st.floats(0.0, 0.5),
     levels=st.integers(1, 6),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_blocked_top_k_equals_lax_top_k_ties_included(vocab, rows, block, k_frac, levels, seed):
-    """Few distinct values (many ties), -inf entries, any block width: same indices, same order."""
+def test_pruned_top_k_equals_lax_top_k_ties_included(vocab, rows, block, k_frac, levels, seed):
+    """Few distinct values (many ties), -inf entries and all--inf rows, any block width:
+    the same indices in the same order as lax.top_k."""
     from jaxsd.losses import top_k_indices
 
     k = max(1, round(k_frac * vocab))
     rng = np.random.default_rng(seed)
     x = rng.integers(0, levels, (rows, vocab)).astype(np.float32)
     x[rng.random((rows, vocab)) < 0.1] = -np.inf
+    x[rng.random(rows) < 0.2] = -np.inf
     expected = np.asarray(jax.lax.top_k(jnp.asarray(x), k)[1])
     got = np.asarray(top_k_indices(jnp.asarray(x), k, block=block))
     np.testing.assert_array_equal(got, expected)
 
 
-def test_blocked_top_k_on_a_real_vocab_and_bad_arguments():
+def _prunes(vocab: int, k: int, block: int | None = None) -> bool:
     from jaxsd.losses import top_k_indices
 
-    x = jax.random.normal(jax.random.key(0), (3, 5, 1000))
-    expected = jax.lax.top_k(x, 100)[1]
-    chex.assert_trees_all_equal(top_k_indices(x, 100, block=128), expected)
-    chex.assert_trees_all_equal(top_k_indices(x, 100), expected)
+    jaxpr = jax.make_jaxpr(lambda x: top_k_indices(x, k, block=block))(jnp.zeros((2, vocab)))
+    return any(e.primitive.name == "reduce_max" for e in jaxpr.jaxpr.eqns)
+
+
+def test_pruned_top_k_default_width_and_bad_arguments():
+    from jaxsd.losses import top_k_indices, topk_block_width
+
+    # w = sqrt(V/k) rounded to a power of two, once V >= 100·k.
+    assert topk_block_width(151_936, 100) == 32
+    assert topk_block_width(151_936, 20) == 64
+    assert topk_block_width(32_768, 100) == 16
+    assert topk_block_width(4096, 20) == 16
+    assert topk_block_width(512, 100) is None
+    assert topk_block_width(9_999, 100) is None
+    assert _prunes(4096, 20) and not _prunes(1000, 100)
+    assert _prunes(1000, 100, block=8) and not _prunes(1000, 100, block=10)  # 100 blocks <= k
+
+    # The default path on a vocabulary where it prunes, ties included.
+    x = jnp.round(jax.random.normal(jax.random.key(0), (3, 5, 4096)) * 4)
+    chex.assert_trees_all_equal(top_k_indices(x, 20), jax.lax.top_k(x, 20)[1])
+    y = jax.random.normal(jax.random.key(1), (3, 5, 1000))
+    expected = jax.lax.top_k(y, 100)[1]
+    chex.assert_trees_all_equal(top_k_indices(y, 100, block=7), expected)
+    chex.assert_trees_all_equal(top_k_indices(y, 100), expected)
     with pytest.raises(ValueError, match="block=0"):
-        top_k_indices(x, 10, block=0)
+        top_k_indices(y, 10, block=0)
     with pytest.raises(ValueError, match="top_k=1001"):
-        top_k_indices(x, 1001, block=128)
+        top_k_indices(y, 1001, block=128)

@@ -9,6 +9,7 @@ from jaxsd.losses.divergence import (
     entropy_from_logprobs,
     generalized_jsd_from_logprobs,
     top_k_indices,
+    topk_block_width,
     topk_divergence_from_logprobs,
     topk_logprobs_and_tail,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "pass_rate_weights",
     "rhythm_gate",
     "top_k_indices",
+    "topk_block_width",
     "topk_divergence_from_logprobs",
     "topk_logprobs_and_tail",
 ]

@@ -28,6 +28,7 @@ __all__ = [
     "entropy_from_logprobs",
     "generalized_jsd_from_logprobs",
     "top_k_indices",
+    "topk_block_width",
     "topk_divergence_from_logprobs",
     "topk_logprobs_and_tail",
 ]
@@ -86,32 +87,50 @@ def generalized_jsd_from_logprobs(
     return (1.0 - alpha) * _kl(log_p, log_m) + alpha * _kl(log_t, log_m)
 
 
-def top_k_indices(logits: jax.Array, k: int, *, block: int | None = None) -> jax.Array:
-    """Indices of the k largest logits per row, `[..., V] -> [..., K]`, as `lax.top_k`.
+def topk_block_width(vocab: int, k: int) -> int | None:
+    """The block width `top_k_indices` uses by default; None where one `lax.top_k` is cheaper.
 
-    `block` splits V into blocks of that width: the top-k of each block, then the top-k of
-    those candidates. Exact, ties included (equal values keep the lower index first, as in
-    `lax.top_k`), since a row's top-k lies in the union of its blocks' top-k. It replaces one
-    sort of V-long rows by sorts of `block`-long and `ceil(V/block)·min(k, block)`-long rows:
-    short rows sort in on-chip memory on GPUs, where a full-row top-k runs as a multi-pass
-    radix sort. On XLA:CPU `block=None` (one `lax.top_k`) is faster.
+    Pruning pays once the vocabulary is large against k (V >= 100·k: 0.6B/8B-sized vocabularies
+    with k <= 1000); the width balances the two sorts it leaves, V/w block maxima and k·w
+    candidates, so w ≈ sqrt(V/k), rounded to a power of two.
+    """
+    if vocab < 100 * k:
+        return None
+    return 2 ** round(math.log2(math.sqrt(vocab / k)))
+
+
+def top_k_indices(logits: jax.Array, k: int, *, block: int | None = None) -> jax.Array:
+    """Indices of the k largest logits per row, `[..., V] -> [..., K]`, exactly as `lax.top_k`.
+
+    Splits V into blocks of `block` logits and keeps only the k blocks with the largest maxima:
+    every top-k entry lies in one of them (a block holding one has a maximum >= the k-th
+    value, and at most k blocks do), so the top-k of their k·block logits is the row's top-k.
+    Ties resolve as in `lax.top_k` (equal values, lower index first): blocks tied on their
+    maximum are taken lowest-index first and the candidates keep their vocabulary order. It
+    replaces a sort of V-long rows (XLA's top-k on GPU is a multi-pass radix sort of the whole
+    row; on CPU a partial sort) by a max-reduction and sorts of V/block- and k·block-long
+    rows: at V = 151,936, k = 100 on XLA:CPU 91 -> 29 ms for 256 rows.
+    `block=None` picks the width with `topk_block_width` (one `lax.top_k` for small
+    vocabularies); a width with ceil(V / block) <= k (e.g. block >= V) is one `lax.top_k`.
     """
     vocab = logits.shape[-1]
     if not 1 <= k <= vocab:
         raise ValueError(f"top_k={k} must be in [1, vocab size {vocab}]")
-    if block is None or block >= vocab:
+    if block is not None and block < 1:
+        raise ValueError(f"top-k block={block} must be >= 1 (or None to choose from V and k)")
+    if block is None:
+        block = topk_block_width(vocab, k)
+    n_blocks = 0 if block is None else -(-vocab // block)
+    if n_blocks <= k:
         return jax.lax.top_k(logits, k)[1]
-    if block < 1:
-        raise ValueError(f"top-k block={block} must be >= 1 (or None for one lax.top_k)")
-    n_blocks = -(-vocab // block)
     pad = [(0, 0)] * (logits.ndim - 1) + [(0, n_blocks * block - vocab)]
     blocks = jnp.pad(logits, pad, constant_values=-jnp.inf)
     blocks = blocks.reshape(*logits.shape[:-1], n_blocks, block)
-    values, local = jax.lax.top_k(blocks, min(k, block))
-    index = local + (jnp.arange(n_blocks) * block)[:, None]
-    flat = (*logits.shape[:-1], -1)
-    _, pick = jax.lax.top_k(values.reshape(flat), k)
-    return jnp.take_along_axis(index.reshape(flat), pick, axis=-1)
+    _, chosen = jax.lax.top_k(blocks.max(axis=-1), k)
+    chosen = jnp.sort(chosen, axis=-1)  # vocabulary order, so ties break as in lax.top_k
+    candidates = jnp.take_along_axis(blocks, chosen[..., None], axis=-2)
+    _, pick = jax.lax.top_k(candidates.reshape(*logits.shape[:-1], k * block), k)
+    return jnp.take_along_axis(chosen, pick // block, axis=-1) * block + pick % block
 
 
 def topk_logprobs_and_tail(logits: jax.Array, indices: jax.Array) -> tuple[jax.Array, jax.Array]:

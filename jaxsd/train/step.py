@@ -43,8 +43,8 @@ class StepConfig:
     use_ssopd: bool = False
     use_rhythm: bool = False  # DRIFT gate on the surrogate (needs use_surrogate)
     top_k: int | None = 100  # None = full-vocabulary divergence
-    # Top-k in blocks of this many logits (exact; see losses.top_k_indices): for GPUs, where
-    # a full-vocabulary top-k is a multi-pass radix sort. None = one lax.top_k.
+    # Width of the logit blocks the exact top-k prunes by their maxima (losses.top_k_indices):
+    # spares GPUs a radix sort of the whole vocabulary. None = chosen from V and k.
     topk_block: int | None = None
     alpha: float = 0.5  # 0 forward KL, 0.5 JSD, 1 reverse KL
     add_tail: bool = True
