@@ -85,6 +85,12 @@ def other_lines(rows: list[dict[str, Any]]) -> list[str]:
                 f"- matmul {r['n']}³ {r['dtype']}: {r['tflops']:.0f} TFLOP/s measured "
                 f"({_pct(r['fraction_of_nominal'])} of nominal {r['nominal_tflops']:.0f})"
             )
+        elif r.get("bench") == "topk":
+            times = ", ".join(f"{name} {ms:.2f}" for name, ms in r["ms"].items())
+            out.append(
+                f"- top-k {r['rows']} × {r['vocab']:,}, k {r['k']} (ms): {times}; "
+                f"default {r['speedup_default']:.2f}× lax.top_k"
+            )
         elif "error" in r or "skipped" in r:
             out.append(f"- {r['row']}: {r.get('error') or r.get('skipped')} "
                        f"{r.get('stderr_tail', '')[:300]}")  # fmt: skip

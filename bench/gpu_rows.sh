@@ -47,6 +47,7 @@ if [ "$SMOKE" = 1 ]; then
   OURS=(--chunk 64)  # our step's options only (the torch peer has no chunked head)
   MATMUL=(--matmul-n 512 --steps 3)
   HEAD=(--tokens 256 --time-tokens 256 --vocab 4096 --hidden 64 --chunk 64)
+  TOPK=(--rows 64 --vocab 4096 --k 20 --widths 8 32)
 else
   S06=0.6b; S8=8b; L8=4; SSMALL=small
   FIXED=()  # the issue's fixed workload: B 8, prompt 128 + response 128, teacher +64
@@ -57,6 +58,7 @@ else
   OURS=(--chunk 1024)  # our step's options only (the torch peer has no chunked head)
   MATMUL=(--matmul-n 8192 --steps 20)
   HEAD=(--tokens 4096 --time-tokens 4096 --vocab 151936 --hidden 1024 --chunk 256)
+  TOPK=(--rows 1024 --vocab 151936 --k 100 --widths 16 64 128 256)
 fi
 BF16=(--dtype bfloat16 --param-dtype float32 --peak-tflops "$PEAK")
 # Our attention implementations to time (the fused cuDNN kernel first: the likely fastest).
@@ -111,6 +113,8 @@ print(json.dumps({"torch": torch.__version__, "transformers": transformers.__ver
                   "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}))'
 row matmul_bf16 60 "$PY" bench/train_step.py --matmul-only --dtype bfloat16 "${MATMUL[@]}" \
   --peak-tflops "$PEAK"
+# The exact top-k alone, one LM-head chunk's rows: one lax.top_k vs the block-max-pruned default.
+row topk 60 "$PY" bench/topk.py "${TOPK[@]}"
 
 # pair SUFFIX T_OURS T_TORCH "ALGOS" ARGS...: ours (once per attention in $ATTNS) and the
 # torch peer on the same workload, bf16, same step counts. Rows: ours_<algo>_SUFFIX (our
