@@ -57,7 +57,12 @@ def _setup():
                 sd_weight=float(rng.uniform(0.5, 1.5)),
             )
         )
-    step_cfg = StepConfig(use_surrogate=True, top_k=16, chunk_size=16, teacher_mode="fixed")
+    # topk_block=4: the block-max-pruned top-k (32 blocks -> 16) runs on the vocab axis that
+    # the "tensor" mesh axis shards; its single-device result equals lax.top_k's
+    # (test_train_step.py::test_pruned_top_k_step_equals_the_plain_step).
+    step_cfg = StepConfig(
+        use_surrogate=True, top_k=16, topk_block=4, chunk_size=16, teacher_mode="fixed"
+    )
     # lr 1e-4: Adam turns 1-ulp gradient differences of near-zero entries into lr-sized
     # steps, so the sharded-vs-single tolerance (1e-5 absolute) scales with lr.
     return cfg, samples, make_optimizer(1e-4), step_cfg
