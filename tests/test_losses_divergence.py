@@ -426,3 +426,41 @@ def test_pruned_top_k_default_width_and_bad_arguments():
         top_k_indices(y, 10, block=0)
     with pytest.raises(ValueError, match="top_k=1001"):
         top_k_indices(y, 1001, block=128)
+
+
+_SHARDED_TOPK_SCRIPT = """
+import json, re, jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jaxsd.losses import top_k_indices
+mesh = Mesh(jax.devices(), ("tensor",))
+x = jax.device_put(jax.random.normal(jax.random.key(0), (16, 8192)),
+                   NamedSharding(mesh, P(None, "tensor")))
+out = {}
+for name, fn in (("plain", lambda x: jax.lax.top_k(x, 20)[1]),
+                 ("pruned", lambda x: top_k_indices(x, 20))):
+    hlo = jax.jit(fn).lower(x).compile().as_text()
+    out[name] = re.findall(r"= \\w+\\[([\\d,]*)\\]\\S* all-gather\\(", hlo)
+out["equal"] = bool((np.asarray(top_k_indices(x, 20)) == np.asarray(jax.lax.top_k(x, 20)[1])).all())
+print(json.dumps(out))
+"""
+
+
+def test_pruned_top_k_on_a_sharded_vocab_gathers_block_maxima_not_logits():
+    """Vocab sharded over 4 devices (tensor parallelism): lax.top_k all-gathers the [16, 8192]
+    logits; the pruned top-k only the [16, 512] block maxima (width 16), same indices."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "JAX_PLATFORMS": "cpu"}  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", _SHARDED_TOPK_SCRIPT],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["equal"]
+    assert res["plain"] == ["16,8192"]
+    assert res["pruned"] == ["16,512"]
