@@ -173,7 +173,7 @@ rows_rest() {
   pair "${S06}_large" 150 90 "sdpo grpo" --shape $S06 "${LARGE06[@]}"
   pair "${S8}x${L8}_fixed" 90 60 "sdpo" --shape $S8 --layers $L8 "${FIXED[@]}"
 }
-# FIRST=mfu (default): the 8b×4 pair, blocked top-k, head and profile before the 0.6b rows,
+# FIRST=mfu (default): the 8b×4 pair, plain top-k, head and profile before the 0.6b rows,
 # whose 28 unrolled layers cost ~2 min of compile per row; FIRST=0.6b: the 0.6b pair first.
 if [ "${FIRST:-mfu}" = mfu ]; then
   rows_8b_mfu; rows_topk; rows_head; rows_trace; rows_06_fixed; rows_rest
