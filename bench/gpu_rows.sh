@@ -144,8 +144,10 @@ rows_topk() {
     --attention "${ATTNS%% *}" --topk-block "$TOPK_PLAIN" --shape $S8 --layers $L8 "${LARGE8[@]}" \
     "${BF16[@]}" "${STEPS[@]}" "${OURS[@]}"
 }
+# Without the compilation cache: the one configuration seen to finish on the H100 (73 s; with
+# the cache on, the row once ran past 120 s without a word).
 rows_head() {
-  row head 180 "$PY" bench/train_step.py --head --head-torch --dtype bfloat16 "${HEAD[@]}"
+  JAX_ENABLE_COMPILATION_CACHE=false row head 180 "$PY" bench/train_step.py --head --head-torch --dtype bfloat16 "${HEAD[@]}"
 }
 # One more 8b×4 SDPO run (first attention in $ATTNS) with a 3-step profile and an HLO dump;
 # bench/trace_summary.py turns them into $OUT/trace_summary.json (per-kernel ms and each fused

@@ -382,7 +382,12 @@ def torch_head(tokens: int, vocab: int, hidden: int, time_it: bool, dtype: str) 
 def _subprocess(args: list[str]) -> dict[str, Any]:
     # $PY_TORCH: the torch variant's interpreter where jax and torch live apart (CPU smoke).
     py = os.environ.get("PY_TORCH", sys.executable) if "torch_full" in args else sys.executable
+    t0 = time.perf_counter()
     out = subprocess.run([py, __file__, *args], capture_output=True, text=True, check=False)
+    # Progress on stderr: five variants of ~10-30 s each, so a timeout shows how far it got.
+    what = f"{args[1]} ({'timing' if '--time' in args else 'memory'})"
+    print(f"head: {what} exit {out.returncode} after {time.perf_counter() - t0:.1f} s",
+          file=sys.stderr, flush=True)  # fmt: skip
     if out.returncode != 0:
         return {"error": f"head variant {args} failed: {out.stderr[-1500:]}"}
     return json.loads(out.stdout.strip().splitlines()[-1])
