@@ -378,6 +378,22 @@ def test_pruned_top_k_step_equals_the_plain_step():
         dataclasses.replace(ALL_TERMS, topk_block=0)
 
 
+def test_random_train_state_is_the_model_built_with_the_same_seed():
+    """create_train_state without a mesh (op-by-op init): params bit-equal to the model that
+    nnx.Rngs(seed) builds, the EMA teacher a copy of them, AdamW moments zero."""
+    tx = make_optimizer(1e-3)
+    _, state, shardings = create_train_state(lambda r: Transformer(CFG, rngs=r), tx, seed=5)
+    assert shardings is None
+    model_params = nnx.state(Transformer(CFG, rngs=nnx.Rngs(5)), nnx.Param)
+    chex.assert_trees_all_equal(
+        jax.tree.map(np.asarray, state.params), jax.tree.map(np.asarray, model_params)
+    )
+    chex.assert_trees_all_equal(state.teacher, state.params)
+    moments = [x for x in jax.tree.leaves(state.opt_state) if getattr(x, "ndim", 0) > 0]
+    assert len(moments) == 2 * len(jax.tree.leaves(state.params))
+    assert all(not np.asarray(m).any() for m in moments)
+
+
 def test_pulse_loss_falls_on_a_fixed_batch(pulse_run):
     ms = pulse_run["metrics"]
     first, last = ms[0], ms[-1]

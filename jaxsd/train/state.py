@@ -134,8 +134,9 @@ def create_train_state(
 
     `model_fn(rngs)` builds the model, e.g. `lambda r: Transformer(cfg, rngs=r, lora=lora)`;
     `trainable` is the optimizer's state filter (`nnx.LoRAParam` for LoRA). The init is
-    `jax.eval_shape`d, shardings come from the model's logical rules, and the real init runs
-    under `jax.jit(out_shardings=...)`, so no device or host ever holds the whole state.
+    `jax.eval_shape`d; with a mesh, shardings come from the model's logical rules and the real
+    init runs under `jax.jit(out_shardings=...)`, so no device or host ever holds the whole
+    state; without one it runs op by op on the default device.
     Returns `(graphdef, state, shardings)`; shardings is None without a mesh.
     """
     _check_mode(teacher_mode)
@@ -148,7 +149,11 @@ def create_train_state(
     key = jax.random.key(seed)
     graphdef = nnx.split(nnx.eval_shape(lambda: model_fn(nnx.Rngs(seed))), trainable, ...)[0]
     if mesh is None:
-        return graphdef, jax.jit(init)(key), None
+        # Op by op, not jitted: a jitted init compiles every layer's initialisers anew (0.6B
+        # shape, 28 layers: 25 s of compile on CPU, ~80 s on an H100), while eager dispatch
+        # compiles one kernel per parameter shape and reuses it across layers (CPU, whole
+        # init: 52 -> 34 s and 14.9 -> 12.2 GB peak RSS).
+        return graphdef, init(key), None
     shardings = state_shardings(jax.eval_shape(init, key), tx, mesh, rules)
     return graphdef, jax.jit(init, out_shardings=shardings)(key), shardings
 
