@@ -141,19 +141,23 @@ def create_train_state(
     """
     _check_mode(teacher_mode)
 
-    # The key is an argument, not a constant: with a constant seed XLA constant-folds the whole
-    # random init (minutes of "slow compile" for a 0.6B model on GPU).
-    def init(key: jax.Array) -> TrainState:
-        return _state_from_model(model_fn(nnx.Rngs(key)), tx, trainable, teacher_mode, seed)[1]
-
     key = jax.random.key(seed)
-    graphdef = nnx.split(nnx.eval_shape(lambda: model_fn(nnx.Rngs(seed))), trainable, ...)[0]
     if mesh is None:
         # Op by op, not jitted: a jitted init compiles every layer's initialisers anew (0.6B
         # shape, 28 layers: 25 s of compile on CPU, ~80 s on an H100), while eager dispatch
         # compiles one kernel per parameter shape and reuses it across layers (CPU, whole
         # init: 52 -> 34 s and 14.9 -> 12.2 GB peak RSS).
-        return graphdef, init(key), None
+        model = model_fn(nnx.Rngs(key))
+        return train_state_from_model(
+            model, tx, seed=seed, teacher_mode=teacher_mode, trainable=trainable
+        )
+
+    # The key is an argument, not a constant: with a constant seed XLA constant-folds the whole
+    # random init (minutes of "slow compile" for a 0.6B model on GPU).
+    def init(key: jax.Array) -> TrainState:
+        return _state_from_model(model_fn(nnx.Rngs(key)), tx, trainable, teacher_mode, seed)[1]
+
+    graphdef = nnx.split(nnx.eval_shape(lambda: model_fn(nnx.Rngs(seed))), trainable, ...)[0]
     shardings = state_shardings(jax.eval_shape(init, key), tx, mesh, rules)
     return graphdef, jax.jit(init, out_shardings=shardings)(key), shardings
 
