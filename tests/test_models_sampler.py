@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from jaxsd.models import sampler
@@ -201,6 +203,59 @@ def test_filter_logits_matches_numpy_nucleus(seed, top_k, top_p):
         kept = set(np.flatnonzero(np.isfinite(out[row])).tolist())
         assert kept == _nucleus_np(logits[row], top_k, top_p)
         np.testing.assert_allclose(out[row][sorted(kept)], logits[row][sorted(kept)], rtol=1e-6)
+
+
+def _filter_with_ties_np(logits, top_k, top_p):
+    """Value-based reference: the top k counts every token tied with the k-th largest; the
+    nucleus is the sorted prefix whose mass before each token is < top_p, widened to every
+    token tied with its last. Returns (kept set, the masses compared with top_p)."""
+    finite = logits[np.isfinite(logits)]
+    kth = np.sort(logits)[::-1][top_k - 1] if top_k > 0 else -np.inf
+    in_k = logits >= kth
+    p = np.where(in_k, np.exp(logits - finite.max()), 0.0)
+    p = p / p.sum()
+    values = np.unique(logits[in_k])[::-1]  # distinct kept values, descending
+    mass_above = np.array([p[logits > v].sum() for v in values])
+    cutoff = values[mass_above < top_p].min() if top_p < 1 else kth
+    return set(np.flatnonzero(logits >= cutoff).tolist()), mass_above
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    values=st.lists(st.sampled_from([-3.0, -1.5, 0.0, 0.25, 1.0, 2.0, -np.inf]), min_size=2,
+                    max_size=24),
+    top_k=st.integers(0, 6),
+    top_p=st.sampled_from([0.1, 0.35, 0.5, 0.7, 0.9, 0.99, 1.0]),
+)  # fmt: skip
+def test_filter_logits_keeps_ties_and_never_keeps_masked_tokens(values, top_k, top_p):
+    logits = np.array(values, np.float32)
+    assume(np.isfinite(logits).sum() >= max(top_k, 1))
+    kept, mass_above = _filter_with_ties_np(logits.astype(np.float64), top_k, top_p)
+    assume(np.all(np.abs(mass_above - top_p) > 1e-5))  # float32 sums may round either way
+    out = np.asarray(sampler.filter_logits(jnp.asarray(logits[None]), top_k, top_p))[0]
+    assert set(np.flatnonzero(np.isfinite(out)).tolist()) == kept
+    assert all(np.isfinite(logits[i]) for i in kept)
+
+
+@pytest.mark.parametrize("with_minus_inf", [False, True])
+def test_gumbel_max_sample_draws_what_jax_random_categorical_draws(with_minus_inf):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(64, 300)).astype(np.float32) * 3
+    if with_minus_inf:
+        logits[rng.random(logits.shape) < 0.7] = -np.inf
+    keys = jax.random.split(jax.random.key(3), 64)
+    ours = sampler.gumbel_max_sample(keys, jnp.asarray(logits))
+    ref = jax.vmap(jax.random.categorical)(keys, jnp.asarray(logits))
+    np.testing.assert_array_equal(ours, ref)
+    assert np.isfinite(logits[np.arange(64), np.asarray(ours)]).all()
+
+
+def test_generate_rejects_a_model_with_non_finite_logits(tiny_model_dir, prompts):
+    broken, _ = from_pretrained(tiny_model_dir)
+    params = nnx.state(broken, nnx.Param)
+    nnx.update(broken, jax.tree.map(lambda x: x * jnp.nan, params))
+    with pytest.raises(FloatingPointError, match="logits are not finite"):
+        sampler.generate(broken, prompts[:1], temperature=1.0, **KW)
 
 
 def test_sampling_frequencies_follow_the_renormalised_nucleus():

@@ -62,24 +62,58 @@ def bucket_size(size: int, buckets: Sequence[int] | None, what: str) -> int:
     return fitting[0]
 
 
+def _ordered_key(x: jax.Array) -> jax.Array:
+    """uint32 keys that order like the float32 values (-inf lowest, +inf highest)."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _smallest_key_where(pred, lo: jax.Array, hi: jax.Array) -> jax.Array:
+    """Per row, the smallest uint32 x in [lo, hi] with pred(x); pred is monotone (False, then
+    True) and holds at hi. 32 halvings cover the whole uint32 range."""
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        ok = pred(mid)
+        return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+    return jax.lax.fori_loop(0, 32, halve, (lo, hi))[1]
+
+
 def filter_logits(logits_BxV: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
     """Top-k, then nucleus top-p (Holtzman et al. 2020) on the top-k renormalised; -inf = out.
 
-    Keeps the k largest logits (top_k=0: all), then the smallest prefix of those, by
-    decreasing probability, whose mass reaches top_p. Tokens tied with the last kept logit
-    are kept too. One sort serves both filters.
+    Keeps the k largest logits (top_k=0: all; tokens tied with the k-th count as in the top
+    k), then the smallest prefix of those, by decreasing probability, whose mass reaches
+    top_p; tokens tied with the last kept logit are kept too.
+
+    No sort: both cut-offs are logit values found by bisection on the float bits, 32 masked
+    reductions over the vocab each (a vocab sort per step was 10-20x slower on CPU). The
+    nucleus cut-off is the smallest logit c whose strictly larger logits hold < top_p of the
+    mass: exactly the last token a sorted prefix keeps.
     """
-    v = logits_BxV.shape[-1]
-    sorted_BxV = -jnp.sort(-logits_BxV, axis=-1)
-    in_top_k = (top_k <= 0) | (jnp.arange(v) < top_k)
-    sorted_BxV = jnp.where(in_top_k, sorted_BxV, -jnp.inf)
-    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
-    # A sorted token is in the nucleus iff the mass strictly before it is still < top_p,
-    # so the top token always is.
-    mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
-    keep_BxV = in_top_k & (mass_before_BxV < top_p)
-    cutoff_Bx1 = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where(logits_BxV >= cutoff_Bx1, logits_BxV, -jnp.inf)
+    key_BxV = _ordered_key(logits_BxV)
+    lo_Bx1 = key_BxV.min(axis=-1, keepdims=True)
+    hi_Bx1 = key_BxV.max(axis=-1, keepdims=True)
+    kth_Bx1 = jax.lax.cond(
+        top_k > 0,
+        lambda: _smallest_key_where(
+            lambda x: jnp.sum(key_BxV > x, axis=-1, keepdims=True) < top_k, lo_Bx1, hi_Bx1
+        ),
+        lambda: lo_Bx1,
+    )
+    probs_BxV = jax.nn.softmax(jnp.where(key_BxV >= kth_Bx1, logits_BxV, -jnp.inf), axis=-1)
+
+    def mass_above_below_top_p(x: jax.Array) -> jax.Array:
+        return jnp.sum(jnp.where(key_BxV > x, probs_BxV, 0.0), axis=-1, keepdims=True) < top_p
+
+    cutoff_Bx1 = jax.lax.cond(
+        top_p < 1.0,  # at 1 the whole top-k is the nucleus (no rounding can drop its last)
+        lambda: _smallest_key_where(mass_above_below_top_p, kth_Bx1, hi_Bx1),
+        lambda: kth_Bx1,
+    )
+    return jnp.where(key_BxV >= cutoff_Bx1, logits_BxV, -jnp.inf)
 
 
 def sampling_logits(
@@ -87,13 +121,28 @@ def sampling_logits(
 ) -> jax.Array:
     """logits / temperature, then top-k, then top-p (the HF / vLLM order); -inf = excluded."""
     scaled = logits_BxV / jnp.where(temperature > 0, temperature, 1.0)
-    # Sorting the vocab each step is the costly part; skip it when no filter is on.
+    # The filter's bisections are the costly part; skip them when no filter is on.
     return jax.lax.cond(
         (top_k > 0) | (top_p < 1.0),
         lambda x: filter_logits(x, top_k, top_p),
         lambda x: x,
         scaled,
     )
+
+
+def gumbel_max_sample(keys_B: jax.Array, logits_BxV: jax.Array) -> jax.Array:
+    """One token per row from softmax(logits): `jax.random.categorical`'s Gumbel noise and
+    samples, with its argmax written as max + first index of the max.
+
+    XLA:CPU fuses the noise into the variadic argmax reduce and runs it ~4x slower
+    (B 32 x V 32,768: 20 ms vs 5 ms). Rows with a NaN pick index V-1 (argmax would pick the
+    NaN); `generate` rejects non-finite log-probs anyway.
+    """
+    v = logits_BxV.shape[-1]
+    noisy_BxV = jax.vmap(lambda k, x: jax.random.gumbel(k, (v,), x.dtype) + x)(keys_B, logits_BxV)
+    best_Bx1 = jnp.max(noisy_BxV, axis=-1, keepdims=True)
+    first_B = jnp.min(jnp.where(noisy_BxV == best_Bx1, jnp.arange(v), v), axis=-1)
+    return jnp.minimum(first_B, v - 1)
 
 
 def sample_step(
@@ -108,7 +157,7 @@ def sample_step(
     logits_BxV = logits_BxV.astype(jnp.float32)
     filtered_BxV = sampling_logits(logits_BxV, temperature, top_k, top_p)
     keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys_B, step)
-    sampled_B = jax.vmap(jax.random.categorical)(keys_B, filtered_BxV)
+    sampled_B = gumbel_max_sample(keys_B, filtered_BxV)
     greedy_B = jnp.argmax(logits_BxV, axis=-1)
     tokens_B = jnp.where(temperature > 0, sampled_B, greedy_B).astype(jnp.int32)
     raw_logp_B = _gather(jax.nn.log_softmax(logits_BxV, axis=-1), tokens_B)
@@ -301,6 +350,7 @@ def generate(
     out = jax.device_get(out)
     chex.assert_shape(out["tokens"], (b, max_new_tokens))
     lengths = out["lengths"][: len(rows)]
+    _check_finite(out["logprobs"][: len(rows)], lengths)
     return SampleOutput(
         token_ids=[out["tokens"][r, :k].tolist() for r, k in enumerate(lengths)],
         logprobs=[out["logprobs"][r, :k] for r, k in enumerate(lengths)],
@@ -308,6 +358,19 @@ def generate(
         finish_reasons=["stop" if s else "length" for s in out["stopped"][: len(rows)]],
         prompt_index=[i for i in range(len(prompt_ids)) for _ in range(n)],
     )
+
+
+def _check_finite(logprobs_BxM: np.ndarray, lengths_B: np.ndarray) -> None:
+    """Raise on a NaN or infinite behaviour log-prob: the model's logits were garbage."""
+    generated_BxM = np.arange(logprobs_BxM.shape[1]) < lengths_B[:, None]
+    bad_BxM = generated_BxM & ~np.isfinite(logprobs_BxM)
+    if bad_BxM.any():
+        row, step = np.argwhere(bad_BxM)[0]
+        raise FloatingPointError(
+            f"the model's logits are not finite (sample {row}, new token {step}; "
+            f"{int(bad_BxM.sum())} tokens in all): its weights have diverged or overflowed. "
+            "Check the trainer's loss and grad norm, and resume from an earlier checkpoint"
+        )
 
 
 def compile_count() -> int:

