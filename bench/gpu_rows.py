@@ -91,6 +91,17 @@ def other_lines(rows: list[dict[str, Any]]) -> list[str]:
                 f"- top-k {r['rows']} × {r['vocab']:,}, k {r['k']} (ms): {times}; "
                 f"default {r['speedup_default']:.2f}× lax.top_k"
             )
+        elif r.get("bench") == "rollout":
+            speeds = ", ".join(
+                f"{name} {e['tokens_per_s']:,.0f}" for name, e in r["engines"].items()
+            )
+            ratios = ", ".join(f"{k} {v:.2f}×" for k, v in r.items() if k.startswith("jax_over_"))
+            agree = ", ".join(f"{k} {v:.2f}" for k, v in r["greedy_agreement"].items())
+            out.append(
+                f"- rollout {r['shape']} {r['dtype']}, {r['prompts'] * r['n']} rows × "
+                f"{r['new_tokens']} new tokens (tokens/s): {speeds}; {ratios}; "
+                f"greedy agreement {agree}"
+            )
         elif "error" in r or "skipped" in r:
             out.append(f"- {r['row']}: {r.get('error') or r.get('skipped')} "
                        f"{r.get('stderr_tail', '')[:300]}")  # fmt: skip

@@ -48,6 +48,7 @@ if [ "$SMOKE" = 1 ]; then
   MATMUL=(--matmul-n 512 --steps 3)
   HEAD=(--tokens 256 --time-tokens 256 --vocab 4096 --hidden 64 --chunk 64)
   TOPK=(--rows 64 --vocab 4096 --k 20 --widths 8 32)
+  ROLLOUT=(--prompts 2 --n 2 --prompt-len 8 --new-tokens 8 --repeats 1)
 else
   S06=0.6b; S8=8b; L8=4; SSMALL=small
   FIXED=()  # the fixed workload: B 8, prompt 128 + response 128, teacher +64
@@ -59,6 +60,7 @@ else
   MATMUL=(--matmul-n 8192 --steps 20)
   HEAD=(--tokens 4096 --time-tokens 4096 --vocab 151936 --hidden 1024 --chunk 256)
   TOPK=(--rows 1024 --vocab 151936 --k 100 --widths 16 64 128 256)
+  ROLLOUT=(--prompts 8 --n 8 --prompt-len 128 --new-tokens 256 --repeats 3)
 fi
 BF16=(--dtype bfloat16 --param-dtype float32 --peak-tflops "$PEAK")
 # Our attention implementations to time (the fused cuDNN kernel first: the likely fastest).
@@ -174,6 +176,9 @@ rows_rest() {
   pair "${SSMALL}_fixed" 60 45 "sdpo grpo" --shape $SSMALL "${FIXED[@]}"
   pair "${S06}_large" 150 90 "sdpo grpo" --shape $S06 "${LARGE06[@]}"
   pair "${S8}x${L8}_fixed" 90 60 "sdpo" --shape $S8 --layers $L8 "${FIXED[@]}"
+  # Rollout: the embedded JAX sampler vs transformers generate, bf16 (no vLLM in the image).
+  row rollout_${S06} 240 "$PY_TORCH" bench/rollout.py --shape $S06 --engines jax,torch \
+    --dtype bfloat16 "${ROLLOUT[@]}"
 }
 # FIRST=mfu (default): the 8b×4 pair, plain top-k, head and profile before the 0.6b rows,
 # whose 28 unrolled layers cost ~2 min of compile per row; FIRST=0.6b: the 0.6b pair first.

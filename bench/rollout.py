@@ -12,6 +12,7 @@ that the engines serve the same model: their greedy tokens must agree (`greedy_a
 
     .venv/bin/python bench/rollout.py --shape tiny
     .venv/bin/python bench/rollout.py --shape small --prompts 8 --n 4 --new-tokens 128
+    python3 bench/rollout.py --shape 0.6b --engines jax,torch --dtype bfloat16   # a GPU
 
 Prints one JSON object: per engine `tokens_per_s` (generated tokens / s), `median_s`,
 `min_s`; `jax_over_vllm` and `jax_over_torch` (ratios of tokens/s).
@@ -95,18 +96,21 @@ def time_calls(call: Callable[[], Any], repeats: int) -> dict[str, float]:
 
 
 class TorchGenerate:
-    """transformers' `generate` on the same folder, the shape of the RolloutEngine call."""
+    """transformers' `generate` on the same folder (CUDA when present), the shape of the
+    RolloutEngine call."""
 
-    def __init__(self, folder: pathlib.Path, threads: int):
+    def __init__(self, folder: pathlib.Path, threads: int, dtype: str):
         import torch
         from transformers import AutoModelForCausalLM
 
         torch.set_num_threads(threads)
         self.torch = torch
-        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype))
+        self.model = model.to(self.device).eval()
 
     def generate(self, prompts: list[list[int]], n: int, sampling: Any) -> list[list[int]]:
-        ids = self.torch.tensor(prompts).repeat_interleave(n, dim=0)
+        ids = self.torch.tensor(prompts, device=self.device).repeat_interleave(n, dim=0)
         greedy = sampling.temperature == 0
         kw = {} if greedy else {"temperature": sampling.temperature, "top_p": sampling.top_p}
         m = sampling.max_new_tokens
@@ -124,18 +128,21 @@ class TorchGenerate:
 def open_engine(name: str, folder: pathlib.Path, work: pathlib.Path, a: argparse.Namespace):
     """The engine called `name`, serving `folder`; its generate returns token id rows."""
     if name == "torch":
-        return TorchGenerate(folder, a.threads)
+        return TorchGenerate(folder, a.threads, a.dtype)
     if name == "jax":
+        import jax.numpy as jnp
+
         from jaxsd.models.io import from_pretrained
         from jaxsd.rollout import JaxEngine
 
-        return JaxEngine(from_pretrained(folder)[0])
+        return JaxEngine(from_pretrained(folder, dtype=jnp.dtype(a.dtype))[0])
     from jaxsd.rollout import VllmEngine, VllmWorkerConfig
 
     return VllmEngine(
         VllmWorkerConfig(
             model_dir=str(folder), weights_dir=str(work / "weights"), name="bench-rollout",
             max_model_len=a.prompt_len + a.new_tokens + 16, cpu_threads=a.threads,
+            dtype=a.dtype,
         )
     )  # fmt: skip
 
@@ -199,7 +206,9 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "new_tokens": a.new_tokens,
         "temperature": a.temperature,
         "top_p": a.top_p,
+        "dtype": a.dtype,
         "threads": a.threads,
+        "device": _device(),
         "engines": results,
         "greedy_agreement": {
             f"{ref}_vs_{name}": greedy_agreement(greedy[ref], greedy[name])
@@ -214,6 +223,12 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _device() -> str:
+    import jax
+
+    return jax.devices()[0].device_kind
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
@@ -225,6 +240,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument(
         "--threads", type=int, default=os.cpu_count() or 1,
         help="CPU threads for vLLM's engine and torch (JAX uses every core)",

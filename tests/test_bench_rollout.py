@@ -40,7 +40,7 @@ def test_greedy_agreement_is_the_mean_common_prefix_fraction(rollout):
     assert rollout.greedy_agreement([[1, 2, 3, 4], [5, 6]], [[1, 2, 0, 4], [5, 6]]) == 0.75
 
 
-def test_two_engines_side_by_side_on_the_same_model():
+def test_two_engines_side_by_side_on_the_same_model(repo_module):
     proc = _run(
         "--shape", "tiny", "--engines", "jax,torch", "--prompts", "2", "--n", "3",
         "--prompt-len", "8", "--new-tokens", "5", "--repeats", "1",
@@ -56,6 +56,9 @@ def test_two_engines_side_by_side_on_the_same_model():
     ratio = out["engines"]["jax"]["tokens_per_s"] / out["engines"]["torch"]["tokens_per_s"]
     assert out["jax_over_torch"] == pytest.approx(ratio)
     assert out["params"] == 426752  # the tiny shape of bench/peers/workload.py
+    summary = repo_module("bench/gpu_rows.py").other_lines([{"row": "rollout_tiny", **out}])
+    assert summary[0].startswith("- rollout tiny float32, 6 rows × 5 new tokens (tokens/s): jax ")
+    assert "jax_over_torch" in summary[0] and "jax_vs_torch 1.00" in summary[0]
 
 
 @pytest.mark.parametrize(
