@@ -93,7 +93,8 @@ def other_lines(rows: list[dict[str, Any]]) -> list[str]:
             )
         elif r.get("bench") == "rollout":
             speeds = ", ".join(
-                f"{name} {e['tokens_per_s']:,.0f}" for name, e in r["engines"].items()
+                f"{name} {e['tokens_per_s']:,.0f}" if "error" not in e else f"{name} {e['error']}"
+                for name, e in r["engines"].items()
             )
             ratios = ", ".join(f"{k} {v:.2f}×" for k, v in r.items() if k.startswith("jax_over_"))
             agree = ", ".join(f"{k} {v:.2f}" for k, v in r["greedy_agreement"].items())

