@@ -1,8 +1,11 @@
-"""Shared fixtures: one tiny Qwen3 HF folder per test session (jaxsd.models.tiny), and a loader
-for the repo's scripts that are files rather than package modules (bench/, scripts/)."""
+"""Shared fixtures: one tiny Qwen3 HF folder per test session (jaxsd.models.tiny), a loader
+for the repo's scripts that are files rather than package modules (bench/, scripts/), and a
+runner for those scripts as the command line runs them."""
 
 import importlib.util
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -28,3 +31,18 @@ def repo_module():
         return module
 
     return load
+
+
+@pytest.fixture(scope="session")
+def run_repo_script():
+    """`run_repo_script("bench/topk.py", "--k", "5")`: run a repo script with this interpreter
+    from the repo root; returns the CompletedProcess (text stdout/stderr)."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+
+    def run(relative_path: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, str(root / relative_path), *args],
+            capture_output=True, text=True, timeout=timeout, cwd=root,
+        )  # fmt: skip
+
+    return run

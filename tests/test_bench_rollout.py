@@ -5,25 +5,13 @@ them side by side with their greedy tokens equal."""
 from __future__ import annotations
 
 import json
-import pathlib
-import subprocess
-import sys
 
 import pytest
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def rollout(repo_module):
     return repo_module("bench/rollout.py")
-
-
-def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "bench/rollout.py"), *args],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
-    )  # fmt: skip
 
 
 def test_generated_tokens_counts_full_rows_and_rejects_short_ones(rollout):
@@ -40,8 +28,9 @@ def test_greedy_agreement_is_the_mean_common_prefix_fraction(rollout):
     assert rollout.greedy_agreement([[1, 2, 3, 4], [5, 6]], [[1, 2, 0, 4], [5, 6]]) == 0.75
 
 
-def test_two_engines_side_by_side_on_the_same_model(repo_module):
-    proc = _run(
+def test_two_engines_side_by_side_on_the_same_model(run_repo_script, repo_module):
+    proc = run_repo_script(
+        "bench/rollout.py",
         "--shape", "tiny", "--engines", "jax,torch", "--prompts", "2", "--n", "3",
         "--prompt-len", "8", "--new-tokens", "5", "--repeats", "1",
     )  # fmt: skip
@@ -68,14 +57,15 @@ def test_two_engines_side_by_side_on_the_same_model(repo_module):
         (["--new-tokens", "0"], "--new-tokens 0 must be >= 1"),
     ],
 )
-def test_bad_arguments_are_named(args, message):
-    proc = _run(*args)
+def test_bad_arguments_are_named(run_repo_script, args, message):
+    proc = run_repo_script("bench/rollout.py", *args)
     assert proc.returncode == 2
     assert message in proc.stderr
 
 
-def test_a_failing_engine_is_an_error_row_and_the_others_still_run():
-    proc = _run(
+def test_a_failing_engine_is_an_error_row_and_the_others_still_run(run_repo_script):
+    proc = run_repo_script(
+        "bench/rollout.py",
         "--shape", "tiny", "--engines", "jax,torch", "--prompts", "1", "--n", "1",
         "--prompt-len", "4100", "--new-tokens", "2", "--repeats", "1",
     )  # fmt: skip
