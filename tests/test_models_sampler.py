@@ -232,9 +232,15 @@ def test_filter_logits_keeps_ties_and_never_keeps_masked_tokens(values, top_k, t
     assume(np.isfinite(logits).sum() >= max(top_k, 1))
     kept, mass_above = _filter_with_ties_np(logits.astype(np.float64), top_k, top_p)
     assume(np.all(np.abs(mass_above - top_p) > 1e-5))  # float32 sums may round either way
-    out = np.asarray(sampler.filter_logits(jnp.asarray(logits[None]), top_k, top_p))[0]
+    # -inf padding to one width: one compile for every example, and more masked tokens
+    padded = np.full((1, 24), -np.inf, np.float32)
+    padded[0, : len(logits)] = logits
+    out = np.asarray(_filter_jit(jnp.asarray(padded), jnp.int32(top_k), jnp.float32(top_p)))[0]
     assert set(np.flatnonzero(np.isfinite(out)).tolist()) == kept
     assert all(np.isfinite(logits[i]) for i in kept)
+
+
+_filter_jit = jax.jit(sampler.filter_logits)
 
 
 @pytest.mark.parametrize("with_minus_inf", [False, True])
