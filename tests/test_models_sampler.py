@@ -171,6 +171,35 @@ def test_temperature_zero_ignores_seed(model, prompts, greedy):
     np.testing.assert_array_equal(np.stack(again.logprobs), np.stack(greedy.logprobs))
 
 
+@pytest.mark.parametrize("n, temperature", [(3, 1.0), (2, 0.0), (4, 0.7)])
+def test_n_samples_share_one_prefill_and_equal_the_prompt_repeated_n_times(
+    model, prompts, n, temperature
+):
+    kw = dict(temperature=temperature, top_p=0.9, seed=5, max_new_tokens=M)
+    shared = sampler.generate(model, prompts[:2], n=n, **kw)
+    repeated = [p for p in prompts[:2] for _ in range(n)]
+    alone = sampler.generate(model, repeated, n=1, **kw)
+    assert shared.prompt_index == [i for i in range(2) for _ in range(n)]
+    assert shared.token_ids == alone.token_ids  # same row keys, same prefill per prompt
+    for a, b in zip(shared.logprobs, alone.logprobs, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_prefill_runs_once_per_prompt_not_once_per_sample(model, prompts, monkeypatch):
+    prefilled_rows = []
+
+    def recording_prefill(m, prompt_BxP, *args):
+        prefilled_rows.append(prompt_BxP.shape[0])
+        return real_prefill(m, prompt_BxP, *args)
+
+    real_prefill = sampler.prefill
+    monkeypatch.setattr(sampler, "prefill", recording_prefill)
+    # a max_new_tokens no other test uses, so the sampler is traced here
+    out = sampler.generate(model, prompts[:2], n=3, temperature=1.0, max_new_tokens=M + 3)
+    assert len(out.token_ids) == 6
+    assert prefilled_rows == [3]  # 6 rows pad to 8 = 3 prompt slots x 3 samples (2 real)
+
+
 def test_fixed_seed_reproduces_and_rows_do_not_depend_on_batch_mates(model, prompts):
     a = sampler.generate(model, [prompts[0], prompts[1]], temperature=1.0, seed=7, **KW)
     b = sampler.generate(model, [prompts[0], prompts[2]], temperature=1.0, seed=7, **KW)

@@ -194,12 +194,17 @@ def prefill(
     return model.logits(h_BxPxH[:, -1:])[:, 0], {"k": k, "v": v, "index": cache["index"] + t}
 
 
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("max_new_tokens",))
+def _rows_of_slots(x_UxD: jax.Array, n: int, b: int) -> jax.Array:
+    """Row r of the result is slot r // n of `x` (the n samples of a prompt share its slot)."""
+    return x_UxD if n == 1 else jnp.repeat(x_UxD, n, axis=0)[:b]
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("max_new_tokens", "n"))
 def _generate_padded(
     graphdef: nnx.GraphDef,
     state: nnx.State,
-    prompt_BxP: jax.Array,
-    prompt_mask_BxP: jax.Array,
+    prompt_UxP: jax.Array,
+    prompt_mask_UxP: jax.Array,
     row_keys_B: jax.Array,
     temperature: jax.Array,
     top_k: jax.Array,
@@ -208,17 +213,28 @@ def _generate_padded(
     num_rows: jax.Array,
     *,
     max_new_tokens: int,
+    n: int,
 ) -> dict[str, jax.Array]:
-    """Prefill the left-padded prompts, then decode up to max_new_tokens tokens per row."""
+    """Prefill the U left-padded prompts once, copy each one's cache to its n sample rows,
+    then decode up to max_new_tokens tokens per row (B rows, B <= U * n)."""
     model = nnx.merge(graphdef, state)
-    b, p = prompt_BxP.shape
+    u, p = prompt_UxP.shape
+    b = row_keys_B.shape[0]
     m = max_new_tokens
-    mask_BxS = jnp.concatenate([prompt_mask_BxP, jnp.zeros((b, m), prompt_mask_BxP.dtype)], 1)
-    prompt_len_B = jnp.sum(prompt_mask_BxP, axis=-1).astype(jnp.int32)
-    positions_BxP = jnp.maximum(jnp.cumsum(prompt_mask_BxP, axis=-1) - 1, 0).astype(jnp.int32)
-    cache = model.init_cache(b, p + m)
-    # Left padding puts every row's last prompt token in the last column.
-    last_logits_BxV, cache = prefill(model, prompt_BxP, positions_BxP, cache, mask_BxS)
+    mask_UxS = jnp.concatenate([prompt_mask_UxP, jnp.zeros((u, m), prompt_mask_UxP.dtype)], 1)
+    positions_UxP = jnp.maximum(jnp.cumsum(prompt_mask_UxP, axis=-1) - 1, 0).astype(jnp.int32)
+    # Left padding puts every prompt's last token in the last column.
+    last_logits_UxV, cache = prefill(
+        model, prompt_UxP, positions_UxP, model.init_cache(u, p + m), mask_UxS
+    )
+    last_logits_BxV = _rows_of_slots(last_logits_UxV, n, b)
+    cache = {
+        "k": tuple(_rows_of_slots(k, n, b) for k in cache["k"]),
+        "v": tuple(_rows_of_slots(v, n, b) for v in cache["v"]),
+        "index": cache["index"],
+    }
+    mask_BxS = _rows_of_slots(mask_UxS, n, b)
+    prompt_len_B = jnp.sum(_rows_of_slots(prompt_mask_UxP, n, b), axis=-1).astype(jnp.int32)
     sample = functools.partial(
         sample_step, row_keys_B, temperature=temperature, top_k=top_k, top_p=top_p
     )
@@ -317,15 +333,18 @@ def generate(
         prompt_ids, cfg.vocab_size, cfg.max_position_embeddings, n, max_new_tokens,
         temperature, top_p, top_k,
     )  # fmt: skip
-    rows = [list(map(int, prompt)) for prompt in prompt_ids for _ in range(n)]
-    b = bucket_size(len(rows), batch_buckets, "batch size (prompts x n)")
-    p = bucket_size(max(map(len, rows)), length_buckets, "prompt length")
-    prompt_BxP = np.zeros((b, p), np.int32)
-    mask_BxP = np.zeros((b, p), np.int32)
-    for r in range(b):
-        prompt = rows[r % len(rows)]  # padding rows repeat real ones; their output is dropped
-        prompt_BxP[r, p - len(prompt) :] = prompt
-        mask_BxP[r, p - len(prompt) :] = 1
+    num_rows = len(prompt_ids) * n
+    b = bucket_size(num_rows, batch_buckets, "batch size (prompts x n)")
+    # Each prompt is prefilled once (slot u feeds rows u*n .. u*n+n-1): n x less prefill.
+    u = -(-b // n)
+    p = bucket_size(max(map(len, prompt_ids)), length_buckets, "prompt length")
+    prompt_UxP = np.zeros((u, p), np.int32)
+    mask_UxP = np.zeros((u, p), np.int32)
+    for slot in range(u):
+        # padding slots repeat real prompts; their rows' output is dropped
+        prompt = list(map(int, prompt_ids[slot % len(prompt_ids)]))
+        prompt_UxP[slot, p - len(prompt) :] = prompt
+        mask_UxP[slot, p - len(prompt) :] = 1
     stops = sorted(set(map(int, stop_token_ids)))
     stop_slots = _STOP_SLOTS * max(1, -(-len(stops) // _STOP_SLOTS))
     stop_ids_K = np.full((stop_slots,), -1, np.int32)  # -1 never matches a sampled token
@@ -337,25 +356,26 @@ def generate(
     out = _generate_padded(
         graphdef,
         state,
-        jnp.asarray(prompt_BxP),
-        jnp.asarray(mask_BxP),
+        jnp.asarray(prompt_UxP),
+        jnp.asarray(mask_UxP),
         row_keys_B,
         jnp.float32(temperature),
         jnp.int32(top_k),
         jnp.float32(top_p),
         jnp.asarray(stop_ids_K),
-        jnp.int32(len(rows)),
+        jnp.int32(num_rows),
         max_new_tokens=max_new_tokens,
+        n=n,
     )
     out = jax.device_get(out)
     chex.assert_shape(out["tokens"], (b, max_new_tokens))
-    lengths = out["lengths"][: len(rows)]
-    _check_finite(out["logprobs"][: len(rows)], lengths)
+    lengths = out["lengths"][:num_rows]
+    _check_finite(out["logprobs"][:num_rows], lengths)
     return SampleOutput(
         token_ids=[out["tokens"][r, :k].tolist() for r, k in enumerate(lengths)],
         logprobs=[out["logprobs"][r, :k] for r, k in enumerate(lengths)],
         sampling_logprobs=[out["sampling_logprobs"][r, :k] for r, k in enumerate(lengths)],
-        finish_reasons=["stop" if s else "length" for s in out["stopped"][: len(rows)]],
+        finish_reasons=["stop" if s else "length" for s in out["stopped"][:num_rows]],
         prompt_index=[i for i in range(len(prompt_ids)) for _ in range(n)],
     )
 
