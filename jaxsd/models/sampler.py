@@ -4,7 +4,8 @@ One `jax.jit` runs the prefill and the whole decode loop (`lax.while_loop`, whic
 early once every row has stopped). Prompts are left-padded to a length bucket and the
 batch to a batch-size bucket, and every sampling knob (temperature, top-k, top-p, stop
 ids, seed) is an array argument, so a run compiles once per (batch bucket, length bucket,
-max_new_tokens) and never per call.
+max_new_tokens, n) and never per call. Each prompt is prefilled once; its n sample rows start
+from copies of its KV cache.
 
 Logprobs. `SampleOutput.logprobs[i][t]` is log_softmax(raw model logits)[token] at
 temperature 1 with no top-k/top-p: the behaviour log-prob that the train step's `old_logp`
