@@ -34,23 +34,16 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from peers.workload import SHAPES, error_record, param_counts, versions  # noqa: E402
+from peers.workload import (  # noqa: E402
+    SHAPES,
+    error_record,
+    param_counts,
+    random_qwen3_folder,
+    versions,
+)
 
 ENGINES = ("jax", "vllm", "torch")
 GREEDY_TOKENS = 16
-
-
-def make_model_folder(path: pathlib.Path, shape: dict[str, int], seed: int = 0) -> None:
-    """A random Qwen3 HF folder (config + safetensors, no tokenizer: engines take ids)."""
-    import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    config = Qwen3Config(
-        **shape, max_position_embeddings=4096, tie_word_embeddings=False,
-        architectures=["Qwen3ForCausalLM"],
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    Qwen3ForCausalLM(config).to(torch.float32).save_pretrained(path)
 
 
 def generated_tokens(token_ids: Sequence[Sequence[int]], rows: int, new_tokens: int) -> int:
@@ -209,7 +202,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(dir=a.dir) as tmp:
         work = pathlib.Path(tmp)
         folder = work / "hf"
-        make_model_folder(folder, shape)
+        random_qwen3_folder(folder, shape)
         for name in a.engines:
             results[name] = bench_one(name, folder, work, prompts, a, greedy)
     ok = [name for name in a.engines if name in greedy]

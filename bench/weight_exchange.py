@@ -21,10 +21,14 @@ import argparse
 import json
 import os
 import pathlib
+import sys
 import tempfile
 import time
 
 import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from peers.workload import random_qwen3_folder  # noqa: E402
 
 # name -> (hidden, layers, heads, kv_heads, head_dim, intermediate, vocab)
 SIZES = {
@@ -37,25 +41,15 @@ SIZES = {
 
 def make_model(path: pathlib.Path, size: str) -> dict[str, np.ndarray]:
     """A random Qwen3 HF folder (no tokenizer: the worker takes token ids); its state dict."""
-    import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
     hidden, layers, heads, kv, head_dim, inter, vocab = SIZES[size]
-    config = Qwen3Config(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        head_dim=head_dim,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-        architectures=["Qwen3ForCausalLM"],
-    )
-    torch.manual_seed(0)
-    model = Qwen3ForCausalLM(config).to(torch.float32)
-    model.save_pretrained(path)
+    model = random_qwen3_folder(
+        path,
+        dict(
+            vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+            head_dim=head_dim,
+        ),
+    )  # fmt: skip
     return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
 

@@ -82,6 +82,22 @@ SHAPES: dict[str, dict[str, int]] = {
 }  # fmt: skip
 
 
+def random_qwen3_folder(path: Any, fields: dict[str, int], seed: int = 0) -> Any:
+    """Save a random-init fp32 Qwen3 (untied head, `fields` as in SHAPES) as an HF folder with
+    no tokenizer (the engines take token ids); returns the torch model."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        **fields, max_position_embeddings=4096, tie_word_embeddings=False,
+        architectures=["Qwen3ForCausalLM"],
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config).to(torch.float32)
+    model.save_pretrained(path)
+    return model
+
+
 def shape(name: str) -> dict[str, int]:
     """The model shape called `name` ("tiny" | "small")."""
     if name not in SHAPES:
