@@ -18,7 +18,17 @@ KEY = ("algorithm", "shape", "layers", "batch", "prompt", "response", "param_dty
 
 
 def load(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
+    """The JSON rows of `path`; a line that does not parse becomes an error row naming it."""
+    rows = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.startswith("{"):
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            rows.append({"row": f"{path.name} line {number}", "error": f"not JSON ({e.msg})",
+                         "stderr_tail": line[:300]})  # fmt: skip
+    return rows
 
 
 def _gb(x: Any) -> str:

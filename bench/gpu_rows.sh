@@ -89,7 +89,9 @@ row() {
     local why="exit $rc"
     [ "$rc" = 124 ] && why="timeout after ${limit}s"
     local tail_txt
-    tail_txt=$(tail -n 4 "$OUT/rows/$name.err" | tr -d '"\\' | tr '\n\t' '  ' | cut -c1-600)
+    # Printable ASCII only: progress bars' carriage returns once made the JSON line invalid.
+    tail_txt=$(tail -n 4 "$OUT/rows/$name.err" | tr '\n\t\r' '   ' | LC_ALL=C tr -cd ' -~' |
+      tr -d '"\\' | cut -c1-600)
     echo "{\"row\": \"$name\", \"error\": \"$why\", \"stderr_tail\": \"$tail_txt\"}" |
       tee -a "$ROWS"
   fi
