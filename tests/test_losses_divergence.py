@@ -1,6 +1,7 @@
 """METHODS §2/§6 divergences against float64 numpy re-derivations and closed-form gradients."""
 
 import functools
+import importlib
 import math
 
 import chex
@@ -19,6 +20,8 @@ from jaxsd.losses import (
     topk_divergence_from_logprobs,
     topk_logprobs_and_tail,
 )
+
+divergence_module = importlib.import_module("jaxsd.losses.divergence")
 
 V, K = 16, 5
 LEAD = (2, 3)
@@ -245,6 +248,67 @@ def test_rows_whose_complement_has_no_mass_get_tail_minus_inf_and_finite_grads()
     assert np.all(np.asarray(out["s_tail"])[no_mass] == -np.inf)
     assert np.all(np.isfinite(np.asarray(out["s_tail"])[~no_mass]))
     chex.assert_tree_all_finite(out["tail_grad"])
+
+
+# ---------------------------------------------------------------- the tail's two forms
+# The tail is one reduction beside the softmax normaliser's unless some row's complement holds
+# less than _ONE_PASS_TAIL_MIN of the mass; then the batch takes the two-pass form.
+TAIL_V, TAIL_K = 4096, 20
+
+
+def spiked_logits(gaps):
+    """Rows of normal logits whose first TAIL_K entries sit `gap` nats above the rest."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(len(gaps), TAIL_V))
+    x[:, :TAIL_K] += np.asarray(gaps, np.float64)[:, None] + 4.0
+    return jnp.asarray(x, jnp.float32)
+
+
+def np_tail_and_grad(x64, idx):
+    """Tail log-mass and d tail / d x = 1[v ∉ K] p_v / p_tail − p_v, in float64."""
+    ls = np_log_softmax(x64)
+    in_k = np.zeros(ls.shape, bool)
+    np.put_along_axis(in_k, idx, True, axis=-1)
+    tail = np_logsumexp(np.where(in_k, -np.inf, ls))
+    p = np.exp(ls)
+    return tail, np.where(in_k, 0.0, np.exp(ls - tail[:, None])) - p
+
+
+def tail_and_grad(x, idx):
+    # a fresh function per call, so a patched threshold is traced anew
+    value = lambda y: topk_logprobs_and_tail(y, idx)[1]  # noqa: E731
+    return jax.jit(value)(x), jax.jit(jax.grad(lambda y: jnp.sum(value(y))))(x)
+
+
+@pytest.mark.parametrize("threshold", ["default", 0.0, np.inf])
+def test_tail_forms_agree_with_float64_down_to_1e_minus_30(monkeypatch, threshold):
+    """Complement masses from ~0.6 down to ~1e-30: the one-pass form (threshold 0), the
+    two-pass form (threshold inf) and the default all match the float64 reference."""
+    if threshold != "default":
+        monkeypatch.setattr(divergence_module, "_ONE_PASS_TAIL_MIN", threshold)
+    x = spiked_logits([-4.0, 0.0, 20.0, 45.0, 72.0])
+    idx = jax.lax.top_k(x, TAIL_K)[1]
+    tail, grad = tail_and_grad(x, idx)
+    want, want_grad = np_tail_and_grad(np.asarray(x, np.float64), np.asarray(idx))
+    assert want.min() < math.log(1e-28) and want.max() > math.log(0.5)  # the range claimed
+    np.testing.assert_allclose(tail, want, rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(grad, want_grad, atol=1e-5)
+
+
+def test_tail_below_fp32_underflow_takes_the_two_pass_form(monkeypatch):
+    """A complement 120 nats below the top-k: exp(x - row max) underflows to 0 for every tail
+    entry, so the one-pass form cannot see it; the batch (normal rows too) goes two-pass."""
+    x = spiked_logits([120.0, 0.0, -4.0])
+    idx = jax.lax.top_k(x, TAIL_K)[1]
+    want, want_grad = np_tail_and_grad(np.asarray(x, np.float64), np.asarray(idx))
+    tail, grad = tail_and_grad(x, idx)
+    np.testing.assert_allclose(tail, want, rtol=1e-6, atol=1e-4)
+    np.testing.assert_allclose(grad, want_grad, atol=1e-5)
+    # the fallback is what makes this exact: forced one-pass, the first row's tail is lost
+    monkeypatch.setattr(divergence_module, "_ONE_PASS_TAIL_MIN", 0.0)
+    forced, _ = tail_and_grad(x, idx)
+    assert abs(float(forced[0]) - want[0]) > 1.0
+    np.testing.assert_allclose(forced[1:], want[1:], rtol=1e-6, atol=1e-5)
 
 
 # ---------------------------------------------------------------- closed-form gradients

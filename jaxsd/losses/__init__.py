@@ -11,6 +11,7 @@ from jaxsd.losses.divergence import (
     top_k_indices,
     topk_block_width,
     topk_divergence_from_logprobs,
+    topk_logprobs,
     topk_logprobs_and_tail,
 )
 from jaxsd.losses.policy import (
@@ -55,5 +56,6 @@ __all__ = [
     "top_k_indices",
     "topk_block_width",
     "topk_divergence_from_logprobs",
+    "topk_logprobs",
     "topk_logprobs_and_tail",
 ]

@@ -30,6 +30,7 @@ __all__ = [
     "top_k_indices",
     "topk_block_width",
     "topk_divergence_from_logprobs",
+    "topk_logprobs",
     "topk_logprobs_and_tail",
 ]
 
@@ -134,6 +135,19 @@ def top_k_indices(logits: jax.Array, k: int, *, block: int | None = None) -> jax
     return jnp.take_along_axis(chosen, pick // block, axis=-1) * block + pick % block
 
 
+def _log_softmax_and_gather(logits: jax.Array, indices: jax.Array) -> tuple[jax.Array, jax.Array]:
+    if indices.shape[-1] > logits.shape[-1]:
+        raise ValueError(f"top_k={indices.shape[-1]} exceeds vocab size {logits.shape[-1]}")
+    logp_V = jax.nn.log_softmax(_as_float(logits), axis=-1)
+    return logp_V, jnp.take_along_axis(logp_V, indices, axis=-1)
+
+
+def topk_logprobs(logits: jax.Array, indices: jax.Array) -> jax.Array:
+    """`log_softmax(logits)[indices]` (fp32): the top-k half of `topk_logprobs_and_tail`,
+    for the divergence without the tail bucket."""
+    return _log_softmax_and_gather(logits, indices)[1]
+
+
 def topk_logprobs_and_tail(logits: jax.Array, indices: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Top-k log-probs and the exact tail log-mass, METHODS §2.
 
@@ -145,28 +159,55 @@ def topk_logprobs_and_tail(logits: jax.Array, indices: jax.Array) -> tuple[jax.A
     """
     logits = _as_float(logits)
     vocab, k = logits.shape[-1], indices.shape[-1]
-    if k > vocab:
-        raise ValueError(f"top_k={k} exceeds vocab size {vocab}")
-    logp_V = jax.nn.log_softmax(logits, axis=-1)
-    topk_logp = jnp.take_along_axis(logp_V, indices, axis=-1)
+    logp_V, topk_logp = _log_softmax_and_gather(logits, indices)
     if k == vocab:
         return topk_logp, jnp.full(logp_V.shape[:-1], -jnp.inf, logp_V.dtype)
     in_topk_V = jnp.zeros(logp_V.shape, bool)
     in_topk_V = jnp.put_along_axis(in_topk_V, indices, True, axis=-1, inplace=False)
-    tail_V = jnp.where(in_topk_V, -jnp.inf, logp_V)
-    # Rows whose complement has no mass (e.g. -inf-masked vocabulary padding) would give a
-    # NaN gradient through logsumexp; evaluate those rows on zeros and select -inf after.
-    has_mass = jnp.any(tail_V > -jnp.inf, axis=-1)
-    safe_tail_V = jnp.where(has_mass[..., None], tail_V, 0.0)
-    tail_logp = jnp.where(has_mass, jax.nn.logsumexp(safe_tail_V, axis=-1), -jnp.inf)
-    return topk_logp, tail_logp
+    return topk_logp, _tail_logp(logits, logp_V, in_topk_V)
+
+
+# Below this complement mass (relative to the row's largest probability) the one-pass tail sum
+# could miss terms that underflow fp32's exp (each < 1.2e-38, V of them < 2e-33 at V = 151,936):
+# from 1e-25 up their share stays under 2e-8, below fp32's resolution.
+_ONE_PASS_TAIL_MIN = 1e-25
+
+
+def _tail_logp(logits: jax.Array, logp_V: jax.Array, in_topk_V: jax.Array) -> jax.Array:
+    """Log of the softmax mass outside the top-k: `logsumexp(logp_V[~in_topk_V])`, exactly.
+
+    The common case is one reduction, the sibling of the softmax normaliser's: the complement's
+    exp(logit - row max) summed over the row, divided by the whole row's. Rows whose complement
+    mass is below `_ONE_PASS_TAIL_MIN` (peaked distributions, or a complement with no mass at
+    all, e.g. -inf-masked vocabulary padding) send the whole batch to the two-pass form, which
+    shifts by the complement's own maximum. Per row the result is the same up to rounding; the
+    one-pass form skips two passes over `[..., V]` (the complement's max and emptiness).
+    """
+    shifted_V = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    exp_V = jnp.exp(shifted_V)
+    total = jnp.sum(exp_V, axis=-1)
+    tail = jnp.sum(jnp.where(in_topk_V, 0.0, exp_V), axis=-1)
+
+    def one_pass() -> jax.Array:
+        # The `where` keeps log's gradient finite if a transform evaluates both branches.
+        return jnp.log(jnp.where(tail > 0, tail, 1.0)) - jnp.log(total)
+
+    def two_pass() -> jax.Array:
+        tail_V = jnp.where(in_topk_V, -jnp.inf, logp_V)
+        # Rows whose complement has no mass would give a NaN gradient through logsumexp;
+        # evaluate those rows on zeros and select -inf after.
+        has_mass = jnp.any(tail_V > -jnp.inf, axis=-1)
+        safe_tail_V = jnp.where(has_mass[..., None], tail_V, 0.0)
+        return jnp.where(has_mass, jax.nn.logsumexp(safe_tail_V, axis=-1), -jnp.inf)
+
+    return jax.lax.cond(jnp.all(tail >= _ONE_PASS_TAIL_MIN), one_pass, two_pass)
 
 
 def topk_divergence_from_logprobs(
     student_topk_logp: jax.Array,
-    student_tail_logp: jax.Array,
+    student_tail_logp: jax.Array | None,
     teacher_topk_logp: jax.Array,
-    teacher_tail_logp: jax.Array,
+    teacher_tail_logp: jax.Array | None,
     *,
     alpha: float = 0.5,
     add_tail: bool = True,
@@ -175,7 +216,8 @@ def topk_divergence_from_logprobs(
 
     `*_topk_logp [..., K]` are full-vocabulary log-softmax values gathered at the student's
     top-k indices, `*_tail_logp [...]` the log-mass outside them. With `add_tail` the
-    distributions live on K ∪ {tail}; without, each is renormalised over K. Returns `[...]`.
+    distributions live on K ∪ {tail}; without, each is renormalised over K and the tails are
+    unused (None is accepted). Returns `[...]`.
     """
     if student_topk_logp.shape != teacher_topk_logp.shape:
         raise ValueError(
@@ -185,6 +227,8 @@ def topk_divergence_from_logprobs(
     log_p = _as_float(student_topk_logp)
     log_t = _as_float(teacher_topk_logp)
     if add_tail:
+        if student_tail_logp is None or teacher_tail_logp is None:
+            raise ValueError("add_tail=True needs both tail log-masses (topk_logprobs_and_tail)")
         log_p = jnp.concatenate([log_p, _as_float(student_tail_logp)[..., None]], axis=-1)
         log_t = jnp.concatenate([log_t, _as_float(teacher_tail_logp)[..., None]], axis=-1)
     else:
@@ -223,6 +267,11 @@ def distillation_divergence(
     if not 1 <= top_k <= vocab:
         raise ValueError(f"top_k={top_k} must be in [1, vocab size {vocab}] (or None for all)")
     _, indices = jax.lax.top_k(jax.lax.stop_gradient(student_logits), top_k)
+    if not add_tail:  # no tail bucket: skip the complement's reductions
+        s_topk, t_topk = (topk_logprobs(x, indices) for x in (student_logits, teacher_logits))
+        return topk_divergence_from_logprobs(
+            s_topk, None, t_topk, None, alpha=alpha, add_tail=False
+        )
     s_topk, s_tail = topk_logprobs_and_tail(student_logits, indices)
     t_topk, t_tail = topk_logprobs_and_tail(teacher_logits, indices)
     return topk_divergence_from_logprobs(
