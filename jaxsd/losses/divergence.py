@@ -162,9 +162,11 @@ def topk_logprobs_and_tail(logits: jax.Array, indices: jax.Array) -> tuple[jax.A
     logp_V, topk_logp = _log_softmax_and_gather(logits, indices)
     if k == vocab:
         return topk_logp, jnp.full(logp_V.shape[:-1], -jnp.inf, logp_V.dtype)
-    in_topk_V = jnp.zeros(logp_V.shape, bool)
-    in_topk_V = jnp.put_along_axis(in_topk_V, indices, True, axis=-1, inplace=False)
-    return topk_logp, _tail_logp(logits, logp_V, in_topk_V)
+    return topk_logp, _tail_logp(logits, indices)
+
+
+def _in_topk(indices: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    return jnp.put_along_axis(jnp.zeros(shape, bool), indices, True, axis=-1, inplace=False)
 
 
 # Below this complement mass (relative to the row's largest probability) the one-pass tail sum
@@ -173,34 +175,54 @@ def topk_logprobs_and_tail(logits: jax.Array, indices: jax.Array) -> tuple[jax.A
 _ONE_PASS_TAIL_MIN = 1e-25
 
 
-def _tail_logp(logits: jax.Array, logp_V: jax.Array, in_topk_V: jax.Array) -> jax.Array:
-    """Log of the softmax mass outside the top-k: `logsumexp(logp_V[~in_topk_V])`, exactly.
+@jax.custom_vjp
+def _tail_logp(logits: jax.Array, indices: jax.Array) -> jax.Array:
+    """Log of the softmax mass outside `indices`: `logsumexp(log_softmax(logits)[~K])`, exactly.
 
     The common case is one reduction, the sibling of the softmax normaliser's: the complement's
     exp(logit - row max) summed over the row, divided by the whole row's. Rows whose complement
     mass is below `_ONE_PASS_TAIL_MIN` (peaked distributions, or a complement with no mass at
     all, e.g. -inf-masked vocabulary padding) send the whole batch to the two-pass form, which
-    shifts by the complement's own maximum. Per row the result is the same up to rounding; the
-    one-pass form skips two passes over `[..., V]` (the complement's max and emptiness).
+    shifts by the complement's own maximum; per row both give the same value up to rounding.
+    The gradient is written out (`_tail_logp_bwd`): autodiff through the `cond` would keep both
+    forms' `[..., V]` residuals, the unused one as zeros.
     """
-    shifted_V = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-    exp_V = jnp.exp(shifted_V)
+    return _tail_logp_fwd(logits, indices)[0]
+
+
+def _tail_logp_fwd(logits: jax.Array, indices: jax.Array) -> tuple[jax.Array, tuple]:
+    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    exp_V = jnp.exp(logits - row_max)
     total = jnp.sum(exp_V, axis=-1)
-    tail = jnp.sum(jnp.where(in_topk_V, 0.0, exp_V), axis=-1)
+    tail = jnp.sum(jnp.where(_in_topk(indices, logits.shape), 0.0, exp_V), axis=-1)
+    tail_logp = jax.lax.cond(
+        jnp.all(tail >= _ONE_PASS_TAIL_MIN),
+        lambda: jnp.log(jnp.where(tail > 0, tail, 1.0)) - jnp.log(total),
+        lambda: _tail_logp_two_pass(logits, indices),
+    )
+    return tail_logp, (logits, indices, row_max[..., 0] + jnp.log(total), tail_logp)
 
-    def one_pass() -> jax.Array:
-        # The `where` keeps log's gradient finite if a transform evaluates both branches.
-        return jnp.log(jnp.where(tail > 0, tail, 1.0)) - jnp.log(total)
 
-    def two_pass() -> jax.Array:
-        tail_V = jnp.where(in_topk_V, -jnp.inf, logp_V)
-        # Rows whose complement has no mass would give a NaN gradient through logsumexp;
-        # evaluate those rows on zeros and select -inf after.
-        has_mass = jnp.any(tail_V > -jnp.inf, axis=-1)
-        safe_tail_V = jnp.where(has_mass[..., None], tail_V, 0.0)
-        return jnp.where(has_mass, jax.nn.logsumexp(safe_tail_V, axis=-1), -jnp.inf)
+def _tail_logp_two_pass(logits: jax.Array, indices: jax.Array) -> jax.Array:
+    tail_V = jnp.where(_in_topk(indices, logits.shape), -jnp.inf, jax.nn.log_softmax(logits))
+    has_mass = jnp.any(tail_V > -jnp.inf, axis=-1)
+    safe_tail_V = jnp.where(has_mass[..., None], tail_V, 0.0)
+    return jnp.where(has_mass, jax.nn.logsumexp(safe_tail_V, axis=-1), -jnp.inf)
 
-    return jax.lax.cond(jnp.all(tail >= _ONE_PASS_TAIL_MIN), one_pass, two_pass)
+
+def _tail_logp_bwd(res, g):
+    # d tail / d x_v = 1[v not in K] p_v / p_tail - p_v; 0 for rows whose complement has no
+    # mass (tail = -inf), where the derivative does not exist (the two-pass form's choice).
+    logits, indices, lse, tail_logp = res
+    has_mass = (tail_logp > -jnp.inf)[..., None]
+    logp_V = logits - lse[..., None]
+    safe_tail = jnp.where(has_mass, tail_logp[..., None], 0.0)
+    in_tail_V = jnp.where(_in_topk(indices, logits.shape), 0.0, jnp.exp(logp_V - safe_tail))
+    grad_V = jnp.where(has_mass, g[..., None] * (in_tail_V - jnp.exp(logp_V)), 0.0)
+    return grad_V, None
+
+
+_tail_logp.defvjp(_tail_logp_fwd, _tail_logp_bwd)
 
 
 def topk_divergence_from_logprobs(
