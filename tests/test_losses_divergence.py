@@ -17,6 +17,7 @@ from jaxsd.losses import (
     clipped_forward_kl,
     distillation_divergence,
     entropy_from_logits,
+    gathered_logprobs,
     topk_divergence_from_logprobs,
     topk_logprobs_and_tail,
 )
@@ -309,6 +310,33 @@ def test_tail_below_fp32_underflow_takes_the_two_pass_form(monkeypatch):
     forced, _ = tail_and_grad(x, idx)
     assert abs(float(forced[0]) - want[0]) > 1.0
     np.testing.assert_allclose(forced[1:], want[1:], rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["normal", "padded", "extreme"])
+def test_gathered_logprobs_values_and_gradient_match_float64(kind):
+    """The written-out gradient 1[v = i] g - p_v Σ g against float64, indices repeated too."""
+    s, _, s64, _ = logits_pair(kind)
+    idx = jnp.asarray(np.random.default_rng(3).integers(0, V - K, size=(*LEAD, 4)))
+    idx = idx.at[..., 3].set(idx[..., 0])  # a repeated index gets both cotangents
+    weights = jnp.asarray(np.random.default_rng(4).normal(size=(*LEAD, 4)), jnp.float32)
+    got, grad = jax.jit(
+        lambda x: (
+            gathered_logprobs(x, idx),
+            jax.grad(lambda y: jnp.sum(weights * gathered_logprobs(y, idx)))(x),
+        )
+    )(s)
+    ls = np_log_softmax(s64)
+    idx64, w64 = np.asarray(idx), np.asarray(weights, np.float64)
+    np.testing.assert_allclose(got, np.take_along_axis(ls, idx64, -1), rtol=1e-6, atol=1e-5)
+    want_grad = -np.exp(ls) * w64.sum(-1, keepdims=True)
+    rows = np.indices(idx64.shape)[:-1]
+    np.add.at(want_grad, (*rows, idx64), w64)
+    np.testing.assert_allclose(grad, want_grad, atol=1e-5)
+    # and the same as autodiff through log_softmax + take_along_axis
+    auto = jax.grad(
+        lambda y: jnp.sum(weights * jnp.take_along_axis(jax.nn.log_softmax(y), idx, -1))
+    )(s)
+    np.testing.assert_allclose(grad, auto, atol=1e-5)
 
 
 # ---------------------------------------------------------------- closed-form gradients

@@ -26,6 +26,7 @@ __all__ = [
     "distillation_divergence",
     "entropy_from_logits",
     "entropy_from_logprobs",
+    "gathered_logprobs",
     "generalized_jsd_from_logprobs",
     "top_k_indices",
     "topk_block_width",
@@ -138,8 +139,37 @@ def top_k_indices(logits: jax.Array, k: int, *, block: int | None = None) -> jax
 def _log_softmax_and_gather(logits: jax.Array, indices: jax.Array) -> tuple[jax.Array, jax.Array]:
     if indices.shape[-1] > logits.shape[-1]:
         raise ValueError(f"top_k={indices.shape[-1]} exceeds vocab size {logits.shape[-1]}")
-    logp_V = jax.nn.log_softmax(_as_float(logits), axis=-1)
-    return logp_V, jnp.take_along_axis(logp_V, indices, axis=-1)
+    logits = _as_float(logits)
+    return jax.nn.log_softmax(logits, axis=-1), gathered_logprobs(logits, indices)
+
+
+@jax.custom_vjp
+def gathered_logprobs(logits: jax.Array, indices: jax.Array) -> jax.Array:
+    """`log_softmax(logits)[..., indices]` for `indices [..., K]`, with a written-out gradient.
+
+    Autodiff would scatter the `[..., K]` cotangent into a zero `[..., V]` array and reduce it
+    again for the softmax term; the gradient `1[v = i] g - p_v Σ g` needs neither.
+    """
+    return _gathered_logprobs_fwd(logits, indices)[0]
+
+
+def _gathered_logprobs_fwd(logits: jax.Array, indices: jax.Array) -> tuple[jax.Array, tuple]:
+    logits = _as_float(logits)
+    row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    lse = row_max + jnp.log(jnp.sum(jnp.exp(logits - row_max), axis=-1, keepdims=True))
+    return jnp.take_along_axis(logits, indices, axis=-1) - lse, (logits, indices, lse)
+
+
+def _gathered_logprobs_bwd(res, g):
+    logits, indices, lse = res
+    grad_V = -jnp.exp(logits - lse) * jnp.sum(g, axis=-1, keepdims=True)
+    rows = math.prod(logits.shape[:-1])
+    flat = grad_V.reshape(rows, logits.shape[-1])
+    flat = flat.at[jnp.arange(rows)[:, None], indices.reshape(rows, -1)].add(g.reshape(rows, -1))
+    return flat.reshape(logits.shape), None
+
+
+gathered_logprobs.defvjp(_gathered_logprobs_fwd, _gathered_logprobs_bwd)
 
 
 def topk_logprobs(logits: jax.Array, indices: jax.Array) -> jax.Array:

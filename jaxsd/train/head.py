@@ -40,8 +40,9 @@ def _token_logp_and_entropy(
     logits_NxV: jax.Array, tokens_N: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """log_softmax, its value at the sampled token, and the entropy (fp32)."""
-    logp_NxV = jax.nn.log_softmax(logits_NxV.astype(jnp.float32), axis=-1)
-    token_logp_N = jnp.take_along_axis(logp_NxV, tokens_N[..., None], axis=-1)[..., 0]
+    logits_NxV = logits_NxV.astype(jnp.float32)
+    logp_NxV = jax.nn.log_softmax(logits_NxV, axis=-1)
+    token_logp_N = losses.gathered_logprobs(logits_NxV, tokens_N[..., None])[..., 0]
     return logp_NxV, token_logp_N, losses.entropy_from_logprobs(logp_NxV)
 
 
