@@ -337,6 +337,11 @@ def test_gathered_logprobs_values_and_gradient_match_float64(kind):
         lambda y: jnp.sum(weights * jnp.take_along_axis(jax.nn.log_softmax(y), idx, -1))
     )(s)
     np.testing.assert_allclose(grad, auto, atol=1e-5)
+    # bf16 logits: fp32 log-probs, a bf16 gradient like the input
+    g16 = jax.grad(lambda y: jnp.sum(gathered_logprobs(y, idx)))(s.astype(jnp.bfloat16))
+    chex.assert_type(
+        [gathered_logprobs(s.astype(jnp.bfloat16), idx), g16], [jnp.float32, jnp.bfloat16]
+    )
 
 
 # ---------------------------------------------------------------- closed-form gradients

@@ -143,18 +143,22 @@ def _log_softmax_and_gather(logits: jax.Array, indices: jax.Array) -> tuple[jax.
     return jax.nn.log_softmax(logits, axis=-1), gathered_logprobs(logits, indices)
 
 
-@jax.custom_vjp
 def gathered_logprobs(logits: jax.Array, indices: jax.Array) -> jax.Array:
-    """`log_softmax(logits)[..., indices]` for `indices [..., K]`, with a written-out gradient.
+    """`log_softmax(logits)[..., indices]` for `indices [..., K]` (fp32), with a written-out
+    gradient.
 
     Autodiff would scatter the `[..., K]` cotangent into a zero `[..., V]` array and reduce it
     again for the softmax term; the gradient `1[v = i] g - p_v Σ g` needs neither.
     """
+    return _gathered_logprobs(_as_float(logits), indices)
+
+
+@jax.custom_vjp
+def _gathered_logprobs(logits: jax.Array, indices: jax.Array) -> jax.Array:
     return _gathered_logprobs_fwd(logits, indices)[0]
 
 
 def _gathered_logprobs_fwd(logits: jax.Array, indices: jax.Array) -> tuple[jax.Array, tuple]:
-    logits = _as_float(logits)
     row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
     lse = row_max + jnp.log(jnp.sum(jnp.exp(logits - row_max), axis=-1, keepdims=True))
     return jnp.take_along_axis(logits, indices, axis=-1) - lse, (logits, indices, lse)
@@ -169,7 +173,7 @@ def _gathered_logprobs_bwd(res, g):
     return flat.reshape(logits.shape), None
 
 
-gathered_logprobs.defvjp(_gathered_logprobs_fwd, _gathered_logprobs_bwd)
+_gathered_logprobs.defvjp(_gathered_logprobs_fwd, _gathered_logprobs_bwd)
 
 
 def topk_logprobs(logits: jax.Array, indices: jax.Array) -> jax.Array:
