@@ -136,13 +136,6 @@ def top_k_indices(logits: jax.Array, k: int, *, block: int | None = None) -> jax
     return jnp.take_along_axis(chosen, pick // block, axis=-1) * block + pick % block
 
 
-def _log_softmax_and_gather(logits: jax.Array, indices: jax.Array) -> tuple[jax.Array, jax.Array]:
-    if indices.shape[-1] > logits.shape[-1]:
-        raise ValueError(f"top_k={indices.shape[-1]} exceeds vocab size {logits.shape[-1]}")
-    logits = _as_float(logits)
-    return jax.nn.log_softmax(logits, axis=-1), gathered_logprobs(logits, indices)
-
-
 def gathered_logprobs(logits: jax.Array, indices: jax.Array) -> jax.Array:
     """`log_softmax(logits)[..., indices]` for `indices [..., K]` (fp32), with a written-out
     gradient.
@@ -179,7 +172,9 @@ _gathered_logprobs.defvjp(_gathered_logprobs_fwd, _gathered_logprobs_bwd)
 def topk_logprobs(logits: jax.Array, indices: jax.Array) -> jax.Array:
     """`log_softmax(logits)[indices]` (fp32): the top-k half of `topk_logprobs_and_tail`,
     for the divergence without the tail bucket."""
-    return _log_softmax_and_gather(logits, indices)[1]
+    if indices.shape[-1] > logits.shape[-1]:
+        raise ValueError(f"top_k={indices.shape[-1]} exceeds vocab size {logits.shape[-1]}")
+    return gathered_logprobs(logits, indices)
 
 
 def topk_logprobs_and_tail(logits: jax.Array, indices: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -193,9 +188,9 @@ def topk_logprobs_and_tail(logits: jax.Array, indices: jax.Array) -> tuple[jax.A
     """
     logits = _as_float(logits)
     vocab, k = logits.shape[-1], indices.shape[-1]
-    logp_V, topk_logp = _log_softmax_and_gather(logits, indices)
+    topk_logp = topk_logprobs(logits, indices)
     if k == vocab:
-        return topk_logp, jnp.full(logp_V.shape[:-1], -jnp.inf, logp_V.dtype)
+        return topk_logp, jnp.full(logits.shape[:-1], -jnp.inf, logits.dtype)
     return topk_logp, _tail_logp(logits, indices)
 
 
