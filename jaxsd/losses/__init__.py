@@ -12,7 +12,6 @@ from jaxsd.losses.divergence import (
     top_k_indices,
     topk_block_width,
     topk_divergence_from_logprobs,
-    topk_logprobs,
     topk_logprobs_and_tail,
 )
 from jaxsd.losses.policy import (
@@ -58,6 +57,5 @@ __all__ = [
     "top_k_indices",
     "topk_block_width",
     "topk_divergence_from_logprobs",
-    "topk_logprobs",
     "topk_logprobs_and_tail",
 ]

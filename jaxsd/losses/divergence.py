@@ -31,7 +31,6 @@ __all__ = [
     "top_k_indices",
     "topk_block_width",
     "topk_divergence_from_logprobs",
-    "topk_logprobs",
     "topk_logprobs_and_tail",
 ]
 
@@ -169,26 +168,25 @@ def _gathered_logprobs_bwd(res, g):
 _gathered_logprobs.defvjp(_gathered_logprobs_fwd, _gathered_logprobs_bwd)
 
 
-def topk_logprobs(logits: jax.Array, indices: jax.Array) -> jax.Array:
-    """`log_softmax(logits)[indices]` (fp32): the top-k half of `topk_logprobs_and_tail`,
-    for the divergence without the tail bucket."""
-    if indices.shape[-1] > logits.shape[-1]:
-        raise ValueError(f"top_k={indices.shape[-1]} exceeds vocab size {logits.shape[-1]}")
-    return gathered_logprobs(logits, indices)
-
-
-def topk_logprobs_and_tail(logits: jax.Array, indices: jax.Array) -> tuple[jax.Array, jax.Array]:
+def topk_logprobs_and_tail(
+    logits: jax.Array, indices: jax.Array, *, tail: bool = True
+) -> tuple[jax.Array, jax.Array | None]:
     """Top-k log-probs and the exact tail log-mass, METHODS §2.
 
     `logits [..., V]`, `indices [..., K]` (integer, distinct per row) ->
     `(topk_logp [..., K], tail_logp [...])` where `topk_logp = log_softmax(logits)[indices]`
     and `tail_logp = logsumexp_{v not in K} log_softmax(logits)_v`, computed over the
     complement (never as log(1 - sum), which is 0 in fp32 once the tail is below ~1e-7).
-    An empty complement (K = V) gives -inf.
+    An empty complement (K = V) gives -inf. `tail=False` (no tail bucket) skips the
+    complement's reductions and returns `(topk_logp, None)`.
     """
     logits = _as_float(logits)
     vocab, k = logits.shape[-1], indices.shape[-1]
-    topk_logp = topk_logprobs(logits, indices)
+    if k > vocab:
+        raise ValueError(f"top_k={k} exceeds vocab size {vocab}")
+    topk_logp = gathered_logprobs(logits, indices)
+    if not tail:
+        return topk_logp, None
     if k == vocab:
         return topk_logp, jnp.full(logits.shape[:-1], -jnp.inf, logits.dtype)
     return topk_logp, _tail_logp(logits, indices)
@@ -226,7 +224,7 @@ def _tail_logp_fwd(logits: jax.Array, indices: jax.Array) -> tuple[jax.Array, tu
     tail = jnp.sum(jnp.where(_in_topk(indices, logits.shape), 0.0, exp_V), axis=-1)
     tail_logp = jax.lax.cond(
         jnp.all(tail >= _ONE_PASS_TAIL_MIN),
-        lambda: jnp.log(jnp.where(tail > 0, tail, 1.0)) - jnp.log(total),
+        lambda: jnp.log(tail) - jnp.log(total),
         lambda: _tail_logp_two_pass(logits, indices),
     )
     return tail_logp, (logits, indices, row_max[..., 0] + jnp.log(total), tail_logp)
@@ -268,7 +266,7 @@ def topk_divergence_from_logprobs(
     `*_topk_logp [..., K]` are full-vocabulary log-softmax values gathered at the student's
     top-k indices, `*_tail_logp [...]` the log-mass outside them. With `add_tail` the
     distributions live on K ∪ {tail}; without, each is renormalised over K and the tails are
-    unused (None is accepted). Returns `[...]`.
+    unused (None, as `topk_logprobs_and_tail(..., tail=False)` returns them). Returns `[...]`.
     """
     if student_topk_logp.shape != teacher_topk_logp.shape:
         raise ValueError(
@@ -318,13 +316,8 @@ def distillation_divergence(
     if not 1 <= top_k <= vocab:
         raise ValueError(f"top_k={top_k} must be in [1, vocab size {vocab}] (or None for all)")
     _, indices = jax.lax.top_k(jax.lax.stop_gradient(student_logits), top_k)
-    if not add_tail:  # no tail bucket: skip the complement's reductions
-        s_topk, t_topk = (topk_logprobs(x, indices) for x in (student_logits, teacher_logits))
-        return topk_divergence_from_logprobs(
-            s_topk, None, t_topk, None, alpha=alpha, add_tail=False
-        )
-    s_topk, s_tail = topk_logprobs_and_tail(student_logits, indices)
-    t_topk, t_tail = topk_logprobs_and_tail(teacher_logits, indices)
+    s_topk, s_tail = topk_logprobs_and_tail(student_logits, indices, tail=add_tail)
+    t_topk, t_tail = topk_logprobs_and_tail(teacher_logits, indices, tail=add_tail)
     return topk_divergence_from_logprobs(
         s_topk, s_tail, t_topk, t_tail, alpha=alpha, add_tail=add_tail
     )

@@ -81,12 +81,10 @@ def head_on_logits(
                 jax.lax.stop_gradient(student_logits), top_k, block=topk_block
             )
             idx_K = _saved(idx_K)
-            if add_tail:
-                s_topk, s_tail = losses.topk_logprobs_and_tail(student_logits, idx_K)
-                t_topk, t_tail = map(_saved, losses.topk_logprobs_and_tail(teacher_logits, idx_K))
-            else:  # no tail bucket: skip the complement's reductions
-                s_topk, s_tail = losses.topk_logprobs(student_logits, idx_K), None
-                t_topk, t_tail = _saved(losses.topk_logprobs(teacher_logits, idx_K)), None
+            s_topk, s_tail = losses.topk_logprobs_and_tail(student_logits, idx_K, tail=add_tail)
+            t_topk, t_tail = losses.topk_logprobs_and_tail(teacher_logits, idx_K, tail=add_tail)
+            t_topk = _saved(t_topk)
+            t_tail = None if t_tail is None else _saved(t_tail)
             out["divergence"] = losses.topk_divergence_from_logprobs(
                 s_topk, s_tail, t_topk, t_tail, alpha=alpha, add_tail=add_tail
             )
