@@ -87,6 +87,38 @@ def head_lines(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def trl_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """TRL peer rows (bench/peers/trl_step.py, the fixed workload): each variant against our
+    fastest step row of the same algorithm and shape at B 8 × (128+128), full depth."""
+    out = []
+    for r in rows:
+        if r.get("peer") != "trl" or "variants" not in r:
+            continue
+        ours_rows = [o for o in rows if o.get("bench") == "train_step"
+                     and o.get("shape") == r["shape"] and o.get("compute_dtype") == r["dtype"]
+                     and (o.get("batch"), o.get("prompt"), o.get("response")) == (8, 128, 128)
+                     and o.get("layers") == r.get("layers", o.get("layers"))]  # fmt: skip
+        out.append(f"\nTRL peer ({r['row']}: {r['shape']}, {r['dtype']}, {r['device']}, "
+                   f"{r['versions']}):")  # fmt: skip
+        out.append("| variant | algo | step s | resp tok/s | peak GB | ours row | ours / variant |")
+        out.append("| --- | --- | ---: | ---: | ---: | --- | ---: |")
+        for name, v in r["variants"].items():
+            if "error" in v:
+                out.append(f"| {name} | – | {v['error'][:120]} | | | | |")
+                continue
+            mine = [o for o in ours_rows if o.get("algorithm") == v["algorithm"]]
+            best = max(mine, key=lambda o: o["response_tokens_per_s"], default=None)
+            ratio = "–"
+            if best is not None:
+                ratio = f"**{best['response_tokens_per_s'] / v['response_tokens_per_s']:.2f}×**"
+            out.append(
+                f"| {name} | {v['algorithm']} | {v['step_s']:.4f} | "
+                f"{v['response_tokens_per_s']:,.0f} | {_gb(v.get('device_peak_bytes'))} | "
+                f"{'–' if best is None else best['row']} | {ratio} |"
+            )
+    return out
+
+
 def other_lines(rows: list[dict[str, Any]]) -> list[str]:
     out = []
     for r in rows:
@@ -116,9 +148,11 @@ def other_lines(rows: list[dict[str, Any]]) -> list[str]:
         elif "error" in r or "skipped" in r:
             out.append(f"- {r['row']}: {r.get('error') or r.get('skipped')} "
                        f"{r.get('stderr_tail', '')[:300]}")  # fmt: skip
+        elif "peer" in r:
+            continue  # trl_lines
         elif "versions" in r:
             out.append(f"- versions: {r['versions']}; devices {r['jax_devices']}")
-        elif "torch" in r and "bench" not in r:
+        elif "torch" in r and "bench" not in r and "peer" not in r:
             out.append(f"- torch: {r}")
     return out
 
@@ -127,7 +161,8 @@ def main() -> None:
     if len(sys.argv) != 2:
         sys.exit("usage: python bench/gpu_rows.py ROWS.jsonl")
     rows = load(Path(sys.argv[1]))
-    print("\n".join(other_lines(rows) + [""] + step_table(rows) + head_lines(rows)))
+    lines = other_lines(rows) + [""] + step_table(rows) + head_lines(rows) + trl_lines(rows)
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@
 # $OUT/gpu_rows.log; $OUT/summary.md pairs ours with the peer (bench/gpu_rows.py). Each row
 # runs in its own process under `timeout`, so a failure or OOM costs only that row, and the
 # whole script stops starting rows once its deadline (DEADLINE_S, default 430 s) is near.
-# Env: PY (jax rows, default python3), PY_TORCH (torch rows, default $PY), OUT, DEADLINE_S,
+# Env: PY (jax rows, default python3), PY_TORCH (torch rows, default $PY), PY_TRL (the TRL
+# rows: a python with torch + trl + datasets, default $PY_TORCH), OUT, DEADLINE_S,
 # PEAK_TFLOPS (nominal dense bf16 peak for MFU, default 989 = H100 SXM), FIRST (mfu | 0.6b),
 # ATTNS (our attention implementations to time, default "cudnn jaxsd"; smoke "xla jaxsd"),
 # TRACE (1 = profile one 8b-shaped SDPO run after the head row, 0 = skip), ONLY (bash regex:
@@ -33,6 +34,7 @@ export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jaxsd_jax_cache}
 PY=${PY:-python3}
 PY_TORCH=${PY_TORCH:-$PY}
+PY_TRL=${PY_TRL:-$PY_TORCH}
 PEAK=${PEAK_TFLOPS:-989}
 START=$(date +%s)
 DEADLINE=$((START + ${DEADLINE_S:-430}))
@@ -49,6 +51,7 @@ if [ "$SMOKE" = 1 ]; then
   HEAD=(--tokens 256 --time-tokens 256 --vocab 4096 --hidden 64 --chunk 64)
   TOPK=(--rows 64 --vocab 4096 --k 20 --widths 8 32)
   ROLLOUT=(--prompts 2 --n 2 --prompt-len 8 --new-tokens 8 --repeats 1)
+  TRL=(--dtype float32 --steps 2 --warmup 1)  # TRL's bf16 autocast is CUDA only
 else
   S06=0.6b; S8=8b; L8=4; SSMALL=small
   FIXED=()  # the fixed workload: B 8, prompt 128 + response 128, teacher +64
@@ -61,6 +64,7 @@ else
   HEAD=(--tokens 4096 --time-tokens 4096 --vocab 151936 --hidden 1024 --chunk 256)
   TOPK=(--rows 1024 --vocab 151936 --k 100 --widths 16 64 128 256)
   ROLLOUT=(--prompts 8 --n 8 --prompt-len 128 --new-tokens 256 --repeats 3)
+  TRL=(--dtype bfloat16 --steps 8 --warmup 2)
 fi
 BF16=(--dtype bfloat16 --param-dtype float32 --peak-tflops "$PEAK")
 # Our attention implementations to time (the fused cuDNN kernel first: the likely fastest).
@@ -182,12 +186,18 @@ rows_rest() {
   row rollout_${S06} 240 "$PY_TORCH" bench/rollout.py --shape $S06 --engines jax,torch \
     --dtype bfloat16 "${ROLLOUT[@]}"
 }
+# TRL's own trainers (SDPOTrainer, GKD loss, GRPOTrainer) and the hand-written torch SDPO step
+# on the fixed workload (B 8, 128 + 128): the peer a PyTorch user would pick.
+rows_trl() {
+  row "trl_${SSMALL}_fixed" 240 "$PY_TRL" bench/peers/trl_step.py --shape $SSMALL "${TRL[@]}"
+  row "trl_${S06}_fixed" 300 "$PY_TRL" bench/peers/trl_step.py --shape $S06 "${TRL[@]}"
+}
 # FIRST=mfu (default): the 8b×4 pair, plain top-k, head and profile before the 0.6b rows,
 # whose 28 unrolled layers cost ~2 min of compile per row; FIRST=0.6b: the 0.6b pair first.
 if [ "${FIRST:-mfu}" = mfu ]; then
-  rows_8b_mfu; rows_topk; rows_head; rows_trace; rows_06_fixed; rows_rest
+  rows_8b_mfu; rows_topk; rows_head; rows_trace; rows_06_fixed; rows_rest; rows_trl
 else
-  rows_06_fixed; rows_8b_mfu; rows_topk; rows_head; rows_trace; rows_rest
+  rows_06_fixed; rows_8b_mfu; rows_topk; rows_head; rows_trace; rows_rest; rows_trl
 fi
 
 "$PY" bench/gpu_rows.py "$ROWS" | tee "$OUT/summary.md"

@@ -20,3 +20,34 @@ def test_an_unparsable_line_becomes_an_error_row(repo_module, tmp_path):
     lines = gpu_rows.other_lines(rows)
     assert any(line.startswith("- rows.jsonl line 3: not JSON") for line in lines)
     assert any("698 TFLOP/s" in line for line in lines)
+
+
+def test_trl_variants_are_paired_with_our_fastest_row_of_the_same_workload(repo_module):
+    gpu_rows = repo_module("bench/gpu_rows.py")
+    fixed = {"bench": "train_step", "shape": "0.6b", "layers": 28, "batch": 8, "prompt": 128,
+             "response": 128, "compute_dtype": "bfloat16"}  # fmt: skip
+    rows = [
+        fixed | {"row": "ours_cudnn_sdpo_0.6b_fixed", "algorithm": "sdpo",
+                 "response_tokens_per_s": 3000.0},
+        fixed | {"row": "ours_sdpo_0.6b_fixed", "algorithm": "sdpo",
+                 "response_tokens_per_s": 2000.0},
+        fixed | {"row": "ours_cudnn_grpo_0.6b_fixed", "algorithm": "grpo",
+                 "response_tokens_per_s": 4000.0},
+        # Same shape, another workload: never the pair of a fixed-workload TRL variant.
+        fixed | {"row": "ours_cudnn_sdpo_0.6b_large", "algorithm": "sdpo", "batch": 16,
+                 "response_tokens_per_s": 9000.0},
+        {"row": "trl_0.6b_fixed", "peer": "trl", "shape": "0.6b", "dtype": "bfloat16",
+         "device": "NVIDIA H100", "versions": {"trl": "1.16.0"}, "variants": {
+             "trl_sdpo": {"algorithm": "sdpo", "step_s": 0.5, "response_tokens_per_s": 1000.0},
+             "trl_grpo": {"algorithm": "grpo", "step_s": 0.25, "response_tokens_per_s": 2000.0,
+                          "device_peak_bytes": 3 * 2**30},
+             "trl_gkd": {"error": "ImportError: no GKDTrainer"}}},
+    ]  # fmt: skip
+    lines = gpu_rows.trl_lines(rows)
+    sdpo = next(line for line in lines if line.startswith("| trl_sdpo "))
+    grpo = next(line for line in lines if line.startswith("| trl_grpo "))
+    assert "ours_cudnn_sdpo_0.6b_fixed" in sdpo and "**3.00×**" in sdpo
+    assert "ours_cudnn_grpo_0.6b_fixed" in grpo and "**2.00×**" in grpo and "| 3.0 |" in grpo
+    assert any(line.startswith("| trl_gkd | – | ImportError") for line in lines)
+    # The TRL row is not also printed as a stray "torch"/"versions" line.
+    assert not any("trl_0.6b_fixed" in line for line in gpu_rows.other_lines(rows))

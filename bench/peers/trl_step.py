@@ -13,6 +13,11 @@ jaxsd's .venv. Variants, each timed on the same fixed batch (no generation):
   (the learner half of GRPO), then backward, clip, AdamW.
 Prints one JSON object: {"variants": {name: {"step_s", "response_tokens_per_s", ...}}}.
 A variant the installed TRL cannot run records {"error": "..."} instead of a number.
+
+On a CUDA machine everything runs there (`--dtype bfloat16`: fp32 weights under
+`torch.autocast(bfloat16)`, what `Trainer(bf16=True)` does through accelerate; AdamW is the
+Trainer's default, the hand-written steps use the fused CUDA AdamW like bench/peers/torch_step.py).
+The GPU rows (bench/gpu_rows.sh) carry trl and datasets as wheels.
 """
 
 from __future__ import annotations
@@ -20,11 +25,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
+import gc
 import importlib
 import io
 import math
 import os
 import tempfile
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,22 +46,49 @@ VARIANTS = ("torch_sdpo", "trl_sdpo", "trl_gkd", "trl_grpo")
 ALGORITHM = {"torch_sdpo": "sdpo", "trl_sdpo": "sdpo", "trl_gkd": "sdpo", "trl_grpo": "grpo"}
 
 
-def make_model(shape: str) -> transformers.Qwen3ForCausalLM:
-    """Random Qwen3 of the named shape (untied head), float32, train mode."""
+@dataclass(frozen=True)
+class Run:
+    """Where and how every variant runs: model shape, torch device, autocast dtype (or None)."""
+
+    shape: str
+    device: str = "cpu"
+    autocast_dtype: torch.dtype | None = None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device, dtype=self.autocast_dtype)
+
+    def sync(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+
+def make_run(shape: str, dtype: str) -> Run:
+    """CUDA when there is one; bf16 = autocast over fp32 weights (CUDA only: CPU stays fp32)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "bfloat16" and device == "cpu":
+        raise ValueError("--dtype bfloat16 needs a CUDA device (the CPU workload is float32)")
+    return Run(shape, device, torch.bfloat16 if dtype == "bfloat16" else None)
+
+
+def make_model(run: Run) -> transformers.Qwen3ForCausalLM:
+    """Random Qwen3 of the run's shape (untied head), float32, on the run's device, train mode."""
     torch.manual_seed(W.SEED)
-    cfg = transformers.Qwen3Config(**W.shape(shape), tie_word_embeddings=False,
+    cfg = transformers.Qwen3Config(**W.shape(run.shape), tie_word_embeddings=False,
                                    max_position_embeddings=4096)  # fmt: skip
-    return transformers.Qwen3ForCausalLM(cfg).float().train()
+    with torch.device(run.device):
+        return transformers.Qwen3ForCausalLM(cfg).float().train()
 
 
-def make_batch(vocab: int) -> dict[str, torch.Tensor]:
+def make_batch(vocab: int, device: str = "cpu") -> dict[str, torch.Tensor]:
     """Random token ids: student = prompt ⊕ response, teacher = longer reprompt ⊕ response."""
     g = torch.Generator().manual_seed(W.SEED)
     b, p, r, e = W.BATCH, W.PROMPT, W.RESPONSE, W.TEACHER_EXTRA
     response = torch.randint(0, vocab, (b, r), generator=g)
     prompt = torch.randint(0, vocab, (b, p), generator=g)
     reprompt = torch.randint(0, vocab, (b, p + e), generator=g)
-    return {
+    batch = {
         "student_ids": torch.cat([prompt, response], 1),
         "teacher_ids": torch.cat([reprompt, response], 1),
         "prompt_ids": prompt,
@@ -62,6 +97,7 @@ def make_batch(vocab: int) -> dict[str, torch.Tensor]:
         # Stand-in for the rollout engine's log-probs (the step takes them as data).
         "old_logp": -torch.rand(b, r, generator=g) * math.log(vocab),
     }
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def response_logits(model: torch.nn.Module, ids: torch.Tensor, r: int) -> torch.Tensor:
@@ -73,17 +109,19 @@ def token_logp(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(logits.float(), -1).gather(-1, tokens[..., None])[..., 0]
 
 
-def make_distill_step(model, divergence, batch) -> Any:
+def make_distill_step(model, divergence, batch, run: Run) -> Any:
     """One SDPO optimiser step: student fwd/bwd, no-grad teacher fwd, AdamW + clip, EMA."""
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=W.LR, weight_decay=W.WEIGHT_DECAY)
+    opt = torch.optim.AdamW(model.parameters(), lr=W.LR, weight_decay=W.WEIGHT_DECAY,
+                            fused=run.device == "cuda")  # fmt: skip
     s_params, t_params = list(model.parameters()), list(teacher.parameters())
     r, mask = W.RESPONSE, batch["response_mask"]
 
     def step() -> torch.Tensor:
-        s_logits = response_logits(model, batch["student_ids"], r)
-        with torch.no_grad():
-            t_logits = response_logits(teacher, batch["teacher_ids"], r)
+        with run.autocast():
+            s_logits = response_logits(model, batch["student_ids"], r)
+            with torch.no_grad():
+                t_logits = response_logits(teacher, batch["teacher_ids"], r)
         per_tok = divergence(s_logits, t_logits, batch["response_ids"])
         logp = token_logp(s_logits, batch["response_ids"])
         is_w = torch.exp(torch.clamp(logp - batch["old_logp"], -20, 20)).clamp(max=W.IS_CLIP)
@@ -94,15 +132,17 @@ def make_distill_step(model, divergence, batch) -> Any:
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():
             torch._foreach_lerp_(t_params, s_params, W.EMA_RATE)
+        run.sync()
         return loss.detach()
 
     return step
 
 
-def torch_sdpo(shape: str) -> Any:
-    model = make_model(shape)
-    batch = make_batch(model.config.vocab_size)
-    return make_distill_step(model, lambda s, t, _tok: sdpo_topk_jsd(s, t, W.TOP_K, W.ALPHA), batch)
+def torch_sdpo(run: Run) -> Any:
+    model = make_model(run)
+    batch = make_batch(model.config.vocab_size, run.device)
+    divergence = lambda s, t, _tok: sdpo_topk_jsd(s, t, W.TOP_K, W.ALPHA)  # noqa: E731
+    return make_distill_step(model, divergence, batch, run)
 
 
 def _gkd_loss_fn() -> Any:
@@ -115,16 +155,16 @@ def _gkd_loss_fn() -> Any:
     raise ImportError("this trl has no GKDTrainer (looked in trl.experimental.gkd and trl)")
 
 
-def trl_gkd(shape: str) -> Any:
+def trl_gkd(run: Run) -> Any:
     jsd = _gkd_loss_fn()
-    model = make_model(shape)
-    batch = make_batch(model.config.vocab_size)
+    model = make_model(run)
+    batch = make_batch(model.config.vocab_size, run.device)
 
     def divergence(s, t, tokens):
         # reduction="none" gives [B, R, V]; sum over V for per-token JSD (beta=0.5 is JSD).
         return jsd(s, t, labels=None, beta=W.ALPHA, temperature=1.0, reduction="none").sum(-1)
 
-    return make_distill_step(model, divergence, batch)
+    return make_distill_step(model, divergence, batch, run)
 
 
 def _tokenizer(vocab: int) -> Any:
@@ -139,20 +179,21 @@ def _tokenizer(vocab: int) -> Any:
     )
 
 
-def _trainer(trainer_cls: Any, config_cls: Any, shape: str, **config: Any) -> Any:
+def _trainer(trainer_cls: Any, config_cls: Any, run: Run, **config: Any) -> Any:
     """A TRL trainer on the random model saved to a folder (TRL builds its teacher from that)."""
     from datasets import Dataset
 
     folder = tempfile.mkdtemp(prefix="jaxsd-trl-")
-    model = make_model(shape)
+    model = make_model(run)
     model.save_pretrained(folder)
     tok = _tokenizer(model.config.vocab_size)
     tok.save_pretrained(folder)
     args = config_cls(
         output_dir=folder, per_device_train_batch_size=W.BATCH, num_generations=W.BATCH,
         max_completion_length=W.RESPONSE, learning_rate=W.LR, weight_decay=W.WEIGHT_DECAY,
-        max_grad_norm=W.GRAD_CLIP, report_to=[], use_cpu=True, logging_steps=10**6,
-        save_strategy="no", bf16=False, gradient_checkpointing=False, **config,
+        max_grad_norm=W.GRAD_CLIP, report_to=[], use_cpu=run.device == "cpu",
+        logging_steps=10**6, save_strategy="no", bf16=run.autocast_dtype == torch.bfloat16,
+        gradient_checkpointing=False, **config,
     )  # fmt: skip
 
     def zero_reward(completions, **kw):  # rewards are never computed: no generation here
@@ -167,23 +208,29 @@ def _trainer(trainer_cls: Any, config_cls: Any, shape: str, **config: Any) -> An
     return trainer
 
 
-def _fixed_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _fixed_inputs(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
     """What TRL's `_prepare_inputs` would hand `compute_loss` after generation, for our batch."""
     b, p, r = W.BATCH, W.PROMPT, W.RESPONSE
-    ones = torch.ones  # every token real: the workload has no padding
+    ones = functools.partial(torch.ones, device=device)  # every token real: no padding
+    batch = {k: v.to(device) for k, v in batch.items()}
     return {
         "prompt_ids": batch["prompt_ids"], "prompt_mask": ones(b, p, dtype=torch.long),
         "completion_ids": batch["response_ids"], "completion_mask": ones(b, r, dtype=torch.long),
         "teacher_input_ids": batch["teacher_ids"],
         "teacher_attention_mask": ones(b, p + W.TEACHER_EXTRA + r, dtype=torch.long),
         "old_per_token_logps": batch["old_logp"],
-        "advantages": torch.linspace(-1.0, 1.0, b),
-        "num_items_in_batch": torch.tensor(b * r),
+        "advantages": torch.linspace(-1.0, 1.0, b, device=device),
+        "num_items_in_batch": torch.tensor(b * r, device=device),
     }  # fmt: skip
 
 
-def _trainer_step(trainer: Any, inputs: dict[str, torch.Tensor], callback: str | None) -> Any:
-    """compute_loss + backward + clip + AdamW, then the named step-end callback (TRL's EMA)."""
+def _trainer_step(trainer: Any, inputs: dict[str, torch.Tensor], callback: str | None,
+                  run: Run) -> Any:  # fmt: skip
+    """compute_loss + backward + clip + AdamW, then the named step-end callback (TRL's EMA).
+
+    Under the run's autocast: Trainer's training loop gets it from accelerate's prepared model,
+    which this direct call of compute_loss bypasses.
+    """
     model, opt = trainer.model, trainer.optimizer
     hooks = [c for c in trainer.callback_handler.callbacks if type(c).__name__ == callback]
     if callback is not None and not hooks:
@@ -192,7 +239,8 @@ def _trainer_step(trainer: Any, inputs: dict[str, torch.Tensor], callback: str |
     model.train()
 
     def step() -> torch.Tensor:
-        loss = trainer.compute_loss(model, inputs)
+        with run.autocast():
+            loss = trainer.compute_loss(model, inputs)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, W.GRAD_CLIP)
         opt.step()
@@ -200,50 +248,61 @@ def _trainer_step(trainer: Any, inputs: dict[str, torch.Tensor], callback: str |
         trainer.state.global_step += 1
         for hook in hooks:
             hook.on_step_end(trainer.args, trainer.state, trainer.control, model=model)
+        run.sync()
         return loss.detach()
 
     return step
 
 
-def trl_sdpo(shape: str) -> Any:
+def trl_sdpo(run: Run) -> Any:
     from trl.experimental.sdpo import SDPOConfig, SDPOTrainer
 
     trainer = _trainer(
-        SDPOTrainer, SDPOConfig, shape, distillation_mode="topk_logits",
+        SDPOTrainer, SDPOConfig, run, distillation_mode="topk_logits",
         distillation_topk=W.TOP_K, distillation_alpha=W.ALPHA, distillation_add_tail=True,
         distillation_is_clip=W.IS_CLIP, distillation_weight=1.0, teacher_model_kind="ema",
         teacher_update_rate=W.EMA_RATE, teacher_sync_steps=1,
     )  # fmt: skip
     batch = make_batch(trainer.model.config.vocab_size)
-    return _trainer_step(trainer, _fixed_inputs(batch), "SyncTeacherModelCallback")
+    return _trainer_step(trainer, _fixed_inputs(batch, run.device), "SyncTeacherModelCallback", run)
 
 
-def trl_grpo(shape: str) -> Any:
+def trl_grpo(run: Run) -> Any:
     from trl import GRPOConfig, GRPOTrainer
 
-    trainer = _trainer(GRPOTrainer, GRPOConfig, shape, beta=0.0, epsilon=0.2, epsilon_high=0.28,
+    trainer = _trainer(GRPOTrainer, GRPOConfig, run, beta=0.0, epsilon=0.2, epsilon_high=0.28,
                        loss_type="dapo")  # fmt: skip
     batch = make_batch(trainer.model.config.vocab_size)
-    return _trainer_step(trainer, _fixed_inputs(batch), None)
+    return _trainer_step(trainer, _fixed_inputs(batch, run.device), None, run)
 
 
-def run_variant(name: str, shape: str, steps: int) -> dict[str, Any]:
+def run_variant(name: str, run: Run, steps: int, warmup: int = 1) -> dict[str, Any]:
     build = {"torch_sdpo": torch_sdpo, "trl_sdpo": trl_sdpo, "trl_gkd": trl_gkd,
              "trl_grpo": trl_grpo}[name]  # fmt: skip
+    cuda = run.device == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     try:
         # TRL prints banners/warnings on stdout; keep stdout for the one JSON object.
         with contextlib.redirect_stdout(io.StringIO()):
-            step = build(shape)
-            times = W.time_steps(step, steps)
-        return W.step_record(times, algorithm=ALGORITHM[name])
+            step = build(run)
+            times = W.time_steps(step, steps, warmup)
+        peak = {"device_peak_bytes": torch.cuda.max_memory_allocated()} if cuda else {}
+        return W.step_record(times, algorithm=ALGORITHM[name], **peak)
     except Exception as e:  # a peer API that moved is a result to report, not a crash
         return W.error_record(e)
+    finally:
+        gc.collect()  # the variant's model, optimiser state and trainer go before the next
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="tiny", choices=sorted(W.SHAPES))
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="bfloat16: autocast over fp32 weights, CUDA only")  # fmt: skip
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help=f"comma-separated subset of {VARIANTS}")  # fmt: skip
     args = ap.parse_args()
@@ -251,16 +310,25 @@ def main() -> None:
     unknown = set(names) - set(VARIANTS)
     if unknown:
         ap.error(f"unknown --variants {sorted(unknown)}; use a subset of {VARIANTS}")
-    model = make_model(args.shape)
+    try:
+        run = make_run(args.shape, args.dtype)
+    except ValueError as e:
+        ap.error(str(e))
+    with torch.device("meta"):  # shape only, no memory: parameter count and attention kernel
+        meta = transformers.Qwen3ForCausalLM(
+            transformers.Qwen3Config(**W.shape(args.shape), tie_word_embeddings=False)
+        )
     W.emit({
         "peer": "trl",
         "shape": args.shape,
-        "params": sum(p.numel() for p in model.parameters()),
-        "versions": W.versions("torch", "transformers", "trl"),
+        "params": sum(p.numel() for p in meta.parameters()),
+        "versions": W.versions("torch", "transformers", "trl", "accelerate", "datasets"),
+        "device": torch.cuda.get_device_name() if run.device == "cuda" else "cpu",
+        "dtype": args.dtype,
         "torch_threads": torch.get_num_threads(),
-        "attn_implementation": model.config._attn_implementation,
+        "attn_implementation": meta.config._attn_implementation,
         "cpu_count": os.cpu_count(),
-        "variants": {n: run_variant(n, args.shape, args.steps) for n in names},
+        "variants": {n: run_variant(n, run, args.steps, args.warmup) for n in names},
     })  # fmt: skip
 
 
