@@ -87,18 +87,18 @@ def head_lines(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def trl_lines(rows: list[dict[str, Any]]) -> list[str]:
-    """TRL peer rows (bench/peers/trl_step.py, the fixed workload): each variant against our
-    fastest step row of the same algorithm and shape at B 8 × (128+128), full depth."""
+def peer_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Peer rows (bench/peers/trl_step.py, tunix_step.py; the fixed workload): each variant
+    against our fastest step row of the same algorithm, shape and dtype at B 8 × (128+128)."""
     out = []
     for r in rows:
-        if r.get("peer") != "trl" or "variants" not in r:
+        if "peer" not in r or "variants" not in r:
             continue
         ours_rows = [o for o in rows if o.get("bench") == "train_step"
                      and o.get("shape") == r["shape"] and o.get("compute_dtype") == r["dtype"]
                      and (o.get("batch"), o.get("prompt"), o.get("response")) == (8, 128, 128)
                      and o.get("layers") == r.get("layers", o.get("layers"))]  # fmt: skip
-        out.append(f"\nTRL peer ({r['row']}: {r['shape']}, {r['dtype']}, {r['device']}, "
+        out.append(f"\n{r['peer']} ({r['row']}: {r['shape']}, {r['dtype']}, {r['device']}, "
                    f"{r['versions']}):")  # fmt: skip
         out.append("| variant | algo | step s | resp tok/s | peak GB | ours row | ours / variant |")
         out.append("| --- | --- | ---: | ---: | ---: | --- | ---: |")
@@ -149,7 +149,7 @@ def other_lines(rows: list[dict[str, Any]]) -> list[str]:
             out.append(f"- {r['row']}: {r.get('error') or r.get('skipped')} "
                        f"{r.get('stderr_tail', '')[:300]}")  # fmt: skip
         elif "peer" in r:
-            continue  # trl_lines
+            continue  # peer_lines
         elif "versions" in r:
             out.append(f"- versions: {r['versions']}; devices {r['jax_devices']}")
         elif "torch" in r and "bench" not in r and "peer" not in r:
@@ -161,7 +161,7 @@ def main() -> None:
     if len(sys.argv) != 2:
         sys.exit("usage: python bench/gpu_rows.py ROWS.jsonl")
     rows = load(Path(sys.argv[1]))
-    lines = other_lines(rows) + [""] + step_table(rows) + head_lines(rows) + trl_lines(rows)
+    lines = other_lines(rows) + [""] + step_table(rows) + head_lines(rows) + peer_lines(rows)
     print("\n".join(lines))
 
 

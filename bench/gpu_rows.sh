@@ -52,6 +52,7 @@ if [ "$SMOKE" = 1 ]; then
   TOPK=(--rows 64 --vocab 4096 --k 20 --widths 8 32)
   ROLLOUT=(--prompts 2 --n 2 --prompt-len 8 --new-tokens 8 --repeats 1)
   TRL=(--dtype float32 --steps 2 --warmup 1)  # TRL's bf16 autocast is CUDA only
+  TUNIX=(--dtype bfloat16 --steps 2 --warmup 1)
 else
   S06=0.6b; S8=8b; L8=4; SSMALL=small
   FIXED=()  # the fixed workload: B 8, prompt 128 + response 128, teacher +64
@@ -65,6 +66,7 @@ else
   TOPK=(--rows 1024 --vocab 151936 --k 100 --widths 16 64 128 256)
   ROLLOUT=(--prompts 8 --n 8 --prompt-len 128 --new-tokens 256 --repeats 3)
   TRL=(--dtype bfloat16 --steps 8 --warmup 2)
+  TUNIX=(--dtype bfloat16 --steps 8 --warmup 2)
 fi
 BF16=(--dtype bfloat16 --param-dtype float32 --peak-tflops "$PEAK")
 # Our attention implementations to time (the fused cuDNN kernel first: the likely fastest).
@@ -192,12 +194,18 @@ rows_trl() {
   row "trl_${SSMALL}_fixed" 240 "$PY_TRL" bench/peers/trl_step.py --shape $SSMALL "${TRL[@]}"
   row "trl_${S06}_fixed" 300 "$PY_TRL" bench/peers/trl_step.py --shape $S06 "${TRL[@]}"
 }
+# tunix's GRPO learner step (grpo_loss_fn under PeftTrainer's jitted step), same workload, bf16
+# compute over fp32 weights; needs google-tunix and its imports on $PY (wheels, see README).
+rows_tunix() {
+  row "tunix_${SSMALL}_fixed" 180 "$PY" bench/peers/tunix_step.py --shape $SSMALL "${TUNIX[@]}"
+  row "tunix_${S06}_fixed" 240 "$PY" bench/peers/tunix_step.py --shape $S06 "${TUNIX[@]}"
+}
 # FIRST=mfu (default): the 8b×4 pair, plain top-k, head and profile before the 0.6b rows,
 # whose 28 unrolled layers cost ~2 min of compile per row; FIRST=0.6b: the 0.6b pair first.
 if [ "${FIRST:-mfu}" = mfu ]; then
-  rows_8b_mfu; rows_topk; rows_head; rows_trace; rows_06_fixed; rows_rest; rows_trl
+  rows_8b_mfu; rows_topk; rows_head; rows_trace; rows_06_fixed; rows_rest; rows_trl; rows_tunix
 else
-  rows_06_fixed; rows_8b_mfu; rows_topk; rows_head; rows_trace; rows_rest; rows_trl
+  rows_06_fixed; rows_8b_mfu; rows_topk; rows_head; rows_trace; rows_rest; rows_trl; rows_tunix
 fi
 
 "$PY" bench/gpu_rows.py "$ROWS" | tee "$OUT/summary.md"

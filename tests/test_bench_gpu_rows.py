@@ -43,7 +43,7 @@ def test_trl_variants_are_paired_with_our_fastest_row_of_the_same_workload(repo_
                           "device_peak_bytes": 3 * 2**30},
              "trl_gkd": {"error": "ImportError: no GKDTrainer"}}},
     ]  # fmt: skip
-    lines = gpu_rows.trl_lines(rows)
+    lines = gpu_rows.peer_lines(rows)
     sdpo = next(line for line in lines if line.startswith("| trl_sdpo "))
     grpo = next(line for line in lines if line.startswith("| trl_grpo "))
     assert "ours_cudnn_sdpo_0.6b_fixed" in sdpo and "**3.00×**" in sdpo

@@ -26,8 +26,9 @@ import workload as W
 from flax import nnx
 
 
-def make_model(shape: str) -> Any:
-    """tunix's own Qwen3 (tunix.models.qwen3) with the workload's shape, untied head, fp32."""
+def make_model(shape: str, dtype: str = "float32") -> Any:
+    """tunix's own Qwen3 (tunix.models.qwen3) with the workload's shape, untied head, fp32
+    weights; `dtype` is the compute dtype (bfloat16 = bf16 matmuls over fp32 weights)."""
     from tunix.models.qwen3 import model as qwen3
 
     s = W.shape(shape)
@@ -36,7 +37,7 @@ def make_model(shape: str) -> Any:
         embed_dim=s["hidden_size"], hidden_dim=s["intermediate_size"],
         num_heads=s["num_attention_heads"], head_dim=s["head_dim"],
         num_kv_heads=s["num_key_value_heads"], rope_theta=1_000_000, norm_eps=1e-6,
-        use_tied_embedding=False,
+        use_tied_embedding=False, dtype=jnp.dtype(dtype), param_dtype=jnp.float32,
     )  # fmt: skip
     return qwen3.Qwen3(cfg, rngs=nnx.Rngs(W.SEED))
 
@@ -58,12 +59,12 @@ def make_example(vocab: int) -> Any:
     )
 
 
-def grpo_step(shape: str) -> Any:
+def grpo_step(shape: str, dtype: str = "float32") -> Any:
     from tunix.rl import algo_core
     from tunix.rl.grpo.grpo_learner import GRPOConfig
     from tunix.sft import peft_trainer
 
-    model = make_model(shape)
+    model = make_model(shape, dtype)
     example = make_example(model.config.vocab_size)
     algo = GRPOConfig(num_generations=W.BATCH, beta=0.0, epsilon=0.2, loss_agg_mode="token-mean")
     algo.temperature = 1.0  # GRPOLearner copies this in from its rollout config; no rollout here
@@ -88,17 +89,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="tiny", choices=sorted(W.SHAPES))
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="compute dtype; the weights stay float32")  # fmt: skip
     args = ap.parse_args()
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            times = W.time_steps(grpo_step(args.shape), args.steps)
-            result = W.step_record(times, algorithm="grpo")
+            times = W.time_steps(grpo_step(args.shape, args.dtype), args.steps, args.warmup)
+            stats = jax.devices()[0].memory_stats() or {}
+            peak = {"device_peak_bytes": stats["peak_bytes_in_use"]} if stats else {}
+            result = W.step_record(times, algorithm="grpo", **peak)
     except Exception as e:  # an API tunix moved is a result to report, not a crash
         result = W.error_record(e)
     W.emit({
-        "peer": "tunix", "shape": args.shape,
+        "peer": "tunix", "shape": args.shape, "dtype": args.dtype,
         "versions": W.versions("google-tunix", "jax", "flax", "optax"),
-        "device": jax.devices()[0].platform, "cpu_count": os.cpu_count(),
+        "device": jax.devices()[0].device_kind, "platform": jax.devices()[0].platform,
+        "cpu_count": os.cpu_count(),
         "variants": {"tunix_grpo": result},
     })  # fmt: skip
 
