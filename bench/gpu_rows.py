@@ -89,7 +89,8 @@ def head_lines(rows: list[dict[str, Any]]) -> list[str]:
 
 def peer_lines(rows: list[dict[str, Any]]) -> list[str]:
     """Peer rows (bench/peers/trl_step.py, tunix_step.py; the fixed workload): each variant
-    against our fastest step row of the same algorithm, shape and dtype at B 8 × (128+128)."""
+    against our fastest step row of the same algorithm, shape, depth and dtype at B 8 ×
+    (128+128)."""
     out = []
     for r in rows:
         if "peer" not in r or "variants" not in r:
@@ -97,7 +98,8 @@ def peer_lines(rows: list[dict[str, Any]]) -> list[str]:
         ours_rows = [o for o in rows if o.get("bench") == "train_step"
                      and o.get("shape") == r["shape"] and o.get("compute_dtype") == r["dtype"]
                      and (o.get("batch"), o.get("prompt"), o.get("response")) == (8, 128, 128)
-                     and o.get("layers") == r.get("layers", o.get("layers"))]  # fmt: skip
+                     # rows written before peers recorded their depth: any depth
+                     and r.get("layers", o.get("layers")) == o.get("layers")]  # fmt: skip
         out.append(f"\n{r['peer']} ({r['row']}: {r['shape']}, {r['dtype']}, {r['device']}, "
                    f"{r['versions']}):")  # fmt: skip
         out.append("| variant | algo | step s | resp tok/s | peak GB | ours row | ours / variant |")

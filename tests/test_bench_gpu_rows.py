@@ -36,7 +36,10 @@ def test_trl_variants_are_paired_with_our_fastest_row_of_the_same_workload(repo_
         # Same shape, another workload: never the pair of a fixed-workload TRL variant.
         fixed | {"row": "ours_cudnn_sdpo_0.6b_large", "algorithm": "sdpo", "batch": 16,
                  "response_tokens_per_s": 9000.0},
-        {"row": "trl_0.6b_fixed", "peer": "trl", "shape": "0.6b", "dtype": "bfloat16",
+        # Same workload, depth cut: not comparable with the full-depth peer either.
+        fixed | {"row": "ours_cudnn_sdpo_0.6bx4_fixed", "algorithm": "sdpo", "layers": 4,
+                 "response_tokens_per_s": 8000.0},
+        {"row": "trl_0.6b_fixed", "peer": "trl", "shape": "0.6b", "dtype": "bfloat16", "layers": 28,
          "device": "NVIDIA H100", "versions": {"trl": "1.16.0"}, "variants": {
              "trl_sdpo": {"algorithm": "sdpo", "step_s": 0.5, "response_tokens_per_s": 1000.0},
              "trl_grpo": {"algorithm": "grpo", "step_s": 0.25, "response_tokens_per_s": 2000.0,

@@ -209,10 +209,10 @@ def _trainer(trainer_cls: Any, config_cls: Any, run: Run, **config: Any) -> Any:
 
 
 def _fixed_inputs(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
-    """What TRL's `_prepare_inputs` would hand `compute_loss` after generation, for our batch."""
+    """What TRL's `_prepare_inputs` would hand `compute_loss` after generation, for our batch
+    (already on `device`)."""
     b, p, r = W.BATCH, W.PROMPT, W.RESPONSE
     ones = functools.partial(torch.ones, device=device)  # every token real: no padding
-    batch = {k: v.to(device) for k, v in batch.items()}
     return {
         "prompt_ids": batch["prompt_ids"], "prompt_mask": ones(b, p, dtype=torch.long),
         "completion_ids": batch["response_ids"], "completion_mask": ones(b, r, dtype=torch.long),
@@ -263,7 +263,7 @@ def trl_sdpo(run: Run) -> Any:
         distillation_is_clip=W.IS_CLIP, distillation_weight=1.0, teacher_model_kind="ema",
         teacher_update_rate=W.EMA_RATE, teacher_sync_steps=1,
     )  # fmt: skip
-    batch = make_batch(trainer.model.config.vocab_size)
+    batch = make_batch(trainer.model.config.vocab_size, run.device)
     return _trainer_step(trainer, _fixed_inputs(batch, run.device), "SyncTeacherModelCallback", run)
 
 
@@ -272,7 +272,7 @@ def trl_grpo(run: Run) -> Any:
 
     trainer = _trainer(GRPOTrainer, GRPOConfig, run, beta=0.0, epsilon=0.2, epsilon_high=0.28,
                        loss_type="dapo")  # fmt: skip
-    batch = make_batch(trainer.model.config.vocab_size)
+    batch = make_batch(trainer.model.config.vocab_size, run.device)
     return _trainer_step(trainer, _fixed_inputs(batch, run.device), None, run)
 
 
@@ -321,6 +321,7 @@ def main() -> None:
     W.emit({
         "peer": "trl",
         "shape": args.shape,
+        "layers": meta.config.num_hidden_layers,
         "params": sum(p.numel() for p in meta.parameters()),
         "versions": W.versions("torch", "transformers", "trl", "accelerate", "datasets"),
         "device": torch.cuda.get_device_name() if run.device == "cuda" else "cpu",

@@ -103,6 +103,7 @@ def main() -> None:
         result = W.error_record(e)
     W.emit({
         "peer": "tunix", "shape": args.shape, "dtype": args.dtype,
+        "layers": W.shape(args.shape)["num_hidden_layers"],
         "versions": W.versions("google-tunix", "jax", "flax", "optax"),
         "device": jax.devices()[0].device_kind, "platform": jax.devices()[0].platform,
         "cpu_count": os.cpu_count(),
