@@ -173,12 +173,15 @@ def _global_norm(tree) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(tree)))
 
 
+@pytest.mark.parametrize("ssopd_clip", [0.5, None])
 @pytest.mark.parametrize(
     "top_k,alpha,add_tail,chunk",
     [(16, 0.5, True, 5), (16, 1.0, False, 7), (16, 0.0, True, 64), (None, 0.3, True, 3)],
 )
-def test_chunked_head_equals_full_logits(top_k, alpha, add_tail, chunk):
-    """Head outputs and their gradients vs. losses.* on materialised [B, R, V] logits."""
+def test_chunked_head_equals_full_logits(top_k, alpha, add_tail, chunk, ssopd_clip):
+    """Head outputs and their gradients vs. losses.* on materialised [B, R, V] logits; every
+    output weighted, the entropies included. Without SSOPD and with a top-k the head takes
+    `losses.softmax_stats` (two passes, its own gradient), else whole log-softmax rows."""
     b, r, h, v = 3, 10, 16, 128
     ks = jax.random.split(jax.random.key(7), 5)
     s_h, t_h = jax.random.normal(ks[0], (b, r, h)), jax.random.normal(ks[1], (b, r, h))
@@ -197,7 +200,7 @@ def test_chunked_head_equals_full_logits(top_k, alpha, add_tail, chunk):
             top_k=top_k,
             alpha=alpha,
             add_tail=add_tail,
-            ssopd_clip=0.5,
+            ssopd_clip=ssopd_clip,
         )
         return sum(weights[k] * jnp.sum(x) for k, x in out.items()), out
 
@@ -213,15 +216,16 @@ def test_chunked_head_equals_full_logits(top_k, alpha, add_tail, chunk):
             "divergence": losses.distillation_divergence(
                 s_logits, t_logits, top_k=top_k, alpha=alpha, add_tail=add_tail
             ),
-            "ssopd_kl": losses.clipped_forward_kl(s_logits, t_logits, clip=0.5),
         }
+        if ssopd_clip is not None:
+            out["ssopd_kl"] = losses.clipped_forward_kl(s_logits, t_logits, clip=ssopd_clip)
         return sum(weights[k] * jnp.sum(x) for k, x in out.items()), out
 
     (val, out), grads = jax.jit(jax.value_and_grad(chunked, (0, 1), has_aux=True))(s_h, s_w)
     (ref_val, ref_out), ref_grads = jax.jit(jax.value_and_grad(full, (0, 1), has_aux=True))(
         s_h, s_w
     )
-    assert set(out) == set(HEAD_KEYS)
+    assert set(out) == set(HEAD_KEYS) - ({"ssopd_kl"} if ssopd_clip is None else set())
     chex.assert_shape(list(out.values()), (b, r))
     chex.assert_trees_all_close(out, ref_out, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(float(val), float(ref_val), rtol=1e-5)

@@ -23,6 +23,7 @@ from jaxsd.losses.policy import (
     log_ratio,
 )
 from jaxsd.losses.rhythm import entropy_drop, rhythm_gate
+from jaxsd.losses.softmax_stats import SOFTMAX_STATS_RESIDUAL, SoftmaxStats, softmax_stats
 from jaxsd.losses.weights import (
     difficulty_weights,
     frontier_weights,
@@ -33,6 +34,8 @@ from jaxsd.losses.weights import (
 
 __all__ = [
     "AGG_MODES",
+    "SOFTMAX_STATS_RESIDUAL",
+    "SoftmaxStats",
     "aggregate",
     "clip_indicators",
     "clipped_forward_kl",
@@ -54,6 +57,7 @@ __all__ = [
     "paced_weights",
     "pass_rate_weights",
     "rhythm_gate",
+    "softmax_stats",
     "top_k_indices",
     "topk_block_width",
     "topk_divergence_from_logprobs",

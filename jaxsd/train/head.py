@@ -62,35 +62,71 @@ def head_on_logits(
 
     Returns `{key: [...]}` for the keys of `HEAD_KEYS` that apply. The teacher is
     stop-gradient; the divergence uses the student's top-k (+ exact tail) via
-    `losses.topk_logprobs_and_tail` / `losses.topk_divergence_from_logprobs`.
+    `losses.softmax_stats` (or `losses.topk_logprobs_and_tail` where SSOPD needs whole rows
+    anyway) and `losses.topk_divergence_from_logprobs`.
     """
+    teacher_logits = (
+        None
+        if teacher_logits is None
+        else (jax.lax.stop_gradient(teacher_logits.astype(jnp.float32)))
+    )
+    if ssopd_clip is None and not (divergence and top_k is None):
+        return _head_from_stats(
+            student_logits, tokens, teacher_logits, top_k=top_k, alpha=alpha,
+            add_tail=add_tail, divergence=divergence, topk_block=topk_block,
+        )  # fmt: skip
+    # SSOPD and the full-vocabulary JSD need whole log-probability rows.
     s_logp_V, s_tok, s_ent = _token_logp_and_entropy(student_logits, tokens)
     out = {"logp": s_tok, "entropy": s_ent}
     if teacher_logits is None:
         return out
-    teacher_logits = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
     t_logp_V, t_tok, t_ent = _token_logp_and_entropy(teacher_logits, tokens)
     out["teacher_logp"], out["teacher_entropy"] = _saved(t_tok), _saved(t_ent)
-    if divergence:
-        if top_k is None:
-            out["divergence"] = losses.generalized_jsd_from_logprobs(
-                s_logp_V, t_logp_V, alpha=alpha
-            )
-        else:
-            idx_K = losses.top_k_indices(
-                jax.lax.stop_gradient(student_logits), top_k, block=topk_block
-            )
-            idx_K = _saved(idx_K)
-            s_topk, s_tail = losses.topk_logprobs_and_tail(student_logits, idx_K, tail=add_tail)
-            t_topk, t_tail = losses.topk_logprobs_and_tail(teacher_logits, idx_K, tail=add_tail)
-            t_topk = _saved(t_topk)
-            t_tail = None if t_tail is None else _saved(t_tail)
-            out["divergence"] = losses.topk_divergence_from_logprobs(
-                s_topk, s_tail, t_topk, t_tail, alpha=alpha, add_tail=add_tail
-            )
+    if divergence and top_k is None:
+        out["divergence"] = losses.generalized_jsd_from_logprobs(s_logp_V, t_logp_V, alpha=alpha)
+    elif divergence:
+        idx_K = losses.top_k_indices(jax.lax.stop_gradient(student_logits), top_k, block=topk_block)
+        idx_K = _saved(idx_K)
+        s_topk, s_tail = losses.topk_logprobs_and_tail(student_logits, idx_K, tail=add_tail)
+        t_topk, t_tail = losses.topk_logprobs_and_tail(teacher_logits, idx_K, tail=add_tail)
+        t_tail = None if t_tail is None else _saved(t_tail)
+        out["divergence"] = losses.topk_divergence_from_logprobs(
+            s_topk, s_tail, _saved(t_topk), t_tail, alpha=alpha, add_tail=add_tail
+        )
     if ssopd_clip is not None:
         out["ssopd_kl"] = losses.clipped_forward_kl_from_logprobs(
             s_logp_V, t_logp_V, clip=ssopd_clip
+        )
+    return out
+
+
+def _head_from_stats(
+    student_logits: jax.Array,
+    tokens: jax.Array,
+    teacher_logits: jax.Array | None,
+    *,
+    top_k: int | None,
+    alpha: float,
+    add_tail: bool,
+    divergence: bool,
+    topk_block: int | None,
+) -> dict[str, jax.Array]:
+    """`head_on_logits` through `losses.softmax_stats`: two passes over each logits row and a
+    one-pass gradient, for every configuration that needs no whole log-probability row."""
+    idx_K = None
+    if teacher_logits is not None and divergence:
+        idx_K = losses.top_k_indices(jax.lax.stop_gradient(student_logits), top_k, block=topk_block)
+        idx_K = _saved(idx_K)
+    s = losses.softmax_stats(student_logits, tokens, idx_K, tail=add_tail)
+    out = {"logp": s.token_logp, "entropy": s.entropy}
+    if teacher_logits is None:
+        return out
+    t = losses.softmax_stats(teacher_logits, tokens, idx_K, tail=add_tail)
+    out["teacher_logp"], out["teacher_entropy"] = _saved(t.token_logp), _saved(t.entropy)
+    if divergence:
+        t_tail = None if t.tail_logp is None else _saved(t.tail_logp)
+        out["divergence"] = losses.topk_divergence_from_logprobs(
+            s.topk_logp, s.tail_logp, _saved(t.topk_logp), t_tail, alpha=alpha, add_tail=add_tail
         )
     return out
 
@@ -184,7 +220,11 @@ def chunked_head(
         xs["t"] = to_chunks(jax.lax.stop_gradient(teacher_h_BxRxH))
         teacher_w_HxV = jax.lax.stop_gradient(teacher_w_HxV)
 
-    @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.save_only_these_names(_SAVED))
+    # Saved for the backward pass: the values named `_SAVED` and softmax_stats' per-row
+    # residuals, so recomputing a chunk there is the student's logits matmul alone.
+    policy = jax.checkpoint_policies.save_only_these_names(_SAVED, losses.SOFTMAX_STATS_RESIDUAL)
+
+    @functools.partial(jax.checkpoint, policy=policy)
     def one_chunk(x: dict[str, jax.Array]) -> dict[str, jax.Array]:
         t_logits = _logits(x["t"], teacher_w_HxV) if has_teacher else None
         return head_on_logits(

@@ -1,0 +1,137 @@
+"""Every per-token statistic the LM head needs from a logits row, in two passes over it.
+
+`softmax_stats(logits, tokens, indices)` returns the sampled token's log-prob, the entropy, the
+log-probs at the top-k `indices` and the exact tail log-mass outside them (METHODS §2) — what
+`gathered_logprobs`, `entropy_from_logprobs` and `topk_logprobs_and_tail` give one by one — from
+one pass for the row maximum and one for every sum beside the softmax normaliser:
+
+    Z = Σ_v e_v,  M = Σ_v e_v (x_v - m),  C = Σ_{v∉K} e_v,   e_v = exp(x_v - m), m = max_v x_v
+    log-sum-exp = m + log Z,  entropy = log Z - M / Z,  tail = log C - log Z.
+
+Its gradient is one elementwise pass plus two small scatters (`_softmax_stats_bwd`), for any mix
+of output cotangents. Separately, autodiff of the one-by-one functions re-reduces the row for
+the entropy and keeps each function's `[..., V]` intermediates. The chunked head (DESIGN §2)
+remats its logits: the per-row residuals are tagged `SOFTMAX_STATS_RESIDUAL` so its checkpoint
+policy keeps them and the recomputation in the backward pass is the logits matmul alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from jaxsd.losses import divergence
+from jaxsd.losses.divergence import _as_float, _in_topk, _tail_logp_two_pass
+
+__all__ = ["SOFTMAX_STATS_RESIDUAL", "SoftmaxStats", "softmax_stats"]
+
+# checkpoint_name of the per-row residuals (log-sum-exp, entropy, tail): a remat policy that
+# saves this name recomputes no reduction over the vocabulary in the backward pass.
+SOFTMAX_STATS_RESIDUAL = "jaxsd_softmax_stats_residual"
+
+
+class SoftmaxStats(NamedTuple):
+    """Per-row statistics of `log_softmax(logits)`; `[...]` unless noted."""
+
+    token_logp: jax.Array  # at the sampled token
+    entropy: jax.Array
+    topk_logp: jax.Array  # [..., K] at `indices`
+    tail_logp: jax.Array | None  # log of the mass outside `indices`; None without the tail
+
+
+def softmax_stats(
+    logits: jax.Array, tokens: jax.Array, indices: jax.Array | None = None, *, tail: bool = True
+) -> SoftmaxStats:
+    """Token log-prob, entropy, top-k log-probs and tail log-mass of `log_softmax(logits)`.
+
+    `logits [..., V]` (upcast to at least fp32), `tokens [...]`, `indices [..., K]` (distinct per
+    row; None = no top-k: `topk_logp` is `[..., 0]` and there is no tail). `tail=False` skips the
+    complement's sum (`tail_logp` None). The tail is exact as in `topk_logprobs_and_tail`: one
+    pass, or for the whole batch the two-pass form when some row's complement mass is below
+    `divergence._ONE_PASS_TAIL_MIN` of its largest probability; an empty complement (K = V)
+    gives -inf.
+    """
+    logits = _as_float(logits)
+    if tokens.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"tokens {tokens.shape} must be logits' {logits.shape} without the last axis"
+        )
+    if indices is None:
+        indices = jnp.zeros((*logits.shape[:-1], 0), jnp.int32)
+        tail = False
+    if indices.shape[:-1] != logits.shape[:-1] or indices.shape[-1] > logits.shape[-1]:
+        raise ValueError(
+            f"indices {indices.shape} must be [..., K] with logits' leading axes "
+            f"{logits.shape[:-1]} and K <= vocab size {logits.shape[-1]}"
+        )
+    return _softmax_stats(logits, tokens, indices, tail)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _softmax_stats(logits, tokens, indices, tail):
+    return _softmax_stats_fwd(logits, tokens, indices, tail)[0]
+
+
+def _softmax_stats_fwd(logits, tokens, indices, tail):
+    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    shifted_V = logits - row_max
+    exp_V = jnp.exp(shifted_V)
+    # e (x - m) is 0 where e is (x = -inf: masked vocabulary), not 0 * -inf.
+    summands = [exp_V, jnp.where(exp_V > 0, exp_V * shifted_V, 0.0)]
+    if tail:
+        summands.append(jnp.where(_in_topk(indices, logits.shape), 0.0, exp_V))
+    # One variadic reduction: with three separate sums XLA:CPU wrote exp_V out (a [.., V]
+    # buffer) for them to share; here it is computed in the reduction's loop.
+    total, moment, *complement = jax.lax.reduce(
+        summands, [jnp.zeros((), logits.dtype)] * len(summands),
+        lambda a, b: [x + y for x, y in zip(a, b, strict=True)], (logits.ndim - 1,),
+    )  # fmt: skip
+    log_total = jnp.log(total)
+    lse = checkpoint_name(row_max[..., 0] + log_total, SOFTMAX_STATS_RESIDUAL)
+    entropy = checkpoint_name(log_total - moment / total, SOFTMAX_STATS_RESIDUAL)
+    tail_logp = None
+    if tail:
+        complement = complement[0]
+        tail_logp = jax.lax.cond(
+            jnp.all(complement >= divergence._ONE_PASS_TAIL_MIN),
+            lambda: jnp.log(complement) - log_total,
+            lambda: _tail_logp_two_pass(logits, indices),
+        )
+        tail_logp = checkpoint_name(tail_logp, SOFTMAX_STATS_RESIDUAL)
+    token_logp = jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0] - lse
+    topk_logp = jnp.take_along_axis(logits, indices, axis=-1) - lse[..., None]
+    stats = SoftmaxStats(token_logp, entropy, topk_logp, tail_logp)
+    return stats, (logits, tokens, indices, lse, entropy, tail_logp)
+
+
+def _softmax_stats_bwd(tail, res, g):
+    # d token_logp / dx_v = 1[v = token] - p_v; d topk_logp_k / dx_v = 1[v = i_k] - p_v;
+    # d entropy / dx_v = -p_v (log p_v + H); d tail / dx_v = 1[v ∉ K] p_v / p_tail - p_v
+    # (0 for rows whose complement has no mass, as in `_tail_logp_bwd`).
+    logits, tokens, indices, lse, entropy, tail_logp = res
+    logp_V = logits - lse[..., None]
+    p_V = jnp.exp(logp_V)
+    finite_logp_V = jnp.where(p_V > 0, logp_V, 0.0)
+    per_row = g.token_logp + jnp.sum(g.topk_logp, axis=-1)
+    grad_V = -p_V * (
+        per_row[..., None] + g.entropy[..., None] * (finite_logp_V + entropy[..., None])
+    )
+    if tail:
+        has_mass = (tail_logp > -jnp.inf)[..., None]
+        safe_tail = jnp.where(has_mass, tail_logp[..., None], 0.0)
+        in_tail_V = jnp.where(_in_topk(indices, logits.shape), 0.0, jnp.exp(logp_V - safe_tail))
+        grad_V = grad_V + jnp.where(has_mass, g.tail_logp[..., None] * (in_tail_V - p_V), 0.0)
+    rows = math.prod(logits.shape[:-1])
+    flat = grad_V.reshape(rows, logits.shape[-1])
+    row_ids = jnp.arange(rows)[:, None]
+    flat = flat.at[row_ids, tokens.reshape(rows, 1)].add(g.token_logp.reshape(rows, 1))
+    flat = flat.at[row_ids, indices.reshape(rows, -1)].add(g.topk_logp.reshape(rows, -1))
+    return flat.reshape(logits.shape), None, None
+
+
+_softmax_stats.defvjp(_softmax_stats_fwd, _softmax_stats_bwd)
