@@ -178,3 +178,14 @@ def test_bad_shapes_raise_clear_errors():
         softmax_stats(x, tok, idx[0])
     with pytest.raises(ValueError, match="K <= vocab size"):
         softmax_stats(x, tok, jnp.zeros((*LEAD, V + 1), jnp.int32))
+
+
+def test_the_accelerator_row_sums_equal_the_cpu_ones():
+    """GPU/TPU sum the row in one variadic reduction (`_variadic_row_sums`), CPU in separate
+    ones; CI has no accelerator, so the variadic form is checked here against plain sums."""
+    module = importlib.import_module("jaxsd.losses.softmax_stats")
+    x = logits_of("padded")
+    e = jnp.exp(x - jnp.max(x, -1, keepdims=True))
+    summands = [e, jnp.where(e > 0, e * x, 0.0), jnp.where(x > 0, e, 0.0)]
+    got = jax.jit(module._variadic_row_sums)(*summands)
+    chex.assert_trees_all_close(got, [jnp.sum(s, -1) for s in summands], rtol=1e-6)
