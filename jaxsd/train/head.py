@@ -65,11 +65,8 @@ def head_on_logits(
     `losses.softmax_stats` (or `losses.topk_logprobs_and_tail` where SSOPD needs whole rows
     anyway) and `losses.topk_divergence_from_logprobs`.
     """
-    teacher_logits = (
-        None
-        if teacher_logits is None
-        else (jax.lax.stop_gradient(teacher_logits.astype(jnp.float32)))
-    )
+    if teacher_logits is not None:
+        teacher_logits = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
     if ssopd_clip is None and not (divergence and top_k is None):
         return _head_from_stats(
             student_logits, tokens, teacher_logits, top_k=top_k, alpha=alpha,
@@ -85,8 +82,7 @@ def head_on_logits(
     if divergence and top_k is None:
         out["divergence"] = losses.generalized_jsd_from_logprobs(s_logp_V, t_logp_V, alpha=alpha)
     elif divergence:
-        idx_K = losses.top_k_indices(jax.lax.stop_gradient(student_logits), top_k, block=topk_block)
-        idx_K = _saved(idx_K)
+        idx_K = _student_topk(student_logits, top_k, topk_block)
         s_topk, s_tail = losses.topk_logprobs_and_tail(student_logits, idx_K, tail=add_tail)
         t_topk, t_tail = losses.topk_logprobs_and_tail(teacher_logits, idx_K, tail=add_tail)
         t_tail = None if t_tail is None else _saved(t_tail)
@@ -98,6 +94,12 @@ def head_on_logits(
             s_logp_V, t_logp_V, clip=ssopd_clip
         )
     return out
+
+
+def _student_topk(student_logits: jax.Array, top_k: int, topk_block: int | None) -> jax.Array:
+    """The student's top-k indices K of the divergence (no gradient; kept for the backward)."""
+    idx_K = losses.top_k_indices(jax.lax.stop_gradient(student_logits), top_k, block=topk_block)
+    return _saved(idx_K)
 
 
 def _head_from_stats(
@@ -115,8 +117,7 @@ def _head_from_stats(
     one-pass gradient, for every configuration that needs no whole log-probability row."""
     idx_K = None
     if teacher_logits is not None and divergence:
-        idx_K = losses.top_k_indices(jax.lax.stop_gradient(student_logits), top_k, block=topk_block)
-        idx_K = _saved(idx_K)
+        idx_K = _student_topk(student_logits, top_k, topk_block)
     s = losses.softmax_stats(student_logits, tokens, idx_K, tail=add_tail)
     out = {"logp": s.token_logp, "entropy": s.entropy}
     if teacher_logits is None:
