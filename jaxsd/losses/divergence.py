@@ -159,10 +159,17 @@ def _gathered_logprobs_fwd(logits: jax.Array, indices: jax.Array) -> tuple[jax.A
 def _gathered_logprobs_bwd(res, g):
     logits, indices, lse = res
     grad_V = -jnp.exp(logits - lse) * jnp.sum(g, axis=-1, keepdims=True)
-    rows = math.prod(logits.shape[:-1])
-    flat = grad_V.reshape(rows, logits.shape[-1])
-    flat = flat.at[jnp.arange(rows)[:, None], indices.reshape(rows, -1)].add(g.reshape(rows, -1))
-    return flat.reshape(logits.shape), None
+    return _add_at(grad_V, indices, g), None
+
+
+def _add_at(x_V: jax.Array, indices: jax.Array, values: jax.Array) -> jax.Array:
+    """`x_V [..., V]` plus `values [..., K]` at `indices [..., K]` per row (repeats add up)."""
+    rows = math.prod(x_V.shape[:-1])
+    flat = x_V.reshape(rows, x_V.shape[-1])
+    flat = flat.at[jnp.arange(rows)[:, None], indices.reshape(rows, -1)].add(
+        values.reshape(rows, -1)
+    )
+    return flat.reshape(x_V.shape)
 
 
 _gathered_logprobs.defvjp(_gathered_logprobs_fwd, _gathered_logprobs_bwd)
@@ -221,13 +228,22 @@ def _tail_logp_fwd(logits: jax.Array, indices: jax.Array) -> tuple[jax.Array, tu
     row_max = jnp.max(logits, axis=-1, keepdims=True)
     exp_V = jnp.exp(logits - row_max)
     total = jnp.sum(exp_V, axis=-1)
-    tail = jnp.sum(jnp.where(_in_topk(indices, logits.shape), 0.0, exp_V), axis=-1)
-    tail_logp = jax.lax.cond(
-        jnp.all(tail >= _ONE_PASS_TAIL_MIN),
-        lambda: jnp.log(tail) - jnp.log(total),
+    complement = jnp.sum(jnp.where(_in_topk(indices, logits.shape), 0.0, exp_V), axis=-1)
+    tail_logp = _tail_from_complement(complement, jnp.log(total), logits, indices)
+    return tail_logp, (logits, indices, row_max[..., 0] + jnp.log(total), tail_logp)
+
+
+def _tail_from_complement(
+    complement: jax.Array, log_total: jax.Array, logits: jax.Array, indices: jax.Array
+) -> jax.Array:
+    """The tail log-mass from the one-pass sums (Σ_{v∉K} e_v and log Σ_v e_v, e_v = exp(x_v -
+    row max)), or, when some row's complement is below `_ONE_PASS_TAIL_MIN`, the two-pass form
+    for the whole batch."""
+    return jax.lax.cond(
+        jnp.all(complement >= _ONE_PASS_TAIL_MIN),
+        lambda: jnp.log(complement) - log_total,
         lambda: _tail_logp_two_pass(logits, indices),
     )
-    return tail_logp, (logits, indices, row_max[..., 0] + jnp.log(total), tail_logp)
 
 
 def _tail_logp_two_pass(logits: jax.Array, indices: jax.Array) -> jax.Array:
@@ -238,15 +254,20 @@ def _tail_logp_two_pass(logits: jax.Array, indices: jax.Array) -> jax.Array:
 
 
 def _tail_logp_bwd(res, g):
-    # d tail / d x_v = 1[v not in K] p_v / p_tail - p_v; 0 for rows whose complement has no
-    # mass (tail = -inf), where the derivative does not exist (the two-pass form's choice).
     logits, indices, lse, tail_logp = res
-    has_mass = (tail_logp > -jnp.inf)[..., None]
     logp_V = logits - lse[..., None]
+    return _tail_grad(logp_V, jnp.exp(logp_V), indices, tail_logp, g), None
+
+
+def _tail_grad(
+    logp_V: jax.Array, p_V: jax.Array, indices: jax.Array, tail_logp: jax.Array, g: jax.Array
+) -> jax.Array:
+    """g · d tail / d x_v = g (1[v ∉ K] p_v / p_tail - p_v); 0 for rows whose complement has
+    no mass (tail = -inf), where the derivative does not exist (the two-pass form's choice)."""
+    has_mass = (tail_logp > -jnp.inf)[..., None]
     safe_tail = jnp.where(has_mass, tail_logp[..., None], 0.0)
-    in_tail_V = jnp.where(_in_topk(indices, logits.shape), 0.0, jnp.exp(logp_V - safe_tail))
-    grad_V = jnp.where(has_mass, g[..., None] * (in_tail_V - jnp.exp(logp_V)), 0.0)
-    return grad_V, None
+    in_tail_V = jnp.where(_in_topk(indices, logp_V.shape), 0.0, jnp.exp(logp_V - safe_tail))
+    return jnp.where(has_mass, g[..., None] * (in_tail_V - p_V), 0.0)
 
 
 _tail_logp.defvjp(_tail_logp_fwd, _tail_logp_bwd)

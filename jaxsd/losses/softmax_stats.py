@@ -18,15 +18,13 @@ policy keeps them and the recomputation in the backward pass is the logits matmu
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxsd.losses import divergence
-from jaxsd.losses.divergence import _as_float, _in_topk, _tail_logp_two_pass
+from jaxsd.losses.divergence import _add_at, _as_float, _in_topk, _tail_from_complement, _tail_grad
 
 __all__ = ["SOFTMAX_STATS_RESIDUAL", "SoftmaxStats", "softmax_stats"]
 
@@ -53,7 +51,7 @@ def softmax_stats(
     row; None = no top-k: `topk_logp` is `[..., 0]` and there is no tail). `tail=False` skips the
     complement's sum (`tail_logp` None). The tail is exact as in `topk_logprobs_and_tail`: one
     pass, or for the whole batch the two-pass form when some row's complement mass is below
-    `divergence._ONE_PASS_TAIL_MIN` of its largest probability; an empty complement (K = V)
+    `_ONE_PASS_TAIL_MIN` (divergence.py) of its largest probability; an empty complement (K = V)
     gives -inf.
     """
     logits = _as_float(logits)
@@ -91,12 +89,7 @@ def _softmax_stats_fwd(logits, tokens, indices, tail):
     entropy = checkpoint_name(log_total - moment / total, SOFTMAX_STATS_RESIDUAL)
     tail_logp = None
     if tail:
-        complement = complement[0]
-        tail_logp = jax.lax.cond(
-            jnp.all(complement >= divergence._ONE_PASS_TAIL_MIN),
-            lambda: jnp.log(complement) - log_total,
-            lambda: _tail_logp_two_pass(logits, indices),
-        )
+        tail_logp = _tail_from_complement(complement[0], log_total, logits, indices)
         tail_logp = checkpoint_name(tail_logp, SOFTMAX_STATS_RESIDUAL)
     token_logp = jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0] - lse
     topk_logp = jnp.take_along_axis(logits, indices, axis=-1) - lse[..., None]
@@ -128,8 +121,7 @@ def _row_sums(summands: list[jax.Array]) -> list[jax.Array]:
 
 def _softmax_stats_bwd(tail, res, g):
     # d token_logp / dx_v = 1[v = token] - p_v; d topk_logp_k / dx_v = 1[v = i_k] - p_v;
-    # d entropy / dx_v = -p_v (log p_v + H); d tail / dx_v = 1[v ∉ K] p_v / p_tail - p_v
-    # (0 for rows whose complement has no mass, as in `_tail_logp_bwd`).
+    # d entropy / dx_v = -p_v (log p_v + H); the tail's term as in `_tail_logp_bwd`.
     logits, tokens, indices, lse, entropy, tail_logp = res
     logp_V = logits - lse[..., None]
     p_V = jnp.exp(logp_V)
@@ -139,16 +131,9 @@ def _softmax_stats_bwd(tail, res, g):
         per_row[..., None] + g.entropy[..., None] * (finite_logp_V + entropy[..., None])
     )
     if tail:
-        has_mass = (tail_logp > -jnp.inf)[..., None]
-        safe_tail = jnp.where(has_mass, tail_logp[..., None], 0.0)
-        in_tail_V = jnp.where(_in_topk(indices, logits.shape), 0.0, jnp.exp(logp_V - safe_tail))
-        grad_V = grad_V + jnp.where(has_mass, g.tail_logp[..., None] * (in_tail_V - p_V), 0.0)
-    rows = math.prod(logits.shape[:-1])
-    flat = grad_V.reshape(rows, logits.shape[-1])
-    row_ids = jnp.arange(rows)[:, None]
-    flat = flat.at[row_ids, tokens.reshape(rows, 1)].add(g.token_logp.reshape(rows, 1))
-    flat = flat.at[row_ids, indices.reshape(rows, -1)].add(g.topk_logp.reshape(rows, -1))
-    return flat.reshape(logits.shape), None, None
+        grad_V = grad_V + _tail_grad(logp_V, p_V, indices, tail_logp, g.tail_logp)
+    grad_V = _add_at(grad_V, tokens[..., None], g.token_logp[..., None])
+    return _add_at(grad_V, indices, g.topk_logp), None, None
 
 
 _softmax_stats.defvjp(_softmax_stats_fwd, _softmax_stats_bwd)
