@@ -24,10 +24,14 @@ def load(path: Path) -> list[dict[str, Any]]:
         if not line.startswith("{"):
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError as e:
             rows.append({"row": f"{path.name} line {number}", "error": f"not JSON ({e.msg})",
                          "stderr_tail": line[:300]})  # fmt: skip
+            continue
+        if "ab" in row:  # bench/gpu_ab.sh: the same row from two trees, told apart by name
+            row["row"] = f"{row.get('row', row.get('skipped', '?'))} [{row['ab']}]"
+        rows.append(row)
     return rows
 
 
@@ -71,7 +75,7 @@ def head_lines(rows: list[dict[str, Any]]) -> list[str]:
         if r.get("bench") != "distillation_head":
             continue
         out.append(
-            f"\nHead (V = {r['vocab']:,}, H = {r['hidden']}, {r['dtype']}, "
+            f"\n{r.get('row', 'head')}: head (V = {r['vocab']:,}, H = {r['hidden']}, {r['dtype']}, "
             f"{r['time_tokens']} tokens timed):"
         )
         out.append("| variant | fwd+bwd s | device peak GB (head only) | XLA buffer peak GB |")

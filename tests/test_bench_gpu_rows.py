@@ -54,3 +54,30 @@ def test_trl_variants_are_paired_with_our_fastest_row_of_the_same_workload(repo_
     assert any(line.startswith("| trl_gkd | – | ImportError") for line in lines)
     # The TRL row is not also printed as a stray "torch"/"versions" line.
     assert not any("trl_0.6b_fixed" in line for line in gpu_rows.other_lines(rows))
+
+
+def test_ab_rows_keep_their_tree_in_the_row_name(repo_module, tmp_path):
+    """bench/gpu_ab.sh writes each row twice ("new", "old"): the summary tells them apart."""
+    gpu_rows = repo_module("bench/gpu_rows.py")
+    step = {"row": "ours_cudnn_sdpo_8bx4_large", "bench": "train_step", "algorithm": "sdpo",
+            "shape": "8b", "layers": 4, "batch": 8, "prompt": 512, "response": 512,
+            "param_dtype": "float32", "compute_dtype": "bfloat16", "step_s": 0.15,
+            "response_tokens_per_s": 27000.0, "tokens_per_s": 110000.0, "mfu": 0.9,
+            "mfu_model_flops": 0.5, "first_step_s": 20.0}  # fmt: skip
+    lines = [json.dumps({"ab": "new"} | step),
+             json.dumps({"ab": "old"} | step | {"step_s": 0.16}),
+             json.dumps({"ab": "old", "skipped": "^head$", "left_s": 12})]  # fmt: skip
+    path = tmp_path / "ab_rows.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    rows = gpu_rows.load(path)
+    assert [r["row"] for r in rows] == [
+        "ours_cudnn_sdpo_8bx4_large [new]",
+        "ours_cudnn_sdpo_8bx4_large [old]",
+        "^head$ [old]",
+    ]
+    table = gpu_rows.step_table(rows)
+    assert any(line.startswith("| ours_cudnn_sdpo_8bx4_large [new] |") and "0.1500" in line
+               for line in table)  # fmt: skip
+    assert any(line.startswith("| ours_cudnn_sdpo_8bx4_large [old] |") and "0.1600" in line
+               for line in table)  # fmt: skip
+    assert any(line.startswith("- ^head$ [old]: ^head$") for line in gpu_rows.other_lines(rows))
