@@ -123,3 +123,32 @@ def test_batch_size_smaller_than_samples_is_rejected():
         build_batch(
             [_sample([1], [2]), _sample([1], [2])], pad_id=0, length_buckets=BUCKETS, batch_size=1
         )
+
+
+@pytest.mark.parametrize(
+    "sample,match",
+    [
+        (_sample([1], [3, 16]), r"sample 0: response_ids holds token id 16, .*\[0, 16\)"),
+        (_sample([-1, 2], [3]), r"sample 0: prompt_ids holds token id -1"),
+        (_sample([1], [3], [2, 99]), r"sample 0: teacher_prompt_ids holds token id 99"),
+        (_sample([1], np.array([3.0, 4.0])), r"response_ids must be integer token ids"),
+    ],
+)
+def test_token_ids_outside_the_vocabulary_are_named(sample, match):
+    """jnp.take embeds an id >= V as NaN and wraps a negative one: refused, the id named."""
+    with pytest.raises(ValueError, match=match):
+        build_batch([sample], pad_id=0, length_buckets=BUCKETS, vocab_size=16)
+
+
+def test_ids_at_the_vocabulary_edge_pass_and_a_bad_pad_id_is_refused():
+    batch = build_batch(
+        [_sample([0], [15], [15])], pad_id=15, length_buckets=BUCKETS, vocab_size=16
+    )
+    np.testing.assert_array_equal(batch.student_tokens[0, :3], [0, 15, 15])
+    for pad in (16, -1):
+        with pytest.raises(ValueError, match=f"pad_id={pad} must be in the model.s vocabulary"):
+            build_batch([_sample([1], [2])], pad_id=pad, length_buckets=BUCKETS, vocab_size=16)
+    # Without a vocabulary size only negative ids are known to be wrong.
+    build_batch([_sample([1], [10_000])], pad_id=0, length_buckets=BUCKETS)
+    with pytest.raises(ValueError, match="token id -3"):
+        build_batch([_sample([1], [-3])], pad_id=0, length_buckets=BUCKETS)

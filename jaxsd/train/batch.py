@@ -93,7 +93,30 @@ def pick_bucket(length: int, buckets: Sequence[int], *, what: str) -> int:
     return ordered[i]
 
 
-def _validate(sample: TrainSample, i: int) -> None:
+def _check_token_ids(ids: Sequence[int], what: str, i: int, vocab_size: int | None) -> None:
+    """Ids >= V embed as NaN (jnp.take fills), negative ones wrap to the vocabulary's end:
+    either poisons the step without an error, so the batch refuses them."""
+    arr = np.asarray(ids)
+    if arr.size == 0:
+        return
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"sample {i}: {what} must be integer token ids, got dtype {arr.dtype}")
+    low, high = int(arr.min()), int(arr.max())
+    if low < 0 or (vocab_size is not None and high >= vocab_size):
+        bad = low if low < 0 else high
+        limit = "" if vocab_size is None else f", the model's vocabulary is [0, {vocab_size})"
+        raise ValueError(
+            f"sample {i}: {what} holds token id {bad}{limit}; the tokenizer (or rollout "
+            "engine) and the model disagree: use the model's own tokenizer, or resize the "
+            "model's embedding to the tokenizer"
+        )
+
+
+def _validate(sample: TrainSample, i: int, vocab_size: int | None = None) -> None:
+    for what in ("prompt_ids", "response_ids", "teacher_prompt_ids"):
+        ids = getattr(sample, what)
+        if ids is not None:
+            _check_token_ids(ids, what, i, vocab_size)
     if len(sample.prompt_ids) < 1:
         raise ValueError(f"sample {i}: empty prompt_ids; the first response token needs a context")
     if sample.teacher_prompt_ids is not None and len(sample.teacher_prompt_ids) < 1:
@@ -144,17 +167,25 @@ def build_batch(
     length_buckets: Sequence[int],
     batch_size: int | None = None,
     lengths: tuple[int, int, int] | None = None,
+    vocab_size: int | None = None,
 ) -> TrainBatch:
     """Pad rollouts into one fixed-shape `TrainBatch` (batch contract, host side).
 
     Ts, Tt and R are each the smallest bucket that holds the longest row (or the longest of
     `lengths`, e.g. from `global_batch_lengths`, so all hosts agree). Rows beyond the samples
-    (up to `batch_size`) are padding with every mask 0.
+    (up to `batch_size`) are padding with every mask 0. Token ids must be >= 0, and below
+    `vocab_size` when it is given (a ValueError names the sample and the id).
     """
     if not length_buckets:
         raise ValueError("length_buckets is empty; give at least one padded length")
+    if pad_id < 0 or (vocab_size is not None and pad_id >= vocab_size):
+        allowed = ">= 0" if vocab_size is None else f"in the model's vocabulary [0, {vocab_size})"
+        raise ValueError(
+            f"pad_id={pad_id} must be {allowed}: padded positions are embedded too, and an "
+            "id >= V embeds as NaN; pick a pad id the model knows"
+        )
     for i, sample in enumerate(samples):
-        _validate(sample, i)
+        _validate(sample, i, vocab_size)
     b = len(samples) if batch_size is None else batch_size
     if b < len(samples) or b < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1 and >= {len(samples)} samples")

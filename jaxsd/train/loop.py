@@ -70,6 +70,7 @@ class Run:
     engine: Any
     sync: Any  # WeightSync for the vLLM engine, None for the embedded one
     stop_ids: list[int]
+    vocab_size: int | None = None  # the model's; build_batch rejects token ids outside it
     host_state: Any = None
     start_step: int = 0
 
@@ -230,6 +231,7 @@ def build_run(cfg: Any) -> Run:
         engine=engine,
         sync=sync,
         stop_ids=stop_token_ids(model_dir, tokenizer),
+        vocab_size=model_config.vocab_size,
         host_state=algorithm.init_state(cfg.seed),
     )
 
@@ -374,7 +376,9 @@ def train_one_step(run: Run, step: int) -> dict[str, Any]:
     _maybe_inject_crash(step)
     plans, run.host_state, algo_metrics = run.algorithm.plan(groups, run.host_state, epoch=epoch)
     samples = plans_to_samples(run, groups, plans)
-    local = build_batch(samples, pad_id=_pad_id(run), length_buckets=LENGTH_BUCKETS)
+    local = build_batch(
+        samples, pad_id=_pad_id(run), length_buckets=LENGTH_BUCKETS, vocab_size=run.vocab_size
+    )
     batch = global_batch(local, run.batch_shardings)
     t_train = time.perf_counter()
     run.state, step_metrics = run.train_step(run.state, batch)
