@@ -8,7 +8,7 @@ one pass for the row maximum and one for every sum beside the softmax normaliser
     Z = Σ_v e_v,  M = Σ_v e_v (x_v - m),  C = Σ_{v∉K} e_v,   e_v = exp(x_v - m), m = max_v x_v
     log-sum-exp = m + log Z,  entropy = log Z - M / Z,  tail = log C - log Z.
 
-Its gradient is one elementwise pass plus two small scatters (`_softmax_stats_bwd`), for any mix
+Its gradient is one elementwise pass plus one small scatter (`_softmax_stats_bwd`), for any mix
 of output cotangents. Separately, autodiff of the one-by-one functions re-reduces the row for
 the entropy and keeps each function's `[..., V]` intermediates. The chunked head (DESIGN §2)
 remats its logits: the per-row residuals are tagged `SOFTMAX_STATS_RESIDUAL` so its checkpoint
@@ -132,8 +132,10 @@ def _softmax_stats_bwd(tail, res, g):
     )
     if tail:
         grad_V = grad_V + _tail_grad(logp_V, p_V, indices, tail_logp, g.tail_logp)
-    grad_V = _add_at(grad_V, tokens[..., None], g.token_logp[..., None])
-    return _add_at(grad_V, indices, g.topk_logp), None, None
+    # The sampled token's and the top-k's one-hot terms in one scatter (repeats add up).
+    at_K1 = jnp.concatenate([tokens[..., None], indices.astype(tokens.dtype)], axis=-1)
+    g_K1 = jnp.concatenate([g.token_logp[..., None], g.topk_logp], axis=-1)
+    return _add_at(grad_V, at_K1, g_K1), None, None
 
 
 _softmax_stats.defvjp(_softmax_stats_fwd, _softmax_stats_bwd)

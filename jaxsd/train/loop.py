@@ -70,7 +70,7 @@ class Run:
     engine: Any
     sync: Any  # WeightSync for the vLLM engine, None for the embedded one
     stop_ids: list[int]
-    vocab_size: int | None = None  # the model's; build_batch rejects token ids outside it
+    vocab_size: int  # the model's; build_batch rejects token ids outside it
     host_state: Any = None
     start_step: int = 0
 
