@@ -133,3 +133,44 @@ def test_steps_published_with_orbax_defaults_still_restore(tmp_path):
     restored = restore_weights(tmp_path, 2)
     for name, arr in state.items():
         np.testing.assert_array_equal(restored[name], arr)
+
+
+_PUBLISH_SCRIPT = """
+import sys
+import jax.numpy as jnp
+import numpy as np
+from jaxsd.rollout.weights import publish_weights
+state = {f"model.layers.{i}.mlp.up_proj.weight": np.full((64, 64), i, np.float32) for i in (0, 1)}
+state["lm_head.weight"] = jnp.ones((8, 64), jnp.bfloat16)  # a jax.Array: the other handler
+publish_weights(state, sys.argv[1], 3, fsync=sys.argv[2] == "1")
+"""
+
+
+def _data_fsyncs(tmp_path: pathlib.Path, fsync: bool) -> list[str]:
+    """Paths the publishing process fsynced inside the tensor data (OCDBT per-process files)."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed: cannot observe fsync calls")
+    trace, weights_dir = tmp_path / f"trace{int(fsync)}", tmp_path / f"w{int(fsync)}"
+    cmd = ["strace", "-f", "-qq", "-y", "-e", "trace=fsync,fdatasync", "-o", str(trace)]
+    cmd += [sys.executable, "-c", _PUBLISH_SCRIPT, str(weights_dir), str(int(fsync))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 and "ptrace" in proc.stderr.lower():
+        pytest.skip(f"strace cannot trace here: {proc.stderr[-200:]}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for i in (0, 1):  # the step restores exactly either way
+        got = restore_weights(weights_dir, 3)[f"model.layers.{i}.mlp.up_proj.weight"]
+        np.testing.assert_array_equal(got, np.full((64, 64), i, np.float32))
+    calls = [line for line in trace.read_text().splitlines() if "sync(" in line]
+    assert calls, "no fsync at all: Orbax's own metadata commit should still sync"
+    return [line for line in calls if "ocdbt.process_" in line]
+
+
+def test_the_exchange_leaves_tensor_data_to_os_write_back_unless_fsync_is_asked(tmp_path):
+    # The default publish fsyncs only Orbax's small commit files (the merged manifest and
+    # folders); fsync=True also syncs every data file the tensors were written to.
+    assert _data_fsyncs(tmp_path, fsync=False) == []
+    assert len(_data_fsyncs(tmp_path, fsync=True)) >= 2
