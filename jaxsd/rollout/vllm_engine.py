@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import importlib.metadata
 import json
 import os
 import pathlib
@@ -37,7 +36,7 @@ from jaxsd.rollout.engine import (
     WorkerStartupError,
     validate_prompts,
 )
-from jaxsd.rollout.vllm_server import AUTHKEY_ENV
+from jaxsd.rollout.vllm_server import AUTHKEY_ENV, is_vllm_cpu
 
 _SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "rollout_worker.py"
 _LOG_TAIL_LINES = 25
@@ -80,18 +79,10 @@ class VllmWorkerConfig:
                 raise ValueError(f"{key}={getattr(self, key)} must be > 0 seconds")
 
 
-def _is_vllm_cpu() -> bool:
-    try:
-        importlib.metadata.distribution("vllm-cpu")
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
-
-
 def worker_env(config: VllmWorkerConfig, authkey: bytes) -> dict[str, str]:
     """The worker's environment: ours, CPU-friendly vLLM defaults, then `config.env`."""
     env = dict(os.environ)
-    if _is_vllm_cpu():
+    if is_vllm_cpu():
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         env.setdefault("OMP_NUM_THREADS", str(config.cpu_threads))
