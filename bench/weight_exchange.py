@@ -39,21 +39,83 @@ SIZES = {
     "small": (256, 4, 8, 4, 32, 768, 8192),
     "medium": (512, 8, 8, 4, 64, 1536, 32768),
     "large": (1024, 12, 16, 8, 64, 3072, 65536),
+    "0.6b": (1024, 28, 16, 8, 128, 3072, 151936),  # Qwen3-0.6B, untied head
 }
+
+
+def _fields(size: str) -> dict[str, int]:
+    hidden, layers, heads, kv, head_dim, inter, vocab = SIZES[size]
+    return dict(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+        head_dim=head_dim,
+    )  # fmt: skip
 
 
 def make_model(path: pathlib.Path, size: str) -> dict[str, np.ndarray]:
     """A random Qwen3 HF folder (no tokenizer: the worker takes token ids); its state dict."""
-    hidden, layers, heads, kv, head_dim, inter, vocab = SIZES[size]
-    model = random_qwen3_folder(
-        path,
-        dict(
-            vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
-            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
-            head_dim=head_dim,
-        ),
-    )  # fmt: skip
+    model = random_qwen3_folder(path, _fields(size))
     return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def random_state(size: str, dtype: str) -> dict[str, np.ndarray]:
+    """A random HF-named Qwen3 state dict of `size` without building the model (shapes from a
+    meta-device model), for the engine-less run."""
+    import ml_dtypes
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    with torch.device("meta"):
+        meta = Qwen3ForCausalLM(Qwen3Config(**_fields(size), tie_word_embeddings=False))
+    rng = np.random.default_rng(0)
+    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    return {
+        name: rng.standard_normal(tuple(t.shape), dtype=np.float32).astype(np_dtype)
+        for name, t in meta.state_dict().items()
+    }
+
+
+def bench_size_without_engine(size: str, root: pathlib.Path, reps: int, dtype: str) -> dict:
+    """Publish (no fsync, alternating with fsync=True) and restore on host as the worker does,
+    no vLLM: the Orbax part of the exchange, e.g. on a machine without vLLM."""
+    from jaxsd.rollout import publish_weights, restore_weights
+
+    state = random_state(size, dtype)
+    param_bytes = int(sum(v.nbytes for v in state.values()))
+    weights_dir = root / size / "weights"
+    publishers = {
+        "publish_weights": publish_weights,
+        "publish_weights_fsync": functools.partial(publish_weights, fsync=True),
+    }
+    rows = []
+    for step in range(2 * reps + 1):
+        name = "warm-up" if step == 0 else list(publishers)[(step - 1) % 2]
+        t0 = time.perf_counter()
+        publishers.get(name, publish_weights)(state, weights_dir, step, keep=2)
+        t1 = time.perf_counter()
+        restored = restore_weights(weights_dir, step)
+        t2 = time.perf_counter()
+        assert restored.keys() == state.keys()
+        rows.append({"step": step, "publisher": name, "save_s": t1 - t0, "restore_s": t2 - t1})
+        del restored
+
+    def medians(name: str) -> dict:
+        mine = [r for r in rows if r["publisher"] == name]
+        save = float(np.median([r["save_s"] for r in mine]))
+        restore = float(np.median([r["restore_s"] for r in mine]))
+        return {"median_save_s": save, "median_restore_s": restore,
+                "median_save_to_generating_s": save + restore}  # fmt: skip
+
+    return {
+        "size": size,
+        "dtype": dtype,
+        "param_bytes": param_bytes,
+        "engine": None,
+        **medians("publish_weights"),
+        "baseline_fsync": medians("publish_weights_fsync"),
+        "baseline_orbax_defaults": None,
+        "steps": rows,
+    }
 
 
 def _read_s(path: pathlib.Path) -> float:
@@ -226,6 +288,18 @@ def main() -> None:
         help="alternate steps with publish_weights(fsync=True) and with StandardCheckpointer "
         "defaults (the untuned publisher)",
     )
+    parser.add_argument(
+        "--no-engine",
+        action="store_true",
+        help="no vLLM: time the save and the worker's restore only (`median_save_to_generating_s`"
+        " is then save + restore)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="tensor dtype with --no-engine (the vLLM runs save the fp32 HF model)",
+    )
     args = parser.parse_args()
     sizes = args.sizes.split(",")
     unknown = sorted(set(sizes) - set(SIZES))
@@ -234,7 +308,10 @@ def main() -> None:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(dir=args.dir or None) as tmp:
         root = pathlib.Path(tmp)
-        results = [bench_size(s, root, args.reps, args.baseline) for s in sizes]
+        if args.no_engine:
+            results = [bench_size_without_engine(s, root, args.reps, args.dtype) for s in sizes]
+        else:
+            results = [bench_size(s, root, args.reps, args.baseline) for s in sizes]
         for r in results:  # per size: for small files fsync latency, not bandwidth, dominates
             r["disk"] = disk_speed(root, r["param_bytes"])
     for r in results:

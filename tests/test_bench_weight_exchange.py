@@ -1,0 +1,34 @@
+"""bench/weight_exchange.py --no-engine: save + host restore per publisher, against the disk."""
+
+from __future__ import annotations
+
+import json
+
+
+def test_engine_less_run_times_both_publishers_and_compares_with_the_disk(
+    run_repo_script, repo_module, tmp_path
+):
+    proc = run_repo_script(
+        "bench/weight_exchange.py", "--no-engine", "--sizes=tiny", "--reps=1",
+        "--dtype", "bfloat16", "--dir", str(tmp_path),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    (size,) = json.loads(proc.stdout)["sizes"]
+    # The tiny shape's HF tensors in bf16: embedding + untied head + 2 layers, counted here.
+    sizes = repo_module("bench/weight_exchange.py").SIZES
+    hidden, layers, heads, kv, head_dim, inter, vocab = sizes["tiny"]
+    per_layer = hidden * head_dim * (2 * heads + 2 * kv) + 3 * hidden * inter + 2 * hidden
+    per_layer += 2 * head_dim  # q_norm, k_norm
+    params = 2 * vocab * hidden + layers * per_layer + hidden
+    assert size["param_bytes"] == 2 * params
+    assert [r["publisher"] for r in size["steps"]] == [
+        "warm-up", "publish_weights", "publish_weights_fsync"
+    ]  # fmt: skip
+    for medians in (size, size["baseline_fsync"]):
+        total = medians["median_save_s"] + medians["median_restore_s"]
+        assert medians["median_save_to_generating_s"] == total > 0
+        bound = medians["disk_bound_s"]
+        assert medians["ratio_to_disk_bound"] == total / bound
+    disk = size["disk"]
+    mb = size["param_bytes"] / 1e6
+    assert size["disk_bound_s"] == mb / disk["write_MBps"] + mb / disk["read_MBps"]
