@@ -21,19 +21,18 @@ DEADLINE=$(($(date +%s) + ${DEADLINE_S:-3600}))
 declare -A STEPS=([tiny]=${STEPS_tiny:-20} [small]=${STEPS_small:-4} [0.6b]=2)
 
 run() {  # run NAME ROUND SCRIPT ARGS...: the script's last JSON line, tagged
-  local name=$1 round=$2 left json rc=0
+  local name=$1 round=$2 left json
   shift 2
   left=$((DEADLINE - $(date +%s)))
   if [ "$left" -lt 30 ]; then
     echo "{\"row\": \"$name\", \"round\": $round, \"skipped\": \"deadline\"}" | tee -a "$ROWS"
     return
   fi
-  json=$(timeout -k 5 "$left" "$PY" "$@" 2>"$OUT/$name.$round.err" | grep '^{' | tail -n 1) ||
-    rc=$?
+  json=$(timeout -k 5 "$left" "$PY" "$@" 2>"$OUT/$name.$round.err" | grep '^{' | tail -n 1)
   if [ -n "$json" ]; then
     echo "{\"row\": \"$name\", \"round\": $round, ${json#\{}" | tee -a "$ROWS"
   else
-    echo "{\"row\": \"$name\", \"round\": $round, \"error\": \"exit $rc, see $OUT/$name.$round.err\"}" |
+    echo "{\"row\": \"$name\", \"round\": $round, \"error\": \"no JSON line (failed or timed out), see $OUT/$name.$round.err\"}" |
       tee -a "$ROWS"
   fi
 }
