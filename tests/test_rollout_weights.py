@@ -174,3 +174,32 @@ def test_the_exchange_leaves_tensor_data_to_os_write_back_unless_fsync_is_asked(
     # folders); fsync=True also syncs every data file the tensors were written to.
     assert _data_fsyncs(tmp_path, fsync=False) == []
     assert len(_data_fsyncs(tmp_path, fsync=True)) >= 2
+
+
+@pytest.mark.parametrize("fsync", [False, True])
+def test_every_tensor_write_opens_tensorstore_with_the_asked_file_sync(
+    tmp_path, monkeypatch, fsync
+):
+    # Runs where strace does not: the context each tensor's TensorStore is opened with (numpy
+    # and jax.Array handlers alike) resolves `file_io_sync` to `fsync`.
+    import tensorstore as ts
+
+    contexts = []
+    real_open = ts.open
+
+    def recording_open(*args, **kwargs):
+        if kwargs.get("create"):
+            contexts.append(kwargs["context"])
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(ts, "open", recording_open)
+    state = {f"model.layers.{i}.mlp.up_proj.weight": np.full((8, 8), i, np.float32) for i in (0, 1)}
+    state["lm_head.weight"] = jnp.ones((4, 8), jnp.bfloat16)
+    publish_weights(state, tmp_path, 1, fsync=fsync)
+    assert len(contexts) == len(state)
+    assert {c["file_io_sync"].to_json() for c in contexts} == {fsync}
+    assert len({id(c) for c in contexts}) == 1  # one context per save: one OCDBT kvstore
+    monkeypatch.undo()
+    np.testing.assert_array_equal(
+        restore_weights(tmp_path, 1)["model.layers.1.mlp.up_proj.weight"], 1
+    )
