@@ -4,7 +4,9 @@ Runs, one after another on the same machine (never concurrently: they would shar
 - ours: bench/train_step.py in jaxsd's .venv, once per algorithm (`--algos sdpo,grpo`);
 - trl: bench/peers/trl_step.py in the throwaway `trl` venv (torch SDPO, TRL GKD, TRL GRPO);
 - tunix: bench/peers/tunix_step.py in the throwaway `tunix` venv (tunix's GRPO learner loss).
-The venvs are created under --venv-root on first use (minutes) and reused after.
+The venvs are created under --venv-root on first use (minutes) and reused after; they hold
+the peer versions the README's figures were measured with (`bench/peers/venvs.py` PINNED), or
+with `--latest-peers` the newest releases (`<name>-latest` venvs).
 Prints one JSON object with every record and, per algorithm, `ratios` = our tokens/s / the
 peer's tokens/s (SDPO only against SDPO peer steps, GRPO only against GRPO ones).
 
@@ -66,7 +68,9 @@ def run_ours(args: argparse.Namespace, algo: str) -> dict[str, Any]:
 
 
 def run_peer(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    env_info = venvs.ensure(name, args.venv_root, skip_install=args.skip_install)
+    env_info = venvs.ensure(
+        name, args.venv_root, skip_install=args.skip_install, latest=args.latest_peers
+    )
     if "error" in env_info:
         return {"peer": name, "install_error": env_info["error"]}
     cmd = [env_info["python"], str(ROOT / "bench" / "peers" / PEERS[name]),
@@ -151,6 +155,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per variant (median)")
     ap.add_argument("--skip-install", action="store_true", help="reuse existing peer venvs only")
     ap.add_argument("--venv-root", type=Path, default=venvs.DEFAULT_ROOT)
+    ap.add_argument(
+        "--latest-peers",
+        action="store_true",
+        help="newest peer releases in <name>-latest venvs instead of the pinned versions",
+    )
     ap.add_argument("--peers", default=",".join(PEERS), help=f"subset of {sorted(PEERS)}")
     ap.add_argument("--no-ours", action="store_true", help="run the peers only")
     ap.add_argument("--algos", default="sdpo,grpo", help="our algorithms to run (sdpo,grpo)")

@@ -48,3 +48,38 @@ def test_rounds_alternate_which_side_runs_first(compare, monkeypatch):
     compare.one_round(args, ["sdpo", "grpo"], ["trl"], peers_first=False)
     compare.one_round(args, ["sdpo", "grpo"], ["trl"], peers_first=True)
     assert calls == ["ours:sdpo", "ours:grpo", "peer:trl", "peer:trl", "ours:sdpo", "ours:grpo"]
+
+
+def _fake_pip(monkeypatch, venvs):
+    """Record the commands `ensure` runs; `python -m venv DIR` makes DIR/bin/python."""
+    commands = []
+
+    def run(cmd, **_):
+        commands.append(cmd)
+        if cmd[1:3] == ["-m", "venv"]:
+            (pathlib.Path(cmd[3]) / "bin").mkdir(parents=True, exist_ok=True)
+            (pathlib.Path(cmd[3]) / "bin" / "python").touch()
+        return argparse.Namespace(returncode=0)
+
+    monkeypatch.setattr(venvs.subprocess, "run", run)
+    return commands
+
+
+def test_peer_venvs_hold_the_pinned_versions_and_latest_ones_apart(compare, monkeypatch, tmp_path):
+    venvs = compare.venvs
+    for name, reqs in venvs.PINNED.items():
+        assert reqs and all("==" in r for r in reqs), f"{name}: every peer package pinned"
+    commands = _fake_pip(monkeypatch, venvs)
+    pinned = venvs.ensure("trl", tmp_path)
+    latest = venvs.ensure("trl", tmp_path, latest=True)
+    assert pinned["python"] == str(tmp_path / "trl" / "bin" / "python")
+    assert latest["python"] == str(tmp_path / "trl-latest" / "bin" / "python")
+    installs = [c[4:] for c in commands if c[1:4] == ["-m", "pip", "install"]]
+    assert installs == [venvs.PINNED["trl"], venvs.LATEST["trl"]]
+    # Reused while the recorded requirements match; a venv built before the pins is updated.
+    assert venvs.ensure("trl", tmp_path)["installed"] == "reused"
+    (tmp_path / "trl" / "jaxsd-peer.json").write_text('{"requirements": ["trl"]}')
+    assert venvs.ensure("trl", tmp_path)["installed"].startswith("fresh")
+    assert commands[-1][4:] == venvs.PINNED["trl"]
+    with pytest.raises(ValueError, match="unknown peer"):
+        venvs.ensure("verl", tmp_path)
