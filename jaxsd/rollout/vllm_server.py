@@ -49,7 +49,7 @@ from jaxsd.rollout.weights import (
 AUTHKEY_ENV = "JAXSD_ROLLOUT_AUTHKEY"
 EXTENSION_CLS = "jaxsd.rollout.vllm_worker.OrbaxWeightLoader"
 _WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth")
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameter numbers
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # glibc mallopt parameters
 _KEEP_BYTES = 2**31 - 1  # mallopt takes a C int
 
 
@@ -63,13 +63,17 @@ def is_vllm_cpu() -> bool:
 
 
 def keep_freed_host_memory() -> bool:
-    """Make glibc serve large allocations from the heap and keep freed memory mapped.
+    """Make glibc serve large allocations from one heap and keep freed memory mapped.
 
-    An in-place reload on the CPU backend materialises every layer afresh on host and frees the
-    previous tensors. With glibc's defaults each tensor over 32 MB is a fresh mmap, and the
-    page faults of first touching it were half of the reload (235 MB model: reload 0.49 ->
-    0.25 s, bench/README.md); the worker's resident memory settles ~300 MB higher instead.
-    Returns False, changing nothing, where the C library is not glibc or refuses.
+    Every weights step allocates the same tensors again: the restore's arrays (allocated by
+    TensorStore's threads) and, on the CPU backend, every layer the reload materialises
+    afresh. With glibc's defaults each tensor over 32 MB is a fresh mmap, and other threads'
+    allocations land in per-thread arenas that the next step's threads may not reuse; the
+    page faults of first touching fresh memory were half of the reload (235 MB model: reload
+    0.49 -> 0.25 s) and of the restore (0.30-0.63 -> 0.16-0.20 s with one arena,
+    bench/README.md). The worker's resident memory settles ~300 MB higher instead. Call it
+    before the worker starts threads (arenas already handed out stay). Returns False where
+    the C library is not glibc or refuses a setting (then only the settings before it apply).
     """
     import ctypes
 
@@ -78,9 +82,12 @@ def keep_freed_host_memory() -> bool:
     except (OSError, AttributeError):
         return False
     # The trim threshold alone would make it worse (it freezes the mmap threshold at 128 kB).
-    if mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES) != 1:
-        return False
-    return mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES) == 1
+    settings = (
+        (_M_MMAP_THRESHOLD, _KEEP_BYTES),
+        (_M_TRIM_THRESHOLD, _KEEP_BYTES),
+        (_M_ARENA_MAX, 1),
+    )
+    return all(mallopt(param, value) == 1 for param, value in settings)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,9 +354,9 @@ def serve(opts: WorkerOptions) -> int:
     authkey_hex = os.environ.get(AUTHKEY_ENV)
     if not authkey_hex:
         raise SystemExit(f"{AUTHKEY_ENV} is not set; start the worker through VllmEngine")
-    watch_parent(opts.name, opts.parent_pid)
-    if is_vllm_cpu():
+    if is_vllm_cpu():  # first: before any thread of ours, vLLM's or TensorStore's starts
         log(opts.name, f"glibc keeps freed host memory for reloads: {keep_freed_host_memory()}")
+    watch_parent(opts.name, opts.parent_pid)
     with Listener(("127.0.0.1", 0), authkey=bytes.fromhex(authkey_hex)) as listener:
         _write_address(opts.address_file, listener.address)
         conn = listener.accept()
