@@ -100,11 +100,9 @@ def bench_size_without_engine(size: str, root: pathlib.Path, reps: int, dtype: s
         del restored
 
     def medians(name: str) -> dict:
-        mine = [r for r in rows if r["publisher"] == name]
-        save = float(np.median([r["save_s"] for r in mine]))
-        restore = float(np.median([r["restore_s"] for r in mine]))
-        return {"median_save_s": save, "median_restore_s": restore,
-                "median_save_to_generating_s": save + restore}  # fmt: skip
+        out = _medians([r for r in rows if r["publisher"] == name], ("save_s", "restore_s"))
+        out["median_save_to_generating_s"] = out["median_save_s"] + out["median_restore_s"]
+        return out
 
     return {
         "size": size,
@@ -191,18 +189,16 @@ def publish_orbax_defaults(state: dict, weights_dir: pathlib.Path, step: int, ke
         checkpointer.wait_until_finished()
 
 
-def _medians(rows: list[dict]) -> dict:
-    def med(key: str) -> float:
-        return float(np.median([r[key] for r in rows]))
+_ENGINE_KEYS = (
+    "save_s", "worker_restore_s", "worker_reload_s", "saved_to_generating_s",
+    "save_to_generating_s",
+)  # fmt: skip
 
-    return {
-        "reps": len(rows),
-        "median_save_s": med("save_s"),
-        "median_worker_restore_s": med("worker_restore_s"),
-        "median_worker_reload_s": med("worker_reload_s"),
-        "median_saved_to_generating_s": med("saved_to_generating_s"),
-        "median_save_to_generating_s": med("save_to_generating_s"),
-    }
+
+def _medians(rows: list[dict], keys: tuple[str, ...] = _ENGINE_KEYS) -> dict:
+    """{"reps": n, "median_<key>": ...} over `rows` for each of `keys`."""
+    medians = {f"median_{k}": float(np.median([r[k] for r in rows])) for k in keys}
+    return {"reps": len(rows), **medians}
 
 
 def bench_size(size: str, root: pathlib.Path, reps: int, baseline: bool = False) -> dict:
