@@ -131,6 +131,26 @@ def median_ratios(per_round: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def summary_table(ratios_by_algo: dict[str, dict[str, Any]]) -> str:
+    """A markdown table of the record's ratios for people (stderr); the JSON stays the record.
+
+    One row per algorithm and peer: ours / peer tokens/s (the median over rounds, with its
+    [min, max] when there were several), the fastest peer's row marked.
+    """
+    lines = ["| algorithm | peer | ours / peer | spread |", "| --- | --- | ---: | --- |"]
+    for algo, r in ratios_by_algo.items():
+        per_peer = r.get("ours_over_peer_tokens_per_s")
+        if not per_peer:
+            lines.append(f"| {algo} | – | – | {r.get('note', 'no ratio')} |")
+            continue
+        for peer, x in sorted(per_peer.items(), key=lambda kv: kv[1]):
+            low_high = r.get("spread", {}).get(peer)
+            spread = f"[{low_high[0]:.2f}, {low_high[1]:.2f}]" if low_high else "one round"
+            name = f"**{peer}** (fastest)" if peer == r["fastest_peer"] else peer
+            lines.append(f"| {algo} | {name} | {x:.2f}× | {spread} |")
+    return "\n".join(lines)
+
+
 def one_round(
     args: argparse.Namespace, algos: list[str], names: list[str], peers_first: bool
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -193,6 +213,7 @@ def main() -> None:
     if args.rounds > 1:
         record["rounds"] = rounds
         record["ratios"] = {a: median_ratios([r["ratios"][a] for r in rounds]) for a in algos}
+    print(summary_table(record["ratios"]), file=sys.stderr, flush=True)
     print(json.dumps(record))
 
 

@@ -40,6 +40,28 @@ def test_median_ratios_without_any_ratio_say_so(compare):
     assert "ours_over_fastest_peer" not in out and out["rounds"] == 2
 
 
+def test_summary_table_lists_every_ratio_and_marks_the_fastest_peer(compare):
+    rounds = [_round("sdpo", **{"trl/a": 1.0, "trl/b": 2.0}), _round("sdpo", **{"trl/a": 1.4})]
+    single = compare.ratios(
+        {"algorithm": "grpo", "response_tokens_per_s": 300.0},
+        [
+            {
+                "peer": "tunix",
+                "variants": {"g": {"algorithm": "grpo", "response_tokens_per_s": 200.0}},
+            }
+        ],
+    )
+    table = compare.summary_table(
+        {"sdpo": compare.median_ratios(rounds), "grpo": single, "gkd": {"note": "no peer ran"}}
+    )
+    assert table.splitlines()[2:] == [
+        "| sdpo | **trl/a** (fastest) | 1.20× | [1.00, 1.40] |",
+        "| sdpo | trl/b | 2.00× | [2.00, 2.00] |",
+        "| grpo | **tunix/g** (fastest) | 1.50× | one round |",
+        "| gkd | – | – | no peer ran |",
+    ]
+
+
 def test_rounds_alternate_which_side_runs_first(compare, monkeypatch):
     calls = []
     monkeypatch.setattr(compare, "run_ours", lambda args, a: calls.append(f"ours:{a}") or {})
