@@ -16,10 +16,7 @@ import json
 import os
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
 import workload as W  # noqa: E402
@@ -46,17 +43,6 @@ def step_matmuls(shape: str) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]
         "attn_scores_teacher": ((b * k, g * teacher_t, d), (b * k, d, teacher_t)),
         "attn_values_teacher": ((b * k, g * teacher_t, teacher_t), (b * k, teacher_t, d)),
     }
-
-
-def _median_seconds(call: Callable[[], Any], reps: int) -> float:
-    for _ in range(3):
-        call()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -91,7 +77,8 @@ def main() -> None:
         seconds: dict[str, list[float]] = {"jax": [], "torch": []}
         for r in range(a.rounds):
             for engine in ("jax", "torch") if r % 2 == 0 else ("torch", "jax"):
-                seconds[engine].append(_median_seconds(engines[engine], a.reps))
+                wall, _ = W.time_steps(engines[engine], a.reps, warmup=3)
+                seconds[engine].append(statistics.median(wall))
         rate = {e: gflop / statistics.median(s) for e, s in seconds.items()}
         rows[name] = {
             "lhs": list(lhs),
