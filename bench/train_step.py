@@ -246,6 +246,8 @@ def bench_step(a: argparse.Namespace) -> dict[str, Any]:
         "loss": float(m["loss"][0]),
         "device": str(jax.devices()[0].device_kind),
         "jax": jax.__version__,
+        # Cores this process may run on (taskset / cgroup pinning; XLA:CPU sizes its pools by it).
+        "cpus": len(os.sched_getaffinity(0)),
         "load_avg_1m_before": load_before,
         "load_avg_1m": os.getloadavg()[0],
     }

@@ -175,7 +175,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "torch": torch.__version__, "transformers": transformers.__version__,
         "attn_implementation": model.config._attn_implementation,
-        "torch_threads": torch.get_num_threads(), "load_avg_1m": os.getloadavg()[0],
+        "torch_threads": torch.get_num_threads(), "cpus": len(os.sched_getaffinity(0)),
+        "load_avg_1m": os.getloadavg()[0],
     }  # fmt: skip
 
 
