@@ -69,6 +69,13 @@ def get_config(arg: str | None = None, *, run_name: str = "sdpo") -> ml_collecti
     c.model.remat = False  # recompute decoder-layer activations in the backward (memory)
     # "jaxsd" (ours, any backend) | "xla" | "cudnn" (fused flash attention, NVIDIA, bf16)
     c.model.attention = "jaxsd"
+    # LoRA: rank 0 trains every weight; rank > 0 trains only adapters (alpha / rank scale) on the
+    # comma-separated `targets` of q,k,v,o,gate,up,down, the base weights stay frozen, and the
+    # rollout engine gets the merged W + (alpha / rank) A B. SSOPD's fixed teacher is then the
+    # base model (adapters off), METHODS §1.
+    c.model.lora = ml_collections.ConfigDict(
+        dict(rank=0, alpha=16.0, targets="q,k,v,o,gate,up,down")
+    )
     c.model.enable_thinking = False  # chat template switch (Qwen3)
 
     # Task (jaxsd.tasks registry name) and how many questions each step samples.

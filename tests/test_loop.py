@@ -168,9 +168,10 @@ def test_cudnn_attention_needs_bf16_compute():
 
 def test_config_validation_knows_the_models_choices():
     from jaxsd.algorithms import validate
-    from jaxsd.models import config
+    from jaxsd.models import config, lora
 
     assert validate.ATTENTION_IMPLS == config.ATTENTION_IMPLS
+    assert validate.LORA_TARGETS == lora.LORA_TARGETS
     assert set(validate.MODEL_DTYPES) == set(config._DTYPES)
 
 
@@ -187,4 +188,82 @@ def test_loss_topk_block_reaches_the_step_and_is_validated():
     assert step_config(cfg, switches).topk_block == 4096
     cfg.loss.topk_block = 0
     with pytest.raises(ValueError, match="loss.topk_block"):
+        validate_config(cfg)
+
+
+def _flat(state) -> dict[str, np.ndarray]:
+    from flax import nnx
+
+    return {"/".join(map(str, k)): np.asarray(v[...]) for k, v in nnx.to_flat_state(state)}
+
+
+def test_lora_run_trains_only_adapters_and_serves_the_merged_weights(tmp_path):
+    """model.lora.rank > 0 with SSOPD (fixed teacher = the base, adapters off, METHODS §1):
+    two steps leave every base weight bit-identical and move only the adapters; the engine
+    serves W + (alpha / r) A B (numpy), also after a resume from the checkpoint."""
+    from jaxsd.train.checkpoint import Checkpointer
+    from jaxsd.train.loop import _host_state, build_run, maybe_resume, train_one_step
+
+    cfg = load_config("ssopd")
+    cfg.run_dir = str(tmp_path / "run")
+    cfg.model.lora.update(rank=4, alpha=8.0, targets="q, v,up")
+    run = build_run(cfg)
+    base_before = _flat(run.state.frozen)
+    assert set(_flat(run.state.params)) == {
+        f"layers/{i}/{m}/{p}_proj/lora_{ab}"
+        for i in range(run.model.config.num_layers)
+        for m, p in (("self_attn", "q"), ("self_attn", "v"), ("mlp", "up"))
+        for ab in "ab"
+    }
+    grad_norms = [train_one_step(run, step)["grad_norm"] for step in range(2)]
+    assert min(grad_norms) > 0
+
+    adapters, base = _flat(run.state.params), _flat(run.state.frozen)
+    assert base.keys() == base_before.keys()
+    for name, value in base.items():
+        np.testing.assert_array_equal(value, base_before[name], err_msg=name)
+    assert all(np.abs(v).max() > 0 for k, v in adapters.items() if k.endswith("lora_b"))
+    teacher = _flat(run.state.teacher)  # fixed teacher: the base, i.e. zero adapters
+    assert all(not v.any() for v in teacher.values())
+
+    def expected_engine_weights():
+        out = {k: v for k, v in base.items() if k.endswith(("kernel", "weight", "embed_tokens"))}
+        for name in (k[: -len("/lora_a")] for k in adapters if k.endswith("/lora_a")):
+            a, b = adapters[f"{name}/lora_a"], adapters[f"{name}/lora_b"]
+            out[f"{name}/kernel"] = base[f"{name}/kernel"] + (8.0 / 4) * a @ b
+        return out
+
+    def check_engine(engine_model):
+        from flax import nnx
+
+        served = _flat(nnx.state(engine_model, nnx.Param))
+        want = expected_engine_weights()
+        assert served.keys() == want.keys()
+        for name, value in want.items():
+            np.testing.assert_allclose(served[name], value, rtol=1e-6, atol=1e-7, err_msg=name)
+
+    check_engine(run.model)  # the embedded engine serves the trainer's copy, merged
+    with Checkpointer(cfg.run_dir) as checkpointer:
+        checkpointer.save(2, run.state, _host_state(run, 2))
+    resumed = build_run(cfg)
+    with Checkpointer(cfg.run_dir) as checkpointer:
+        assert maybe_resume(resumed, checkpointer) == 2
+    check_engine(resumed.model)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("rank", -1, "model.lora.rank"),
+        ("alpha", 0.0, "model.lora.alpha"),
+        ("targets", "q,gate_proj", "model.lora.targets"),
+        ("targets", " , ", "model.lora.targets"),
+    ],
+)
+def test_bad_lora_keys_are_named(key, value, message):
+    from jaxsd.algorithms.validate import validate_config
+
+    cfg = load_config("ssopd")
+    cfg.model.lora[key] = value
+    with pytest.raises(ValueError, match=message):
         validate_config(cfg)

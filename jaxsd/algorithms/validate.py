@@ -21,6 +21,7 @@ MODEL_DTYPES = ("float32", "bfloat16", "float16")
 # The layout keeps algorithms/ free of models/ imports; tests check these equal
 # jaxsd.models.config's tuples.
 ATTENTION_IMPLS = ("jaxsd", "xla", "cudnn")
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # = jaxsd.models.lora.LORA_TARGETS
 REQUIRED_KEYS = (
     "total_steps",
     "seed",
@@ -80,6 +81,22 @@ def _number(x: Any) -> bool:
 
 def _int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def lora_targets(targets: str) -> tuple[str, ...]:
+    """`model.lora.targets` ("q,v,...") -> the projection names, blanks dropped."""
+    return tuple(t.strip() for t in targets.split(",") if t.strip())
+
+
+def _check_lora(cfg: Any) -> None:
+    _check(cfg, "model.lora.rank", lambda v: _int(v) and v >= 0, "use 0 (no LoRA) or a rank >= 1")
+    _check(cfg, "model.lora.alpha", lambda v: _number(v) and v > 0, "use an alpha > 0")
+    _check(
+        cfg,
+        "model.lora.targets",
+        lambda v: bool(lora_targets(v)) and set(lora_targets(v)) <= set(LORA_TARGETS),
+        f"use a comma-separated, non-empty subset of {','.join(LORA_TARGETS)}",
+    )
 
 
 def mesh_shape(cfg: Any, num_devices: int | None = None) -> dict[str, int]:
@@ -175,6 +192,8 @@ def validate_config(
             _check(cfg, key, ok, rule)
     _check(cfg, "optim.lr", lambda v: _number(v) and v > 0, "the learning rate must be > 0")
     model = _get(cfg, "model")
+    if "lora" in model:
+        _check_lora(cfg)
     if model.get("attention") == "cudnn" and model.get("compute_dtype", "float32") == "float32":
         raise ValueError(
             "config model.attention='cudnn' needs model.compute_dtype 'bfloat16' (cuDNN flash "

@@ -28,9 +28,10 @@ from flax import nnx
 
 from jaxsd import algorithms
 from jaxsd import metrics as metrics_lib
-from jaxsd.algorithms.validate import mesh_shape, validate_config
+from jaxsd.algorithms.validate import lora_targets, mesh_shape, validate_config
 from jaxsd.eval import eval_metrics_for_log, evaluate, stop_token_ids
 from jaxsd.models import from_pretrained, to_hf_state_dict
+from jaxsd.models.lora import LORA_FILTER, LoraConfig, merge_lora
 from jaxsd.rollout.engine import SamplingConfig
 from jaxsd.tasks import get_task
 from jaxsd.tasks.reprompt import chat_token_ids
@@ -69,6 +70,7 @@ class Run:
     train_step: Any
     engine: Any
     sync: Any  # WeightSync for the vLLM engine, None for the embedded one
+    engine_params: Any  # TrainState -> the engine model's nnx.Param state (LoRA merged in)
     stop_ids: list[int]
     vocab_size: int  # the model's; build_batch rejects token ids outside it
     host_state: Any = None
@@ -129,6 +131,30 @@ def step_config(cfg: Any, switches: dict[str, Any]) -> StepConfig:
         rhythm=tuple(sorted(rhythm.items())) if rhythm else (),
         **switches,
     )
+
+
+def lora_config(cfg: Any) -> LoraConfig | None:
+    """`model.lora` as a LoraConfig; None (full fine-tuning) for rank 0 or no section."""
+    lora = cfg.model.get("lora")
+    if lora is None or lora.rank == 0:
+        return None
+    return LoraConfig(rank=lora.rank, alpha=float(lora.alpha), targets=lora_targets(lora.targets))
+
+
+def engine_params_fn(graphdef: nnx.GraphDef, lora: LoraConfig | None) -> Any:
+    """TrainState -> the weights the rollout engine serves (a plain model's nnx.Param state).
+
+    With LoRA the trained params are only the adapters; the engine gets W + (alpha / r) A B,
+    merged in one jitted call so that nothing runs op by op on the host.
+    """
+    if lora is None:
+        return lambda state: state.params
+
+    @jax.jit
+    def merged(params: nnx.State, frozen: nnx.State) -> nnx.State:
+        return nnx.state(merge_lora(nnx.merge(graphdef, params, frozen)), nnx.Param)
+
+    return lambda state: merged(state.params, state.frozen)
 
 
 def _make_engine(cfg: Any, model: nnx.Module, model_dir: pathlib.Path):
@@ -192,15 +218,23 @@ def build_run(cfg: Any) -> Run:
     shape = mesh_shape(cfg, jax.device_count())
     mesh = make_mesh((shape["data"], shape["fsdp"], shape["tensor"]))
     # The trainer owns its own copy of the weights; `model` stays the engine's copy.
+    lora = lora_config(cfg)
     train_model, _ = from_pretrained(
         model_dir,
         dtype=dtype,
         compute_dtype=compute_dtype,
+        lora=lora,
+        seed=cfg.seed,
         attention=cfg.model.get("attention", "jaxsd"),
         remat=cfg.model.get("remat", False),
     )
     graphdef, state, shardings = train_state_from_model(
-        train_model, tx, mesh=mesh, seed=cfg.seed, teacher_mode=step_cfg.teacher_mode
+        train_model,
+        tx,
+        mesh=mesh,
+        seed=cfg.seed,
+        teacher_mode=step_cfg.teacher_mode,
+        trainable=nnx.Param if lora is None else LORA_FILTER,
     )
     b_shardings = batch_shardings(mesh)
     train_step = make_train_step(
@@ -230,6 +264,7 @@ def build_run(cfg: Any) -> Run:
         train_step=train_step,
         engine=engine,
         sync=sync,
+        engine_params=engine_params_fn(graphdef, lora),
         stop_ids=stop_token_ids(model_dir, tokenizer),
         vocab_size=model_config.vocab_size,
         host_state=algorithm.init_state(cfg.seed),
@@ -341,10 +376,12 @@ def _publish(run: Run, step: int) -> dict[str, float]:
         # The state is donated to the next step, so the engine gets its own copy, gathered onto
         # one device: the embedded sampler is the single-device engine.
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        params = jax.tree.map(lambda x: jax.device_put(jnp.copy(x), device), run.state.params)
+        params = jax.tree.map(
+            lambda x: jax.device_put(jnp.copy(x), device), run.engine_params(run.state)
+        )
         run.engine.set_params(params, step)
         return {}
-    nnx.update(run.model, run.state.params)
+    nnx.update(run.model, run.engine_params(run.state))
     timing = run.sync.after_step(step, lambda: to_hf_state_dict(run.model, run.model.config))
     return {f"time/publish_{k}": v for k, v in (timing or {}).items()}
 
