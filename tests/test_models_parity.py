@@ -23,6 +23,7 @@ from jaxsd.models import (
     from_pretrained,
     lora_disabled,
     merge_lora,
+    read_config,
     save_pretrained,
     set_lora_enabled,
     to_hf_state_dict,
@@ -143,6 +144,7 @@ def test_qwen3_logits_match_transformers(tmp_path, case):
     assert _max_diff(full, _hf_logits(hf, ids, ones), ones) <= TOL
 
 
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4}
 FAMILY_CASES = {
     "llama": (
         transformers.LlamaForCausalLM,
@@ -183,6 +185,41 @@ FAMILY_CASES = {
             pad_token_id=0,
         ),
     ),
+    # YaRN with a tiny original context so that the interpolated and the ramped frequencies
+    # and the attention scale all act within the test's positions.
+    "qwen3_yarn": (
+        transformers.Qwen3ForCausalLM,
+        lambda: transformers.Qwen3Config(
+            vocab_size=89,
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=32,
+            rope_parameters=YARN | {"rope_theta": 1e4},
+        ),
+    ),
+    # OLMo-3 (its released checkpoints extend 8K -> 65K with YaRN): a flat rope_scaling acts
+    # on the full-attention layers only; the sliding layer keeps default RoPE, another theta.
+    "olmo3_yarn_full_layers": (
+        transformers.Olmo3ForCausalLM,
+        lambda: transformers.Olmo3Config(
+            vocab_size=89,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            sliding_window=3,
+            layer_types=["sliding_attention", "full_attention", "full_attention"],
+            pad_token_id=0,
+            max_position_embeddings=32,
+            rope_scaling=YARN | {"attention_factor": 1.3, "beta_fast": 16.0},
+            rope_theta=1e4,
+        ),
+    ),
 }
 
 
@@ -200,6 +237,32 @@ def test_family_switch_logits_match_transformers(tmp_path, family):
         mask = np.ones_like(mask)
     logits = np.asarray(_forward(model, ids, mask))
     assert _max_diff(logits, _hf_logits(hf, ids, mask), mask) <= TOL
+    if "yarn" in family:
+        assert config.rope_yarn is not None
+        # The scaling matters at these positions: the same weights without it differ.
+        plain = dataclasses.replace(config, rope_yarn=None, sliding_rope=None)
+        unscaled = Transformer(plain, rngs=nnx.Rngs(0))
+        nnx.update(unscaled, nnx.state(model, nnx.Param))
+        assert _max_diff(np.asarray(_forward(unscaled, ids, mask)), logits, mask) > 100 * TOL
+        # save_pretrained writes the scaling back: transformers reads the same model.
+        save_pretrained(model, config, tmp_path / "saved")
+        assert read_config(tmp_path / "saved") == config
+        again = cls.from_pretrained(tmp_path / "saved").eval()
+        assert _max_diff(logits, _hf_logits(again, ids, mask), mask) <= TOL
+
+
+def test_unsupported_rope_scaling_is_named(tmp_path):
+    cfg = transformers.LlamaConfig(
+        vocab_size=89,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4},
+    )
+    _make_hf(tmp_path, transformers.LlamaForCausalLM, cfg, seed=0)
+    with pytest.raises(ValueError, match="rope scaling 'linear' is not supported"):
+        from_pretrained(tmp_path)
 
 
 TINY = ModelConfig(

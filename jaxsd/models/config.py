@@ -7,9 +7,11 @@ sliding-window layers), so one `Transformer` serves them all.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 # model_type -> (architectures entry, family switches). Anything else is rejected on load.
 _FAMILIES: dict[str, dict[str, Any]] = {
@@ -47,6 +49,79 @@ def dtype_name(dtype: Any) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
+class YarnRope:
+    """YaRN RoPE scaling (Peng et al. 2023, arXiv:2309.00071), as transformers computes it.
+
+    Frequencies that turn fewer than `beta_slow` times over the original context are divided
+    by `factor` (interpolated), those that turn more than `beta_fast` times are kept
+    (extrapolated), with a linear ramp between; cos and sin are scaled by `attention_scale()`.
+    """
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.factor > 0 or not self.original_max_position_embeddings > 0:
+            raise ValueError(
+                f"yarn rope scaling needs factor > 0 and original_max_position_embeddings > 0, "
+                f"got {self.factor} and {self.original_max_position_embeddings}"
+            )
+
+    def attention_scale(self) -> float:
+        if self.attention_factor is not None:
+            return float(self.attention_factor)
+
+        def mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        if self.mscale and self.mscale_all_dim:
+            return mscale(self.factor, self.mscale) / mscale(self.factor, self.mscale_all_dim)
+        return mscale(self.factor)
+
+    def inv_freq(self, head_dim: int, theta: float) -> np.ndarray:
+        """[head_dim / 2] float32 inverse frequencies."""
+        d = head_dim
+        pos_freqs = theta ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d))
+
+        def dim_of(rotations: float) -> float:  # the dimension turning `rotations` times
+            turns = self.original_max_position_embeddings / (rotations * 2 * math.pi)
+            return d * math.log(turns) / (2 * math.log(theta))
+
+        low, high = dim_of(self.beta_fast), dim_of(self.beta_slow)
+        if self.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, d - 1)
+        if low == high:
+            high += 0.001  # a step instead of a ramp, without dividing by zero
+        ramp = np.clip((np.arange(d // 2, dtype=np.float32) - low) / (high - low), 0.0, 1.0)
+        keep = 1.0 - ramp  # weight of the original (extrapolated) frequency
+        out = (1.0 / (self.factor * pos_freqs)) * (1.0 - keep) + (1.0 / pos_freqs) * keep
+        return out.astype(np.float32)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        d = {"rope_type": "yarn", **dataclasses.asdict(self)}
+        return {k: v for k, v in d.items() if v is not None}
+
+
+@dataclasses.dataclass(frozen=True)
+class Rope:
+    """One RoPE variant: base `theta` and an optional YaRN scaling."""
+
+    theta: float
+    yarn: YarnRope | None = None
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        base = {"rope_type": "default"} if self.yarn is None else self.yarn.to_hf_dict()
+        return {**base, "rope_theta": self.theta}
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Decoder hyper-parameters; field names follow the model contract (notes/model_contract.md)."""
 
@@ -74,6 +149,9 @@ class ModelConfig:
     layer_types: tuple[str, ...] | None = None  # per layer "full_attention" | "sliding_attention"
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
+    rope_yarn: YarnRope | None = None  # YaRN scaling of the (full-attention) layers' RoPE
+    # RoPE of the sliding-window layers when it differs (OLMo-3: YaRN on full attention only).
+    sliding_rope: Rope | None = None
     # Runtime switches (not part of config.json).
     # "jaxsd": our attention with a hand-written backward (any mask, any backend);
     # "xla" / "cudnn": jax.nn.dot_product_attention with that implementation (cudnn = fused
@@ -131,6 +209,12 @@ class ModelConfig:
             return None
         return self.sliding_window
 
+    def layer_rope(self, layer: int) -> Rope:
+        """The RoPE `layer` applies (sliding-window layers may have their own)."""
+        if self.sliding_rope is not None and self.layer_window(layer) is not None:
+            return self.sliding_rope
+        return Rope(self.rope_theta, self.rope_yarn)
+
     def num_params(self) -> int:
         """Number of base (non-LoRA) parameters, counting a tied embedding once."""
         h, d = self.hidden_size, self.head_dim
@@ -169,6 +253,9 @@ class ModelConfig:
         if layer_types is None:
             sliding = None  # Qwen2/3 ship sliding_window but only use it with layer_types
         eos = d.get("eos_token_id")
+        full_rope, sliding_rope = _ropes(d, model_type)
+        if layer_types is None:
+            sliding_rope = None  # no sliding-window layer to apply it to
         return cls(
             vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"],
@@ -178,7 +265,9 @@ class ModelConfig:
             num_kv_heads=d.get("num_key_value_heads") or heads,
             head_dim=d.get("head_dim") or d["hidden_size"] // heads,
             rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-            rope_theta=_rope_theta(d),
+            rope_theta=full_rope.theta,
+            rope_yarn=full_rope.yarn,
+            sliding_rope=sliding_rope,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             qk_norm=fam["qk_norm"],
             norm_placement=fam["norm_placement"],
@@ -218,8 +307,17 @@ class ModelConfig:
             "attention_dropout": 0.0,
             "use_cache": True,
         }
+        full = Rope(self.rope_theta, self.rope_yarn)
         if self.model_type != "olmo3":
-            d["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta}
+            if self.sliding_rope is not None:
+                raise ValueError(f"{self.model_type} has one RoPE for all layers (sliding_rope)")
+            d["rope_parameters"] = full.to_hf_dict()
+        elif self.rope_yarn is not None or self.sliding_rope is not None:
+            sliding = self.sliding_rope or full
+            d["rope_parameters"] = {
+                "full_attention": full.to_hf_dict(),
+                "sliding_attention": sliding.to_hf_dict(),
+            }
         if self.model_type in ("qwen3", "llama", "olmo3"):
             if self.qkv_bias != self.o_bias:
                 raise ValueError(f"{self.model_type} needs qkv_bias == o_bias (attention_bias)")
@@ -245,26 +343,53 @@ class ModelConfig:
         return d
 
 
-def _rope_theta(d: dict[str, Any]) -> float:
-    """RoPE base from either the legacy `rope_theta` key or transformers-5 `rope_parameters`."""
+def _ropes(d: dict[str, Any], model_type: str) -> tuple[Rope, Rope | None]:
+    """(RoPE of full-attention layers, RoPE of sliding-window layers or None = the same).
+
+    Reads the legacy `rope_theta` + `rope_scaling` keys and transformers-5 `rope_parameters`
+    (flat, or one entry per layer type as OLMo-3 writes it). OLMo-3 applies a flat
+    `rope_scaling` to its full-attention layers only, as transformers does.
+    """
+    theta = d.get("rope_theta")
     params = d.get("rope_parameters") or d.get("rope_scaling")
+    max_pos = d.get("max_position_embeddings", 40960)
     if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
-        # OLMo-3 style: one entry per layer type; we need them all to agree.
-        thetas = {p.get("rope_theta", d.get("rope_theta")) for p in params.values()}
-        types = {p.get("rope_type", "default") for p in params.values()}
-        if len(thetas) != 1:
-            raise ValueError(f"per-layer-type rope_theta values {thetas} are not supported")
-        params = {
-            "rope_type": types.pop() if len(types) == 1 else "mixed",
-            "rope_theta": thetas.pop(),
-        }
-    rope_type = (params or {}).get("rope_type", (params or {}).get("type", "default"))
-    if rope_type != "default":
-        raise ValueError(
-            f"rope scaling {rope_type!r} is not supported (only default RoPE); "
-            "remove rope_scaling from config.json or use a model without it"
-        )
-    theta = (params or {}).get("rope_theta", d.get("rope_theta"))
+        unknown = set(params) - {"full_attention", "sliding_attention"}
+        if unknown:
+            raise ValueError(f"rope_parameters for unknown layer types {sorted(unknown)}")
+        full = _rope(params.get("full_attention", {}), theta, max_pos)
+        sliding = _rope(params.get("sliding_attention", {}), theta, max_pos)
+        return full, None if sliding == full else sliding
+    full = _rope(params or {}, theta, max_pos)
+    if model_type == "olmo3" and full.yarn is not None:
+        return full, Rope(full.theta)
+    return full, None
+
+
+def _rope(p: dict[str, Any], theta: Any, max_pos: int) -> Rope:
+    """One layer type's RoPE from its HF dict; `theta`: the top-level rope_theta fallback."""
+    theta = p.get("rope_theta", theta)
     if theta is None:
         raise ValueError("config.json has neither rope_theta nor rope_parameters.rope_theta")
-    return float(theta)
+    if p.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError("partial_rotary_factor != 1 is not supported (RoPE on every dimension)")
+    rope_type = p.get("rope_type", p.get("type", "default"))
+    if rope_type == "default":
+        return Rope(float(theta))
+    if rope_type != "yarn":
+        raise ValueError(
+            f"rope scaling {rope_type!r} is not supported (default and 'yarn' are); "
+            "remove rope_scaling from config.json or use a model without it"
+        )
+    original = p.get("original_max_position_embeddings") or max_pos
+    yarn = YarnRope(
+        factor=float(p.get("factor") or max_pos / original),
+        original_max_position_embeddings=int(original),
+        beta_fast=float(p.get("beta_fast") or 32.0),
+        beta_slow=float(p.get("beta_slow") or 1.0),
+        attention_factor=p.get("attention_factor"),
+        mscale=p.get("mscale"),
+        mscale_all_dim=p.get("mscale_all_dim"),
+        truncate=bool(p.get("truncate", True)),
+    )
+    return Rope(float(theta), yarn)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jaxsd.models.config import ModelConfig
+from jaxsd.models.config import ModelConfig, YarnRope
 from jaxsd.models.lora import Linear, LoraConfig, _param
 
 Cache = dict[str, Any]  # {"k": tuple of L [B, S, K, D], "v": same, "index": int32 []}
@@ -32,13 +32,27 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight.astype(x.dtype) * normed.astype(x.dtype)
 
 
-def apply_rope(x_BxTxNxD: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding, HF rotate-half convention: x cos + rotate_half(x) sin."""
+def apply_rope(
+    x_BxTxNxD: jax.Array,
+    positions_BxT: jax.Array,
+    theta: float,
+    yarn: YarnRope | None = None,
+) -> jax.Array:
+    """Rotary embedding, HF rotate-half convention: x cos + rotate_half(x) sin.
+
+    With `yarn`, its inverse frequencies and its scale on cos and sin (transformers' order:
+    scale in fp32, then cast)."""
     d = x_BxTxNxD.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    if yarn is None:
+        inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    else:
+        inv_freq = jnp.asarray(yarn.inv_freq(d, theta))
     freqs_BxTxD2 = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs_BxTxD2, freqs_BxTxD2], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(emb).astype(x_BxTxNxD.dtype), jnp.sin(emb).astype(x_BxTxNxD.dtype)
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    if yarn is not None:
+        cos, sin = cos * yarn.attention_scale(), sin * yarn.attention_scale()
+    cos, sin = cos.astype(x_BxTxNxD.dtype), sin.astype(x_BxTxNxD.dtype)
     x1, x2 = jnp.split(x_BxTxNxD, 2, axis=-1)
     return x_BxTxNxD * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
@@ -152,7 +166,9 @@ class RMSNorm(nnx.Module):
 class Attention(nnx.Module):
     """GQA self-attention with optional q/k RMSNorm (per head or over the full projection)."""
 
-    def __init__(self, cfg: ModelConfig, *, lora: LoraConfig | None, rngs: nnx.Rngs):
+    def __init__(
+        self, cfg: ModelConfig, *, lora: LoraConfig | None, rngs: nnx.Rngs, layer: int = 0
+    ):
         h, n, k, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         kw = dict(
             param_dtype=cfg.param_jnp_dtype,
@@ -189,7 +205,8 @@ class Attention(nnx.Module):
             )
         self.full_qk_norm = cfg.qk_norm and cfg.qk_norm_scope == "full"
         self.num_heads, self.num_kv_heads, self.head_dim = n, k, d
-        self.rope_theta = cfg.rope_theta
+        rope = cfg.layer_rope(layer)
+        self.rope_theta, self.rope_yarn = rope.theta, rope.yarn
         self.attention_impl = cfg.attention
 
     def __call__(
@@ -220,8 +237,9 @@ class Attention(nnx.Module):
         v = v.reshape(k.shape)
         if self.q_norm is not None and not self.full_qk_norm:  # Qwen3: per-head norm
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q, positions_BxT if query_index is None else positions_q, self.rope_theta)
-        k = apply_rope(k, positions_BxT, self.rope_theta)
+        positions = positions_BxT if query_index is None else positions_q
+        q = apply_rope(q, positions, self.rope_theta, self.rope_yarn)
+        k = apply_rope(k, positions_BxT, self.rope_theta, self.rope_yarn)
         if kv is not None:
             start = (0, cache_index, 0, 0)
             k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
@@ -257,8 +275,10 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
     """Pre-norm (Qwen3/Llama: x + f(norm(x))) or post-norm (OLMo-3: x + norm(f(x)))."""
 
-    def __init__(self, cfg: ModelConfig, *, lora: LoraConfig | None, rngs: nnx.Rngs):
-        self.self_attn = Attention(cfg, lora=lora, rngs=rngs)
+    def __init__(
+        self, cfg: ModelConfig, *, lora: LoraConfig | None, rngs: nnx.Rngs, layer: int = 0
+    ):
+        self.self_attn = Attention(cfg, lora=lora, rngs=rngs, layer=layer)
         self.mlp = MLP(cfg, lora=lora, rngs=rngs)
         norm = lambda: RMSNorm(  # noqa: E731
             cfg.hidden_size, cfg.rms_norm_eps, axis_name="embed", param_dtype=cfg.param_jnp_dtype
@@ -327,7 +347,7 @@ class Transformer(nnx.Module):
         )
         self.embed_tokens = _param(emb, ("vocab", "embed"))
         self.layers = nnx.List(
-            [DecoderLayer(config, lora=lora, rngs=rngs) for _ in range(config.num_layers)]
+            [DecoderLayer(config, lora=lora, rngs=rngs, layer=i) for i in range(config.num_layers)]
         )
         self.norm = RMSNorm(
             config.hidden_size,
