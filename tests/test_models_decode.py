@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,7 @@ import pytest
 from flax import nnx
 
 from jaxsd.models import ModelConfig, Transformer
+from jaxsd.models.config import Rope, YarnRope
 
 TOL = 1e-4
 # One sliding layer (window 4 slots) and one full layer, q/k-norm on, GQA 2.
@@ -18,12 +21,19 @@ CFG = ModelConfig(
     num_kv_heads=2, head_dim=8, rope_theta=1e4, sliding_window=4,
     layer_types=("sliding_attention", "full_attention"),
 )  # fmt: skip
+# The same with YaRN on the full layer and another RoPE on the sliding one (OLMo-3's layout):
+# decode must rotate each cached key as the full forward does.
+CFG_YARN = dataclasses.replace(
+    CFG,
+    rope_yarn=YarnRope(factor=4.0, original_max_position_embeddings=4),
+    sliding_rope=Rope(theta=5e5),
+)
 P, N = 6, 5  # padded prompt length, continuation length
 
 
-@pytest.fixture(scope="module")
-def model_fns():
-    model = nnx.eval_shape(lambda: Transformer(CFG, rngs=nnx.Rngs(0)))
+@pytest.fixture(scope="module", params=[CFG, CFG_YARN], ids=["default_rope", "yarn_rope"])
+def model_fns(request):
+    model = nnx.eval_shape(lambda: Transformer(request.param, rngs=nnx.Rngs(0)))
     rng = np.random.RandomState(1)  # numpy init: eager jax init compiles once per shape
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         noise = 0.2 * rng.standard_normal(var.shape).astype(np.float32)
