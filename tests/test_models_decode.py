@@ -25,7 +25,7 @@ CFG = ModelConfig(
 # decode must rotate each cached key as the full forward does.
 CFG_YARN = dataclasses.replace(
     CFG,
-    rope_yarn=YarnRope(factor=4.0, original_max_position_embeddings=4),
+    rope_scaling=YarnRope(factor=4.0, original_max_position_embeddings=4),
     sliding_rope=Rope(theta=5e5),
 )
 P, N = 6, 5  # padded prompt length, continuation length

@@ -201,6 +201,28 @@ FAMILY_CASES = {
             rope_parameters=YARN | {"rope_theta": 1e4},
         ),
     ),
+    # Llama 3.1's scaling; with head_dim 8 and theta 1e4 the wavelengths (6, 63, 628, 6283)
+    # fall in the blended band (4..16) and in the stretched one.
+    "llama3_rope_scaling": (
+        transformers.LlamaForCausalLM,
+        lambda: transformers.LlamaConfig(
+            vocab_size=89,
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            rope_parameters={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+                "rope_theta": 1e4,
+            },
+        ),
+    ),
     # OLMo-3 (its released checkpoints extend 8K -> 65K with YaRN): a flat rope_scaling acts
     # on the full-attention layers only; the sliding layer keeps default RoPE, another theta.
     "olmo3_yarn_full_layers": (
@@ -237,10 +259,10 @@ def test_family_switch_logits_match_transformers(tmp_path, family):
         mask = np.ones_like(mask)
     logits = np.asarray(_forward(model, ids, mask))
     assert _max_diff(logits, _hf_logits(hf, ids, mask), mask) <= TOL
-    if "yarn" in family:
-        assert config.rope_yarn is not None
+    if "yarn" in family or "rope_scaling" in family:
+        assert config.rope_scaling is not None
         # The scaling matters at these positions: the same weights without it differ.
-        plain = dataclasses.replace(config, rope_yarn=None, sliding_rope=None)
+        plain = dataclasses.replace(config, rope_scaling=None, sliding_rope=None)
         unscaled = Transformer(plain, rngs=nnx.Rngs(0))
         nnx.update(unscaled, nnx.state(model, nnx.Param))
         assert _max_diff(np.asarray(_forward(unscaled, ids, mask)), logits, mask) > 100 * TOL

@@ -110,14 +110,58 @@ class YarnRope:
 
 
 @dataclasses.dataclass(frozen=True)
-class Rope:
-    """One RoPE variant: base `theta` and an optional YaRN scaling."""
+class Llama3Rope:
+    """Llama 3.1's RoPE scaling: wavelengths longer than `original / low_freq_factor` are
+    stretched by `factor`, those shorter than `original / high_freq_factor` kept, and the
+    ones between blended smoothly (transformers' `llama3` rope type)."""
 
-    theta: float
-    yarn: YarnRope | None = None
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+    def __post_init__(self) -> None:
+        if not (self.factor > 0 and self.high_freq_factor > self.low_freq_factor > 0):
+            raise ValueError(
+                "llama3 rope scaling needs factor > 0 and high_freq_factor > low_freq_factor > 0"
+            )
+
+    def attention_scale(self) -> float:
+        return 1.0
+
+    def inv_freq(self, head_dim: int, theta: float) -> np.ndarray:
+        d = head_dim
+        inv_freq = 1.0 / theta ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d))
+        wavelen = 2 * math.pi / inv_freq
+        original = self.original_max_position_embeddings
+        stretched = np.where(
+            wavelen > original / self.low_freq_factor, inv_freq / self.factor, inv_freq
+        )
+        smooth = (original / wavelen - self.low_freq_factor) / (
+            self.high_freq_factor - self.low_freq_factor
+        )
+        blended = (1 - smooth) * stretched / self.factor + smooth * stretched
+        medium = (wavelen >= original / self.high_freq_factor) & (
+            wavelen <= original / self.low_freq_factor
+        )
+        return np.where(medium, blended, stretched).astype(np.float32)
 
     def to_hf_dict(self) -> dict[str, Any]:
-        base = {"rope_type": "default"} if self.yarn is None else self.yarn.to_hf_dict()
+        return {"rope_type": "llama3", **dataclasses.asdict(self)}
+
+
+RopeScaling = YarnRope | Llama3Rope
+
+
+@dataclasses.dataclass(frozen=True)
+class Rope:
+    """One RoPE variant: base `theta` and an optional frequency scaling (YaRN, Llama 3)."""
+
+    theta: float
+    scaling: RopeScaling | None = None
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        base = {"rope_type": "default"} if self.scaling is None else self.scaling.to_hf_dict()
         return {**base, "rope_theta": self.theta}
 
 
@@ -149,7 +193,7 @@ class ModelConfig:
     layer_types: tuple[str, ...] | None = None  # per layer "full_attention" | "sliding_attention"
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
-    rope_yarn: YarnRope | None = None  # YaRN scaling of the (full-attention) layers' RoPE
+    rope_scaling: RopeScaling | None = None  # of the (full-attention) layers' RoPE
     # RoPE of the sliding-window layers when it differs (OLMo-3: YaRN on full attention only).
     sliding_rope: Rope | None = None
     # Runtime switches (not part of config.json).
@@ -213,7 +257,7 @@ class ModelConfig:
         """The RoPE `layer` applies (sliding-window layers may have their own)."""
         if self.sliding_rope is not None and self.layer_window(layer) is not None:
             return self.sliding_rope
-        return Rope(self.rope_theta, self.rope_yarn)
+        return Rope(self.rope_theta, self.rope_scaling)
 
     def num_params(self) -> int:
         """Number of base (non-LoRA) parameters, counting a tied embedding once."""
@@ -266,7 +310,7 @@ class ModelConfig:
             head_dim=d.get("head_dim") or d["hidden_size"] // heads,
             rms_norm_eps=d.get("rms_norm_eps", 1e-6),
             rope_theta=full_rope.theta,
-            rope_yarn=full_rope.yarn,
+            rope_scaling=full_rope.scaling,
             sliding_rope=sliding_rope,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             qk_norm=fam["qk_norm"],
@@ -307,12 +351,12 @@ class ModelConfig:
             "attention_dropout": 0.0,
             "use_cache": True,
         }
-        full = Rope(self.rope_theta, self.rope_yarn)
+        full = Rope(self.rope_theta, self.rope_scaling)
         if self.model_type != "olmo3":
             if self.sliding_rope is not None:
                 raise ValueError(f"{self.model_type} has one RoPE for all layers (sliding_rope)")
             d["rope_parameters"] = full.to_hf_dict()
-        elif self.rope_yarn is not None or self.sliding_rope is not None:
+        elif self.rope_scaling is not None or self.sliding_rope is not None:
             sliding = self.sliding_rope or full
             d["rope_parameters"] = {
                 "full_attention": full.to_hf_dict(),
@@ -361,7 +405,7 @@ def _ropes(d: dict[str, Any], model_type: str) -> tuple[Rope, Rope | None]:
         sliding = _rope(params.get("sliding_attention", {}), theta, max_pos)
         return full, None if sliding == full else sliding
     full = _rope(params or {}, theta, max_pos)
-    if model_type == "olmo3" and full.yarn is not None:
+    if model_type == "olmo3" and full.scaling is not None:
         return full, Rope(full.theta)
     return full, None
 
@@ -376,9 +420,19 @@ def _rope(p: dict[str, Any], theta: Any, max_pos: int) -> Rope:
     rope_type = p.get("rope_type", p.get("type", "default"))
     if rope_type == "default":
         return Rope(float(theta))
+    if rope_type == "llama3":
+        return Rope(
+            float(theta),
+            Llama3Rope(
+                factor=float(p["factor"]),
+                low_freq_factor=float(p["low_freq_factor"]),
+                high_freq_factor=float(p["high_freq_factor"]),
+                original_max_position_embeddings=int(p["original_max_position_embeddings"]),
+            ),
+        )
     if rope_type != "yarn":
         raise ValueError(
-            f"rope scaling {rope_type!r} is not supported (default and 'yarn' are); "
+            f"rope scaling {rope_type!r} is not supported (default, 'yarn' and 'llama3' are); "
             "remove rope_scaling from config.json or use a model without it"
         )
     original = p.get("original_max_position_embeddings") or max_pos

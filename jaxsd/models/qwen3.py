@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jaxsd.models.config import ModelConfig, YarnRope
+from jaxsd.models.config import ModelConfig, RopeScaling
 from jaxsd.models.lora import Linear, LoraConfig, _param
 
 Cache = dict[str, Any]  # {"k": tuple of L [B, S, K, D], "v": same, "index": int32 []}
@@ -36,22 +36,22 @@ def apply_rope(
     x_BxTxNxD: jax.Array,
     positions_BxT: jax.Array,
     theta: float,
-    yarn: YarnRope | None = None,
+    scaling: RopeScaling | None = None,
 ) -> jax.Array:
     """Rotary embedding, HF rotate-half convention: x cos + rotate_half(x) sin.
 
-    With `yarn`, its inverse frequencies and its scale on cos and sin (transformers' order:
-    scale in fp32, then cast)."""
+    With `scaling` (YaRN, Llama 3), its inverse frequencies and its scale on cos and sin
+    (transformers' order: scale in fp32, then cast)."""
     d = x_BxTxNxD.shape[-1]
-    if yarn is None:
+    if scaling is None:
         inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
     else:
-        inv_freq = jnp.asarray(yarn.inv_freq(d, theta))
+        inv_freq = jnp.asarray(scaling.inv_freq(d, theta))
     freqs_BxTxD2 = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs_BxTxD2, freqs_BxTxD2], axis=-1)[:, :, None, :]
     cos, sin = jnp.cos(emb), jnp.sin(emb)
-    if yarn is not None:
-        cos, sin = cos * yarn.attention_scale(), sin * yarn.attention_scale()
+    if scaling is not None and scaling.attention_scale() != 1.0:
+        cos, sin = cos * scaling.attention_scale(), sin * scaling.attention_scale()
     cos, sin = cos.astype(x_BxTxNxD.dtype), sin.astype(x_BxTxNxD.dtype)
     x1, x2 = jnp.split(x_BxTxNxD, 2, axis=-1)
     return x_BxTxNxD * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
@@ -206,7 +206,7 @@ class Attention(nnx.Module):
         self.full_qk_norm = cfg.qk_norm and cfg.qk_norm_scope == "full"
         self.num_heads, self.num_kv_heads, self.head_dim = n, k, d
         rope = cfg.layer_rope(layer)
-        self.rope_theta, self.rope_yarn = rope.theta, rope.yarn
+        self.rope_theta, self.rope_scaling = rope.theta, rope.scaling
         self.attention_impl = cfg.attention
 
     def __call__(
@@ -238,8 +238,8 @@ class Attention(nnx.Module):
         if self.q_norm is not None and not self.full_qk_norm:  # Qwen3: per-head norm
             q, k = self.q_norm(q), self.k_norm(k)
         positions = positions_BxT if query_index is None else positions_q
-        q = apply_rope(q, positions, self.rope_theta, self.rope_yarn)
-        k = apply_rope(k, positions_BxT, self.rope_theta, self.rope_yarn)
+        q = apply_rope(q, positions, self.rope_theta, self.rope_scaling)
+        k = apply_rope(k, positions_BxT, self.rope_theta, self.rope_scaling)
         if kv is not None:
             start = (0, cache_index, 0, 0)
             k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
