@@ -202,7 +202,7 @@ def test_lora_run_trains_only_adapters_and_serves_the_merged_weights(tmp_path):
     two steps leave every base weight bit-identical and move only the adapters; the engine
     serves W + (alpha / r) A B (numpy), also after a resume from the checkpoint."""
     from jaxsd.train.checkpoint import Checkpointer
-    from jaxsd.train.loop import _host_state, build_run, maybe_resume, train_one_step
+    from jaxsd.train.loop import _host_state, _publish, build_run, maybe_resume, train_one_step
 
     cfg = load_config("ssopd")
     cfg.run_dir = str(tmp_path / "run")
@@ -243,6 +243,26 @@ def test_lora_run_trains_only_adapters_and_serves_the_merged_weights(tmp_path):
             np.testing.assert_allclose(served[name], value, rtol=1e-6, atol=1e-7, err_msg=name)
 
     check_engine(run.model)  # the embedded engine serves the trainer's copy, merged
+
+    class RecordingSync:  # the vLLM path: what would be published to the weights folder
+        def after_step(self, step, hf_state_dict):
+            self.published = (step, hf_state_dict())
+
+    run.sync = RecordingSync()
+    _publish(run, 2)
+    step, tensors = run.sync.published
+    want = expected_engine_weights()
+    assert step == 2
+    np.testing.assert_allclose(
+        tensors["model.layers.0.self_attn.q_proj.weight"],
+        want["layers/0/self_attn/q_proj/kernel"].T,
+        rtol=1e-6,
+        atol=1e-7,
+    )
+    np.testing.assert_array_equal(
+        tensors["model.layers.0.self_attn.k_proj.weight"],
+        base["layers/0/self_attn/k_proj/kernel"].T,
+    )
     with Checkpointer(cfg.run_dir) as checkpointer:
         checkpointer.save(2, run.state, _host_state(run, 2))
     resumed = build_run(cfg)
