@@ -144,45 +144,27 @@ def test_qwen3_logits_match_transformers(tmp_path, case):
     assert _max_diff(full, _hf_logits(hf, ids, ones), ones) <= TOL
 
 
+# Two shapes the family cases share: 4 heads of 8 and 6 heads of 8, both with 2 kv heads.
+NARROW = dict(vocab_size=89, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+WIDE = NARROW | dict(hidden_size=48, intermediate_size=64, num_attention_heads=6)
+OLMO3_SLIDING = dict(sliding_window=3, pad_token_id=0)
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4}
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 16}  # fmt: skip
 FAMILY_CASES = {
     "llama": (
         transformers.LlamaForCausalLM,
-        lambda: transformers.LlamaConfig(
-            vocab_size=89,
-            hidden_size=48,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=6,
-            num_key_value_heads=2,
-            rope_theta=1e4,
-            tie_word_embeddings=False,
-        ),
+        lambda: transformers.LlamaConfig(**WIDE, rope_theta=1e4, tie_word_embeddings=False),
     ),
     "qwen2_bias": (
         transformers.Qwen2ForCausalLM,
-        lambda: transformers.Qwen2Config(
-            vocab_size=89,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=True,
-        ),
+        lambda: transformers.Qwen2Config(**NARROW, tie_word_embeddings=True),
     ),
     "olmo3_post_norm_sliding": (
         transformers.Olmo3ForCausalLM,
         lambda: transformers.Olmo3Config(
-            vocab_size=89,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            sliding_window=3,
-            layer_types=["sliding_attention", "full_attention"],
-            pad_token_id=0,
+            **NARROW, **OLMO3_SLIDING, layer_types=["sliding_attention", "full_attention"]
         ),
     ),
     # YaRN with a tiny original context so that the interpolated and the ramped frequencies
@@ -190,13 +172,7 @@ FAMILY_CASES = {
     "qwen3_yarn": (
         transformers.Qwen3ForCausalLM,
         lambda: transformers.Qwen3Config(
-            vocab_size=89,
-            hidden_size=48,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
+            **WIDE | dict(num_attention_heads=4, head_dim=16),
             max_position_embeddings=32,
             rope_parameters=YARN | {"rope_theta": 1e4},
         ),
@@ -206,21 +182,7 @@ FAMILY_CASES = {
     "llama3_rope_scaling": (
         transformers.LlamaForCausalLM,
         lambda: transformers.LlamaConfig(
-            vocab_size=89,
-            hidden_size=48,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=6,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            rope_parameters={
-                "rope_type": "llama3",
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 16,
-                "rope_theta": 1e4,
-            },
+            **WIDE, max_position_embeddings=128, rope_parameters=LLAMA3 | {"rope_theta": 1e4}
         ),
     ),
     # OLMo-3 (its released checkpoints extend 8K -> 65K with YaRN): a flat rope_scaling acts
@@ -228,15 +190,9 @@ FAMILY_CASES = {
     "olmo3_yarn_full_layers": (
         transformers.Olmo3ForCausalLM,
         lambda: transformers.Olmo3Config(
-            vocab_size=89,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            sliding_window=3,
+            **NARROW | dict(num_hidden_layers=3),
+            **OLMO3_SLIDING,
             layer_types=["sliding_attention", "full_attention", "full_attention"],
-            pad_token_id=0,
             max_position_embeddings=32,
             rope_scaling=YARN | {"attention_factor": 1.3, "beta_fast": 16.0},
             rope_theta=1e4,
@@ -275,12 +231,7 @@ def test_family_switch_logits_match_transformers(tmp_path, family):
 
 def test_unsupported_rope_scaling_is_named(tmp_path):
     cfg = transformers.LlamaConfig(
-        vocab_size=89,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4},
+        **NARROW, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}
     )
     _make_hf(tmp_path, transformers.LlamaForCausalLM, cfg, seed=0)
     with pytest.raises(ValueError, match="rope scaling 'linear' is not supported"):
