@@ -148,9 +148,11 @@ def step_config(algo: str, chunk_size: int, topk_block: int | None = None) -> An
 
 def bench_step(a: argparse.Namespace) -> dict[str, Any]:
     import jax
+    from flax import nnx
 
     from jaxsd.losses import topk_block_width
-    from jaxsd.models import Transformer
+    from jaxsd.models import LoraConfig, Transformer
+    from jaxsd.models.lora import LORA_FILTER
     from jaxsd.train.optimizer import make_optimizer
     from jaxsd.train.state import create_train_state
     from jaxsd.train.step import make_train_step
@@ -161,8 +163,14 @@ def bench_step(a: argparse.Namespace) -> dict[str, Any]:
     tx = make_optimizer(W.LR, weight_decay=W.WEIGHT_DECAY, clip_norm=W.GRAD_CLIP)
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
+    lora = None
+    if a.lora_rank:
+        lora = LoraConfig(rank=a.lora_rank, alpha=2.0 * a.lora_rank, targets=a.lora_targets)
     graphdef, state, _ = create_train_state(
-        lambda r: Transformer(cfg, rngs=r), tx, teacher_mode=step_cfg.teacher_mode
+        lambda r: Transformer(cfg, rngs=r, lora=lora),
+        tx,
+        teacher_mode=step_cfg.teacher_mode,
+        trainable=nnx.Param if lora is None else LORA_FILTER,
     )
     batch = jax.device_put(make_batch(cfg, a.algo, b, prompt, response, extra))
     jax.block_until_ready((state, batch))
@@ -189,7 +197,9 @@ def bench_step(a: argparse.Namespace) -> dict[str, Any]:
     peak_bytes = device_peak_bytes()  # before the matmul probe allocates anything
     measured = max(matmul_gflops(a.matmul_n, a.dtype) for _ in range(2))
     step_s = statistics.median(times)
-    n_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
+    trainable = int(sum(x.size for x in jax.tree.leaves(state.params)))
+    # With LoRA the base weights are the frozen part of the state, the adapters the trainable.
+    n_params = int(sum(x.size for x in jax.tree.leaves(state.frozen))) if lora else trainable
     shape = W.shape(a.shape) | {"num_hidden_layers": cfg.num_layers}
     counts = W.param_counts(shape)
     if counts["total"] != n_params:
@@ -215,6 +225,9 @@ def bench_step(a: argparse.Namespace) -> dict[str, Any]:
         "param_dtype": a.param_dtype,
         "attention": a.attention,
         "remat": a.remat,
+        "lora_rank": a.lora_rank,
+        "lora_targets": list(a.lora_targets) if a.lora_rank else None,
+        "trainable_params": trainable,
         "topk_block": a.topk_block or topk_block_width(cfg.vocab_size, W.TOP_K),
         "compute_dtype": a.dtype,
         "step_s": step_s,
@@ -467,6 +480,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--remat", action="store_true", help="recompute layer activations in bwd")
     p.add_argument(
+        "--lora-rank", type=int, default=0,
+        help="train LoRA adapters of this rank (alpha = 2 x rank) instead of every weight",
+    )  # fmt: skip
+    p.add_argument(
+        "--lora-targets", default="q,k,v,o,gate,up,down", help="projections carrying adapters"
+    )
+    p.add_argument(
         "--topk-block",
         type=int,
         help="width of the logit blocks the exact top-k prunes (default: chosen from V and k)",
@@ -502,6 +522,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     if a.layers is not None and a.layers < 1:
         p.error(f"--layers must be >= 1, got {a.layers}")
+    if a.lora_rank < 0:
+        p.error(f"--lora-rank must be >= 0 (0: train every weight), got {a.lora_rank}")
+    from jaxsd.models.lora import LORA_TARGETS
+
+    a.lora_targets = tuple(t for t in a.lora_targets.split(",") if t)
+    if not a.lora_targets or not set(a.lora_targets) <= set(LORA_TARGETS):
+        p.error(f"--lora-targets must be a comma-separated subset of {','.join(LORA_TARGETS)}")
     if not (a.head_variant or a.head):  # the head benchmarks report no MFU
         import jax
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import pathlib
 import subprocess
 import sys
@@ -58,3 +60,32 @@ def test_train_step_cli_rejects_a_nonpositive_peak():
         timeout=120,
     )
     assert proc.returncode == 2 and "must be > 0" in proc.stderr
+
+
+def _train_step_cli(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "bench/train_step.py"), "--steps", "1", "--warmup", "0"]
+    return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=600)
+
+
+def test_train_step_lora_flags_train_only_the_adapters(workload):
+    proc = _train_step_cli("--matmul-n", "256", "--lora-rank", "4", "--lora-targets", "q,v")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    s = workload.shape("tiny")
+    h, d = s["hidden_size"], s["head_dim"]
+    q_out, v_out = s["num_attention_heads"] * d, s["num_key_value_heads"] * d
+    # rank x (in + out) per adapted projection (A [in, r], B [r, out]), every layer.
+    adapters = s["num_hidden_layers"] * 4 * ((h + q_out) + (h + v_out))
+    assert out["trainable_params"] == adapters
+    assert out["params"] == workload.param_counts(s)["total"]  # the frozen base, all of it
+    assert (out["lora_rank"], out["lora_targets"]) == (4, ["q", "v"])
+    assert math.isfinite(out["loss"]) and out["step_s"] > 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(("--lora-rank", "-1"), "--lora-rank"), (("--lora-targets", "q,gate_proj"), "--lora-targets")],
+)
+def test_train_step_cli_rejects_bad_lora_flags(args, message):
+    proc = _train_step_cli(*args)
+    assert proc.returncode == 2 and message in proc.stderr
