@@ -148,11 +148,10 @@ def step_config(algo: str, chunk_size: int, topk_block: int | None = None) -> An
 
 def bench_step(a: argparse.Namespace) -> dict[str, Any]:
     import jax
-    from flax import nnx
 
     from jaxsd.losses import topk_block_width
     from jaxsd.models import LoraConfig, Transformer
-    from jaxsd.models.lora import LORA_FILTER
+    from jaxsd.models.lora import trainable_filter
     from jaxsd.train.optimizer import make_optimizer
     from jaxsd.train.state import create_train_state
     from jaxsd.train.step import make_train_step
@@ -170,7 +169,7 @@ def bench_step(a: argparse.Namespace) -> dict[str, Any]:
         lambda r: Transformer(cfg, rngs=r, lora=lora),
         tx,
         teacher_mode=step_cfg.teacher_mode,
-        trainable=nnx.Param if lora is None else LORA_FILTER,
+        trainable=trainable_filter(lora),
     )
     batch = jax.device_put(make_batch(cfg, a.algo, b, prompt, response, extra))
     jax.block_until_ready((state, batch))
@@ -524,9 +523,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--layers must be >= 1, got {a.layers}")
     if a.lora_rank < 0:
         p.error(f"--lora-rank must be >= 0 (0: train every weight), got {a.lora_rank}")
+    from jaxsd.algorithms.validate import lora_targets
     from jaxsd.models.lora import LORA_TARGETS
 
-    a.lora_targets = tuple(t for t in a.lora_targets.split(",") if t)
+    a.lora_targets = lora_targets(a.lora_targets)
     if not a.lora_targets or not set(a.lora_targets) <= set(LORA_TARGETS):
         p.error(f"--lora-targets must be a comma-separated subset of {','.join(LORA_TARGETS)}")
     if not (a.head_variant or a.head):  # the head benchmarks report no MFU

@@ -48,6 +48,11 @@ def dtype_name(dtype: Any) -> str:
     return name
 
 
+def _default_inv_freq(head_dim: int, theta: float) -> np.ndarray:
+    """Plain RoPE's [head_dim / 2] float32 inverse frequencies, theta^(-2i / head_dim)."""
+    return 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim))
+
+
 @dataclasses.dataclass(frozen=True)
 class YarnRope:
     """YaRN RoPE scaling (Peng et al. 2023, arXiv:2309.00071), as transformers computes it.
@@ -87,7 +92,7 @@ class YarnRope:
     def inv_freq(self, head_dim: int, theta: float) -> np.ndarray:
         """[head_dim / 2] float32 inverse frequencies."""
         d = head_dim
-        pos_freqs = theta ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d))
+        inv_freq = _default_inv_freq(d, theta)
 
         def dim_of(rotations: float) -> float:  # the dimension turning `rotations` times
             turns = self.original_max_position_embeddings / (rotations * 2 * math.pi)
@@ -101,7 +106,7 @@ class YarnRope:
             high += 0.001  # a step instead of a ramp, without dividing by zero
         ramp = np.clip((np.arange(d // 2, dtype=np.float32) - low) / (high - low), 0.0, 1.0)
         keep = 1.0 - ramp  # weight of the original (extrapolated) frequency
-        out = (1.0 / (self.factor * pos_freqs)) * (1.0 - keep) + (1.0 / pos_freqs) * keep
+        out = (inv_freq / self.factor) * (1.0 - keep) + inv_freq * keep
         return out.astype(np.float32)
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -130,8 +135,7 @@ class Llama3Rope:
         return 1.0
 
     def inv_freq(self, head_dim: int, theta: float) -> np.ndarray:
-        d = head_dim
-        inv_freq = 1.0 / theta ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d))
+        inv_freq = _default_inv_freq(head_dim, theta)
         wavelen = 2 * math.pi / inv_freq
         original = self.original_max_position_embeddings
         stretched = np.where(

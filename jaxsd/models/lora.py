@@ -21,6 +21,11 @@ LORA_FILTER = nnx.LoRAParam
 BASE_FILTER = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
 
 
+def trainable_filter(lora: LoraConfig | None) -> type:
+    """What the optimizer trains: every Param without LoRA, only the adapters with it."""
+    return nnx.Param if lora is None else LORA_FILTER
+
+
 @jax.custom_vjp
 def dense(x: jax.Array, w: jax.Array) -> jax.Array:
     """`x [..., I] @ w [I, O]`, with a backward pass that transposes the narrower operand.

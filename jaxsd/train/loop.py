@@ -31,7 +31,7 @@ from jaxsd import metrics as metrics_lib
 from jaxsd.algorithms.validate import lora_targets, mesh_shape, validate_config
 from jaxsd.eval import eval_metrics_for_log, evaluate, stop_token_ids
 from jaxsd.models import from_pretrained, to_hf_state_dict
-from jaxsd.models.lora import LORA_FILTER, LoraConfig, merge_lora
+from jaxsd.models.lora import LoraConfig, merge_lora, trainable_filter
 from jaxsd.rollout.engine import SamplingConfig
 from jaxsd.tasks import get_task
 from jaxsd.tasks.reprompt import chat_token_ids
@@ -234,7 +234,7 @@ def build_run(cfg: Any) -> Run:
         mesh=mesh,
         seed=cfg.seed,
         teacher_mode=step_cfg.teacher_mode,
-        trainable=nnx.Param if lora is None else LORA_FILTER,
+        trainable=trainable_filter(lora),
     )
     b_shardings = batch_shardings(mesh)
     train_step = make_train_step(
@@ -376,9 +376,10 @@ def _publish(run: Run, step: int) -> dict[str, float]:
         # The state is donated to the next step, so the engine gets its own copy, gathered onto
         # one device: the embedded sampler is the single-device engine.
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        params = jax.tree.map(
-            lambda x: jax.device_put(jnp.copy(x), device), run.engine_params(run.state)
-        )
+        params = run.engine_params(run.state)
+        # Only the state's own buffers need the copy (a LoRA merge already made new ones).
+        copy = jnp.copy if params is run.state.params else (lambda x: x)
+        params = jax.tree.map(lambda x: jax.device_put(copy(x), device), params)
         run.engine.set_params(params, step)
         return {}
     nnx.update(run.model, run.engine_params(run.state))
