@@ -1,7 +1,7 @@
 """Host-side types shared by every algorithm: verified rollouts in, per-rollout plans out.
 
 An algorithm turns the verified rollouts of one step (grouped by question) into the
-per-rollout numbers of the train step's batch (notes/batch_contract.md): the teacher's chat
+per-rollout numbers of the train step's batch (`jaxsd.train.batch`): the teacher's chat
 messages (tokenised later by the loop), the GRPO advantage and the weights of each loss term.
 Its memory between steps (DRIFT's EMA pass rates and success buffer, PACED's frozen pass
 rates, the buffer-draw RNG) is an explicit `HostState` that round-trips through JSON, so a

@@ -171,7 +171,7 @@ class Rope:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Decoder hyper-parameters; field names follow the model contract (notes/model_contract.md)."""
+    """Decoder hyper-parameters; field names follow transformers' `Qwen3Config`."""
 
     vocab_size: int
     hidden_size: int

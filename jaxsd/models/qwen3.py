@@ -337,7 +337,7 @@ def _spec(x: Any) -> tuple[Any, ...]:
 
 
 class Transformer(nnx.Module):
-    """Decoder-only LM; see notes/model_contract.md for the public API."""
+    """Decoder-only LM: `__call__` gives logits, `hidden_states` the trunk, `logits` the head."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, lora: LoraConfig | None = None):
         self.config = config

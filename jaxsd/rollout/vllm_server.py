@@ -69,9 +69,9 @@ def keep_freed_host_memory() -> bool:
     TensorStore's threads) and, on the CPU backend, every layer the reload materialises
     afresh. With glibc's defaults each tensor over 32 MB is a fresh mmap, and other threads'
     allocations land in per-thread arenas that the next step's threads may not reuse; the
-    page faults of first touching fresh memory were half of the reload (235 MB model: reload
-    0.49 -> 0.25 s) and of the restore (0.30-0.63 -> 0.16-0.20 s with one arena,
-    bench/README.md). The worker's resident memory settles ~300 MB higher instead. Call it
+    page faults of first touching fresh memory were about half of the reload and of the
+    restore (bench/weight_exchange.py measures it). The worker's resident memory settles a few
+    hundred MB higher instead. Call it
     before the worker starts threads (arenas already handed out stay). Returns False where
     the C library is not glibc or refuses a setting (then only the settings before it apply).
     """

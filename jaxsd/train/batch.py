@@ -2,7 +2,7 @@
 
 One `TrainSample` is one rollout as the step sees it; `build_batch` pads a list of them to
 fixed, bucketed shapes (so the jitted step compiles once per bucket). Layout, per sequence b
-and response token r (see /work/notes/batch_contract.md):
+and response token r:
 
 - student row   = prompt ⊕ response,          right-padded to Ts
 - teacher row   = teacher_prompt ⊕ response,  right-padded to Tt (prompt ⊕ response without one)

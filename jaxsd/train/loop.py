@@ -387,17 +387,6 @@ def _publish(run: Run, step: int) -> dict[str, float]:
     return {f"time/publish_{k}": v for k, v in (timing or {}).items()}
 
 
-def _epoch(run: Run, step: int) -> int:
-    _, epoch = data.questions_for_step(
-        step,
-        questions_per_step=run.cfg.task.questions_per_step,
-        num_records=len(run.train_records),
-        seed=run.cfg.seed,
-        shuffle=run.cfg.task.shuffle,
-    )
-    return epoch
-
-
 def train_one_step(run: Run, step: int) -> dict[str, Any]:
     """Rollout -> verify -> plan -> train step -> publish, for 0-based step `step`."""
     cfg = run.cfg

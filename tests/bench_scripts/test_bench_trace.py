@@ -9,7 +9,7 @@ import pathlib
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 # The shape of XLA:CPU's *after_optimizations.txt: fused computations, then the entry
 # computation calling them (a head weight gradient [512, 256] x [256, 32768], a batched dot and
