@@ -15,6 +15,10 @@ bound (write without fsync + warm read) is reported too: publish_weights leaves 
 to the OS by default, so that is the floor it is measured against as well.
 
     .venv/bin/python bench/weight_exchange.py --sizes=tiny,small,medium --reps=3 --baseline
+
+`--compare-ram` runs every size twice, publishing to the work folder on disk and to a folder in
+RAM (/dev/shm, what `rollout.weights_dir=auto` uses), in alternating order per size, and
+reports `ram_vs_disk`: the disk median over the RAM median of save -> generating.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from peers.workload import random_qwen3_folder  # noqa: E402
+
+from jaxsd.rollout.weights import RAM_ROOT  # noqa: E402
 
 # name -> (hidden, layers, heads, kv_heads, head_dim, intermediate, vocab)
 SIZES = {
@@ -207,6 +213,7 @@ def bench_size(size: str, root: pathlib.Path, reps: int, baseline: bool = False)
     see the same machine load), then one step through the restart fallback."""
     from jaxsd.rollout import SamplingConfig, VllmEngine, VllmWorkerConfig, publish_weights
 
+    (root / size).mkdir(parents=True, exist_ok=True)
     publishers = {"publish_weights": publish_weights}
     if baseline:
         publishers["publish_weights_fsync"] = functools.partial(publish_weights, fsync=True)
@@ -273,6 +280,22 @@ def bench_size(size: str, root: pathlib.Path, reps: int, baseline: bool = False)
     }
 
 
+def compare_ram(size: str, disk_root: pathlib.Path, reps: int) -> dict:
+    """`bench_size` with the work folder on disk and in RAM, in alternating order by size."""
+    with tempfile.TemporaryDirectory(dir=RAM_ROOT) as ram:
+        roots = {"disk": disk_root / "disk", "ram": pathlib.Path(ram)}
+        order = ["disk", "ram"] if list(SIZES).index(size) % 2 == 0 else ["ram", "disk"]
+        runs = {where: bench_size(size, roots[where], reps) for where in order}
+    result = dict(runs["disk"])
+    key = "median_save_to_generating_s"
+    result["ram"] = {k: v for k, v in runs["ram"].items() if k != "steps"}
+    result["ram_vs_disk"] = {
+        "disk_s": runs["disk"][key], "ram_s": runs["ram"][key],
+        "speedup": runs["disk"][key] / runs["ram"][key], "order": order,
+    }  # fmt: skip
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="tiny,small,medium", help=f"comma list of {list(SIZES)}")
@@ -291,6 +314,11 @@ def main() -> None:
         " is then save + restore)",
     )
     parser.add_argument(
+        "--compare-ram",
+        action="store_true",
+        help="each size on disk and in RAM (/dev/shm), alternating; reports the ratio",
+    )
+    parser.add_argument(
         "--dtype",
         default="float32",
         choices=("float32", "bfloat16"),
@@ -304,7 +332,9 @@ def main() -> None:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(dir=args.dir or None) as tmp:
         root = pathlib.Path(tmp)
-        if args.no_engine:
+        if args.compare_ram:
+            results = [compare_ram(s, root, args.reps) for s in sizes]
+        elif args.no_engine:
             results = [bench_size_without_engine(s, root, args.reps, args.dtype) for s in sizes]
         else:
             results = [bench_size(s, root, args.reps, args.baseline) for s in sizes]

@@ -101,6 +101,24 @@ def get_config(arg: str | None = None, *, run_name: str = "sdpo") -> ml_collecti
     c.rollout.eval_temperature = 0.6
     c.rollout.eval_top_p = 0.95
     c.rollout.eval_questions = 0  # test questions per evaluation (0 = whole split)
+    # vLLM workers (rollout.engine="vllm"). dtype "auto" = model.compute_dtype (bf16 on GPU/TPU
+    # presets, fp32 on CPU); one worker per tensor_parallel_size GPUs of placement.rollout_gpus;
+    # gpu_memory_utilization = vLLM's share of each of its GPUs; sleep_between_rollouts (vLLM
+    # sleep mode, GPU only): None = on when colocated with the trainer.
+    c.rollout.vllm = ml_collections.ConfigDict(
+        dict(dtype="auto", tensor_parallel_size=1, gpu_memory_utilization=0.9)
+    )
+    c.rollout.vllm.sleep_between_rollouts = ml_collections.config_dict.placeholder(bool)
+    # Published weights steps: "auto" = a per-run folder in RAM (/dev/shm) when it has room (an
+    # error says when not), "run" = <run_dir>/weights, or any folder (shared storage).
+    c.rollout.weights_dir = "auto"
+
+    # Where trainer and vLLM workers run on a GPU node (jaxsd.rollout.placement): "separate"
+    # GPU sets, or "colocated" on the same GPUs with JAX's and vLLM's memory shares from one
+    # budget. GPU lists: "0-3" or "0,1"; "" = the GPUs the process sees.
+    c.placement = ml_collections.ConfigDict(
+        dict(mode="separate", trainer_gpus="", rollout_gpus="", trainer_memory_fraction=0.75)
+    )
 
     c.algorithm = algorithm_config("sdpo")
 

@@ -20,12 +20,24 @@ def main(argv: list[str]) -> None:
     if _CONFIG.value is None:
         raise app.UsageError("pass --config=configs/<method>.py[:preset]")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    if _CONFIG.value.rollout.engine == "vllm":
+        _place_trainer(_CONFIG.value)
     from jaxsd.train.loop import train
     from jaxsd.train.report import print_summary
 
     summary = train(_CONFIG.value)
     print_summary(summary)
     print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}))
+
+
+def _place_trainer(cfg) -> None:
+    """The trainer's GPUs and memory share (placement section), before JAX starts a backend."""
+    import os
+
+    from jaxsd.rollout.placement import apply_trainer_env, placement_from_config
+
+    for line in apply_trainer_env(placement_from_config(cfg), os.environ):
+        print(f"[jaxsd] placement: {line}", flush=True)
 
 
 if __name__ == "__main__":

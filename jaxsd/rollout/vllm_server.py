@@ -108,6 +108,8 @@ class WorkerOptions:
     seed: int = 0
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = True
+    tensor_parallel_size: int = 1
+    sleep_between_rollouts: bool = False  # vLLM sleep mode around each generate (GPU only)
 
 
 def log(name: str, msg: str) -> None:
@@ -151,17 +153,9 @@ def export_hf_folder(
     return out
 
 
-def build_llm(model_dir: str | os.PathLike, opts: WorkerOptions):
-    """A vllm.LLM for token-id prompts, with the Orbax weight loader mixed into its worker."""
-    from vllm import LLM
-    from vllm.platforms import current_platform
-
-    # vLLM's CPU backend cannot rewind a seeded request's torch.Generator ("CPU Generator
-    # does not use offset"), which chunked prefill does whenever a batch of prompts exceeds the
-    # token budget (e.g. 40 eval prompts x 16 samples). Whole-prompt prefill avoids it.
-    cpu_only = {"enable_chunked_prefill": False} if current_platform.is_cpu() else {}
-    return LLM(
-        **cpu_only,
+def llm_kwargs(model_dir: str | os.PathLike, opts: WorkerOptions, *, on_cpu: bool) -> dict:
+    """The keyword arguments of `vllm.LLM` for this worker (pure; tests check them)."""
+    kwargs = dict(
         model=str(model_dir),
         dtype=opts.dtype,
         enforce_eager=opts.enforce_eager,
@@ -169,9 +163,35 @@ def build_llm(model_dir: str | os.PathLike, opts: WorkerOptions):
         generation_config="vllm",  # never let the folder's generation_config change sampling
         seed=opts.seed,
         max_model_len=opts.max_model_len,
-        gpu_memory_utilization=opts.gpu_memory_utilization,
         worker_extension_cls=EXTENSION_CLS,
+        tensor_parallel_size=opts.tensor_parallel_size,
     )
+    if on_cpu:
+        # vLLM's CPU backend cannot rewind a seeded request's torch.Generator ("CPU Generator
+        # does not use offset"), which chunked prefill does whenever a batch of prompts exceeds
+        # the token budget (e.g. 40 eval prompts x 16 samples). Whole-prompt prefill avoids it.
+        kwargs["enable_chunked_prefill"] = False
+    else:  # GPU memory settings; the CPU build sizes its KV cache from VLLM_CPU_KVCACHE_SPACE
+        kwargs["gpu_memory_utilization"] = opts.gpu_memory_utilization
+        kwargs["enable_sleep_mode"] = opts.sleep_between_rollouts
+    return kwargs
+
+
+def on_cpu_platform() -> bool:
+    """Whether vLLM runs on the CPU backend here (no sleep mode, no GPU memory settings)."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def build_llm(model_dir: str | os.PathLike, opts: WorkerOptions):
+    """A vllm.LLM for token-id prompts, with the Orbax weight loader mixed into its worker."""
+    from vllm import LLM
+
+    on_cpu = on_cpu_platform()
+    if on_cpu and opts.sleep_between_rollouts:
+        log(opts.name, "sleep_between_rollouts needs a GPU; the CPU build keeps the engine awake")
+    return LLM(**llm_kwargs(model_dir, opts, on_cpu=on_cpu))
 
 
 def sampling_params(sampling: SamplingConfig, n: int, prompt_index: int):
@@ -205,20 +225,41 @@ class RolloutServer:
         )
         t0 = time.perf_counter()
         self.llm = build_llm(opts.model_dir, opts)
+        self.sleeps = opts.sleep_between_rollouts and not on_cpu_platform()
+        self.asleep = False
         log(opts.name, f"engine ready in {time.perf_counter() - t0:.1f}s, weights step {self.step}")
+        self._sleep()
+
+    def _sleep(self) -> None:
+        """Between requests in sleep mode: weights to host memory, KV cache freed."""
+        if self.sleeps and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def _wake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
 
     def handle(self, msg: dict[str, Any]) -> dict[str, Any]:
         kind = msg.get("type")
-        if kind == "generate":
-            follow = msg.get("follow_latest", self.opts.follow_latest)
-            return self.generate(msg["prompts"], msg["n"], msg["sampling"], follow_latest=follow)
-        if kind == "load_weights":
-            return self.load_weights(int(msg["step"]), in_place=msg.get("in_place", True))
+        if kind in ("generate", "load_weights"):
+            self._wake()
+            try:
+                return self._handle_engine_request(kind, msg)
+            finally:
+                self._sleep()
         if kind == "ping":
             return {"type": "pong", "weights_step": self.step}
         if kind == "shutdown":
             return {"type": "bye", "weights_step": self.step}
         raise ValueError(f"unknown request type {kind!r}")
+
+    def _handle_engine_request(self, kind: str, msg: dict[str, Any]) -> dict[str, Any]:
+        if kind == "generate":
+            follow = msg.get("follow_latest", self.opts.follow_latest)
+            return self.generate(msg["prompts"], msg["n"], msg["sampling"], follow_latest=follow)
+        return self.load_weights(int(msg["step"]), in_place=msg.get("in_place", True))
 
     def generate(
         self, prompts: list[list[int]], n: int, sampling: SamplingConfig, *, follow_latest: bool
@@ -314,6 +355,7 @@ class RolloutServer:
         self.close()
         log(self.opts.name, f"restarting the engine from {model_dir}")
         self.llm = build_llm(model_dir, self.opts)
+        self.asleep = False  # a fresh engine starts awake
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
@@ -386,6 +428,11 @@ def serve(opts: WorkerOptions) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse `WorkerOptions` from flags (`--<field>=<value>`) and serve."""
+    return serve(parse_options(argv))
+
+
+def parse_options(argv: list[str] | None = None) -> WorkerOptions:
+    """`WorkerOptions` from the flags `vllm_engine.worker_command` writes."""
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -398,8 +445,7 @@ def main(argv: list[str] | None = None) -> int:
             required=required,
             default=None if required else field.default,
         )
-    opts = WorkerOptions(**vars(parser.parse_args(argv)))
-    return serve(opts)
+    return WorkerOptions(**vars(parser.parse_args(argv)))
 
 
 def _parse_bool(text: str) -> bool:

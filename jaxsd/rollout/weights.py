@@ -203,3 +203,53 @@ def restore_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
 def restore_weights(weights_dir: str | os.PathLike, step: int) -> dict[str, np.ndarray]:
     """The HF-named tensors published as weights step `step`, on host."""
     return restore_checkpoint(step_path(weights_dir, step))
+
+
+class WeightsDirError(ValueError):
+    """`rollout.weights_dir` cannot hold the published steps; names the fix."""
+
+
+RAM_ROOT = "/dev/shm"
+
+
+def resolve_weights_dir(
+    setting: str,
+    run_dir: str | os.PathLike,
+    *,
+    bytes_per_step: int,
+    keep: int,
+    num_processes: int = 1,
+    ram_root: str | os.PathLike = RAM_ROOT,
+) -> tuple[pathlib.Path, bool]:
+    """Where to publish weights steps -> (folder, in_ram).
+
+    setting "auto": a per-run folder in RAM (`/dev/shm`, tmpfs) when one process publishes and
+    it has room for `keep` + 1 steps (the one being written); a step then never touches the
+    disk, while the durable train checkpoint stays in the run folder. Multi-process runs need
+    storage every host sees, so they publish to the run folder. "run": `<run_dir>/weights`.
+    Anything else: that folder.
+    """
+    run_weights = pathlib.Path(run_dir).absolute() / "weights"
+    if setting == "run" or (setting == "auto" and num_processes > 1):
+        return run_weights, False
+    if setting != "auto":
+        return pathlib.Path(setting).absolute(), False
+    root = pathlib.Path(ram_root)
+    if not root.is_dir():
+        raise WeightsDirError(
+            f"rollout.weights_dir='auto' publishes weights to RAM ({root}), which this machine "
+            "does not have; set --config.rollout.weights_dir=run (the run folder) or a folder"
+        )
+    need = (keep + 1) * bytes_per_step
+    free = shutil.disk_usage(root).free
+    if free < need:
+        raise WeightsDirError(
+            f"rollout.weights_dir='auto': {root} has {free / 2**30:.2f} GiB free, but publishing "
+            f"needs {need / 2**30:.2f} GiB ({keep} kept steps + 1 being written, "
+            f"{bytes_per_step / 2**30:.2f} GiB each); set --config.rollout.weights_dir=run "
+            f"(the run folder on disk), or enlarge {root}"
+        )
+    import hashlib
+
+    tag = hashlib.sha1(str(pathlib.Path(run_dir).absolute()).encode()).hexdigest()[:12]
+    return root / f"jaxsd-{tag}" / "weights", True

@@ -162,20 +162,49 @@ def _make_engine(cfg: Any, model: nnx.Module, model_dir: pathlib.Path):
         from jaxsd.rollout.jax_engine import JaxEngine
 
         return JaxEngine(model, weights_step=0, length_buckets=LENGTH_BUCKETS), None
+    from jaxsd.rollout.placement import placement_from_config
     from jaxsd.rollout.sync import SyncConfig, WeightSync
     from jaxsd.rollout.vllm_engine import VllmEngine, VllmWorkerConfig
+    from jaxsd.rollout.weights import resolve_weights_dir
+    from jaxsd.rollout.worker_pool import WorkerPool
 
-    weights_dir = pathlib.Path(cfg.run_dir).resolve() / "weights"  # Orbax needs absolute paths
-    engine = VllmEngine(
-        VllmWorkerConfig(
-            model_dir=str(model_dir),
-            weights_dir=str(weights_dir),
-            seed=cfg.seed,
-            max_model_len=_max_len(cfg),
-            log_dir=str(pathlib.Path(cfg.run_dir) / "logs"),
-        )
+    placement = placement_from_config(cfg)
+    keep = SyncConfig.keep
+    weights_dir, in_ram = resolve_weights_dir(
+        cfg.rollout.weights_dir,
+        pathlib.Path(cfg.run_dir).resolve(),  # Orbax needs absolute paths
+        bytes_per_step=_param_bytes(model),
+        keep=keep,
+        num_processes=jax.process_count(),
     )
-    return engine, WeightSync(engine, SyncConfig(weights_dir=weights_dir))
+    print(f"weights steps publish to {weights_dir}" + (" (RAM)" if in_ram else ""), flush=True)
+    sync_config = SyncConfig(weights_dir=weights_dir, keep=keep, scratch=in_ram)
+    vllm = cfg.rollout.vllm
+    workers = [
+        VllmEngine(
+            VllmWorkerConfig(
+                model_dir=str(model_dir),
+                weights_dir=str(weights_dir),
+                name=f"rollout-{i}",
+                seed=cfg.seed + i,
+                max_model_len=_max_len(cfg),
+                log_dir=str(pathlib.Path(cfg.run_dir) / "logs"),
+                dtype=cfg.model.compute_dtype if vllm.dtype == "auto" else vllm.dtype,
+                tensor_parallel_size=vllm.tensor_parallel_size,
+                gpu_memory_utilization=placement.gpu_memory_utilization,
+                sleep_between_rollouts=placement.sleep_between_rollouts,
+                env=placement.worker_env(i),
+            )
+        )
+        for i in range(placement.num_workers)
+    ]
+    engine = workers[0] if len(workers) == 1 else WorkerPool(workers)
+    return engine, WeightSync(engine, sync_config)
+
+
+def _param_bytes(model: nnx.Module) -> int:
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in leaves)
 
 
 def _max_len(cfg: Any) -> int:
@@ -594,6 +623,8 @@ def train(cfg: Any) -> dict[str, Any]:
         writer.close()
         checkpointer.close()
         run.engine.close()
+        if run.sync is not None:
+            run.sync.close()
     if is_main:
         from jaxsd.plots import plot_run
 

@@ -32,3 +32,22 @@ def test_engine_less_run_times_both_publishers_and_compares_with_the_disk(
     disk = size["disk"]
     mb = size["param_bytes"] / 1e6
     assert size["disk_bound_s"] == mb / disk["write_MBps"] + mb / disk["read_MBps"]
+
+
+def test_compare_ram_runs_both_folders_and_reports_the_ratio(repo_module, tmp_path, monkeypatch):
+    bench = repo_module("bench/weight_exchange.py")
+    seen = []
+
+    def fake_bench_size(size, root, reps, baseline=False):
+        on_ram = str(root).startswith(bench.RAM_ROOT)
+        seen.append(("ram" if on_ram else "disk", root))
+        return {"median_save_to_generating_s": 0.5 if on_ram else 1.5, "steps": [], "reps": reps}
+
+    monkeypatch.setattr(bench, "bench_size", fake_bench_size)
+    first = bench.compare_ram("tiny", tmp_path, 2)
+    second = bench.compare_ram("small", tmp_path, 2)
+    assert [w for w, _ in seen] == ["disk", "ram", "ram", "disk"]  # alternating order
+    assert first["ram_vs_disk"] == {"disk_s": 1.5, "ram_s": 0.5, "speedup": 3.0,
+                                    "order": ["disk", "ram"]}  # fmt: skip
+    assert second["ram"]["median_save_to_generating_s"] == 0.5
+    assert not any(r.exists() for w, r in seen if w == "ram")  # the RAM folder is freed
