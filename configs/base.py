@@ -48,7 +48,10 @@ def get_config(arg: str | None = None, *, run_name: str = "sdpo") -> ml_collecti
     c.preset = preset
     c.total_steps = 80  # optimizer steps (the embedded default: ~3 min on a 2-core CPU)
     c.seed = 0
-    c.run_dir = "runs/default"  # checkpoints, weights/<step>, metrics.jsonl, TensorBoard
+    # Checkpoints, weights/<step>, config.json, metrics.jsonl, TensorBoard. The default name ends
+    # in {hash}: 8 hex digits of the config without its run-time keys (jaxsd.train.run_config), so
+    # another seed or lr gets its own folder and an unchanged rerun resumes the old one.
+    c.run_dir = "runs/default"
     c.resume = True  # continue from the latest checkpoint in run_dir when there is one
     c.eval_every = 10  # steps between evaluations (0 = never)
     c.checkpoint_every = 10  # steps between checkpoints (0 = only at the end)
@@ -153,6 +156,12 @@ def get_config(arg: str | None = None, *, run_name: str = "sdpo") -> ml_collecti
     c.optim.eps = 1e-8
     c.optim.grad_clip = 1.0
 
+    # Where metrics go besides metrics.jsonl (always written): any of tensorboard, wandb, mlflow
+    # (comma-separated; wandb/mlflow need `pip install jaxsd[trackers]`, WANDB_MODE=offline and
+    # the default MLflow file store <run_dir>/mlruns work without a network). `project` names
+    # the W&B project / MLflow experiment.
+    c.log = ml_collections.ConfigDict(dict(backends="jsonl,tensorboard", project="jaxsd"))
+
     # Device mesh; one axis may be -1 = all remaining devices.
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
 
@@ -196,5 +205,5 @@ def get_config(arg: str | None = None, *, run_name: str = "sdpo") -> ml_collecti
         c.optim.weight_decay = 0.01
         c.optim.grad_clip = 1.0
         c.mesh.update(data=1, fsdp=-1, tensor=1)
-    c.run_dir = f"runs/{run_name}_{preset}"
+    c.run_dir = f"runs/{run_name}_{preset}_{{hash}}"
     return c

@@ -4,7 +4,9 @@ Only process 0 writes (STYLE §18). `<run_dir>/metrics.jsonl` holds one JSON obj
 (`{"step": s, "time": unix_seconds, <name>: value, ...}`), flushed at every write so a crash loses
 nothing; a resumed run first drops lines with step > the restored step, so curves never double.
 TensorBoard events go to `<run_dir>/tb`; on resume the writer's purge step makes TensorBoard
-discard the stale tail of the old event files.
+discard the stale tail of the old event files. The config goes to TensorBoard's text and hparams
+tabs; sample completions to `<run_dir>/samples.jsonl` and TensorBoard text; W&B and MLflow
+(jaxsd.trackers) get the same scalars, config and samples when `backends` names them.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ TOKENS_PER_S = "perf/tokens_per_s"
 GRAD_NORM = "grad_norm"
 LOSS = "loss"
 METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
 TB_DIR = "tb"
 
 MetricPairs = Mapping[str, tuple[Any, Any]]
@@ -154,6 +157,17 @@ def _truncate_after(path: str, step: int) -> int:
     return len(lines) - len(keep)
 
 
+def flatten_config(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"optim": {"lr": 1e-3}} -> {"optim.lr": 1e-3}."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(flatten_config(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 class MetricsWriter:
     """JSONL + TensorBoard writer of per-step metrics; a no-op on processes other than 0."""
 
@@ -164,12 +178,17 @@ class MetricsWriter:
         is_main_process: bool = True,
         resume_step: int | None = None,
         tensorboard: bool = True,
+        backends: Sequence[str] = ("jsonl", "tensorboard"),
+        config: Mapping[str, Any] | None = None,
+        project: str = "jaxsd",
     ) -> None:
         self.run_dir = os.fspath(run_dir)
         self.path = os.path.join(self.run_dir, METRICS_FILE)
+        self.samples_path = os.path.join(self.run_dir, SAMPLES_FILE)
         self.active = is_main_process
         self._tb = None
         self._file = None
+        self._trackers: list[Any] = []
         if not self.active:
             return
         os.makedirs(self.run_dir, exist_ok=True)
@@ -181,8 +200,9 @@ class MetricsWriter:
                 )
         else:
             _truncate_after(self.path, resume_step)
+            _truncate_after(self.samples_path, resume_step)
         self._file = open(self.path, "a")  # noqa: SIM115  (kept open for the run)
-        if tensorboard:
+        if tensorboard and "tensorboard" in backends:
             from tensorboardX import SummaryWriter
 
             purge = None if resume_step is None else resume_step + 1
@@ -193,6 +213,24 @@ class MetricsWriter:
                 purge_step=purge,
                 filename_suffix=f".{os.getpid()}.{time.time_ns()}",
             )
+        from jaxsd.trackers import make_trackers
+
+        self._trackers = make_trackers(
+            backends, self.run_dir, config or {}, resumed=resume_step is not None, project=project
+        )
+        if config is not None and self._tb is not None and resume_step is None:
+            self._tb_config(config)
+
+    def _tb_config(self, config: Mapping[str, Any]) -> None:
+        """The config as TensorBoard text (full JSON) and hparams (flat scalar values)."""
+        from tensorboardX.summary import hparams
+
+        self._tb.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", 0)
+        flat = flatten_config(config)
+        hp = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in flat.items()}
+        for summary in hparams(hp, {}):
+            self._tb.file_writer.add_summary(summary)
+        self._tb.flush()
 
     def write(
         self,
@@ -226,6 +264,34 @@ class MetricsWriter:
                 if arr.size:
                     self._tb.add_histogram(name, arr, global_step=int(step))
             self._tb.flush()
+        if self._trackers:
+            scalars = {
+                k: v
+                for k, v in row.items()
+                if k not in ("step", "time") and isinstance(v, int | float)
+                and not isinstance(v, bool)
+            }  # fmt: skip
+            for tracker in self._trackers:
+                tracker.log(int(step), scalars)
+
+    def write_samples(self, step: int, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Append sample completions (prompt, response, reward, ...) of `step` to samples.jsonl,
+        TensorBoard text and the trackers."""
+        if not self.active or not rows:
+            return
+        rows = [{"step": int(step), **r} for r in rows]
+        with open(self.samples_path, "a") as fh:
+            fh.write("".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
+        if self._tb is not None:
+            text = "\n\n".join(
+                "\n".join(f"**{k}**: `{v}`" if k != "response" else f"**{k}**:\n```\n{v}\n```"
+                          for k, v in r.items())
+                for r in rows
+            )  # fmt: skip
+            self._tb.add_text("samples", text, global_step=int(step))
+            self._tb.flush()
+        for tracker in self._trackers:
+            tracker.log_samples(int(step), rows)
 
     def close(self) -> None:
         """Flush and close the files (safe to call twice)."""
@@ -235,6 +301,9 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        for tracker in self._trackers:
+            tracker.close()
+        self._trackers = []
 
     def __enter__(self) -> MetricsWriter:
         return self

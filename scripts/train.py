@@ -1,6 +1,9 @@
 """Train with any method of METHODS.md: `python scripts/train.py --config=configs/<method>.py`.
 
 Overrides: `--config.optim.lr=3e-6 --config.seed=1 --config.rollout.engine=vllm`.
+`--print_config` lists every config key with its value (defaults + overrides) and exits.
+Ctrl-C finishes the step in progress, saves a checkpoint and exits with status 130; the same
+command continues the run.
 """
 
 from __future__ import annotations
@@ -8,26 +11,60 @@ from __future__ import annotations
 import json
 import sys
 
-from absl import app, logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "method config file[:preset]")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "method config file[:preset], e.g. configs/sc_sdpo.py:smoke; every key can be overridden "
+    "with --config.<key>=<value>; --print_config lists the keys and their values",
+)
+_PRINT = flags.DEFINE_bool("print_config", False, "print every config key = value and exit")
 
 
-def main(argv: list[str]) -> None:
+def config_lines(cfg) -> list[str]:
+    """`key = value` for every key of the config (the run_dir with its {hash} resolved)."""
+    from jaxsd.metrics import flatten_config
+    from jaxsd.train.run_config import config_dict, resolve_run_dir
+
+    flat = flatten_config(config_dict(resolve_run_dir(cfg)))
+    return [f"{key} = {json.dumps(value)}" for key, value in flat.items()]
+
+
+def _source() -> str:
+    path = config_flags.get_config_filename(flags.FLAGS["config"])
+    overrides = config_flags.get_override_values(flags.FLAGS["config"])
+    extra = " ".join(f"--config.{k}={v}" for k, v in overrides.items())
+    return f"{path} {extra}".strip()
+
+
+def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; use --config.<key>=<value>")
     if _CONFIG.value is None:
         raise app.UsageError("pass --config=configs/<method>.py[:preset]")
+    if _PRINT.value:
+        print("\n".join(config_lines(_CONFIG.value)))
+        return 0
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     if _CONFIG.value.rollout.engine == "vllm":
         _place_trainer(_CONFIG.value)
     from jaxsd.train.loop import train
     from jaxsd.train.report import print_summary
+    from jaxsd.train.run_config import ConfigMismatchError
 
-    summary = train(_CONFIG.value)
+    try:
+        summary = train(_CONFIG.value, config_source=_source())
+    except ConfigMismatchError as err:
+        print(f"[jaxsd] refusing to resume: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # before the loop took over Ctrl-C, or a second Ctrl-C
+        print("\n[jaxsd] interrupted; nothing saved beyond the last checkpoint", file=sys.stderr)
+        return 130
     print_summary(summary)
     print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}))
+    return 130 if summary.get("interrupted") else 0  # 128 + SIGINT, as shells report Ctrl-C
 
 
 def _place_trainer(cfg) -> None:

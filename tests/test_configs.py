@@ -54,7 +54,7 @@ def test_every_preset_loads_validates_and_has_the_shared_keys(configs, method):
             assert key in cfg
         assert cfg.rollout.engine == ("vllm" if preset == "qwen3_8b" else "jax")
         assert cfg.algorithm.name == EXPECTED_ALGORITHM.get(method, method)
-        assert cfg.run_dir == f"runs/{method}_{preset or 'default'}"
+        assert cfg.run_dir == f"runs/{method}_{preset or 'default'}_{{hash}}"
         # algorithm.* holds every hyper-parameter of the method and builds it
         algo = algorithms.from_config(cfg.algorithm)
         fields = {f.name for f in dataclasses.fields(algo)} - {"name"}

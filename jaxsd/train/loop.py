@@ -35,9 +35,10 @@ from jaxsd.models.lora import LoraConfig, merge_lora, trainable_filter
 from jaxsd.rollout.engine import SamplingConfig
 from jaxsd.tasks import get_task
 from jaxsd.tasks.reprompt import chat_token_ids
-from jaxsd.train import data
+from jaxsd.train import data, observe, run_config
 from jaxsd.train.batch import TrainSample, batch_shardings, build_batch, global_batch
 from jaxsd.train.checkpoint import Checkpointer
+from jaxsd.train.interrupt import GracefulStop
 from jaxsd.train.mesh import make_mesh
 from jaxsd.train.optimizer import make_optimizer, make_schedule
 from jaxsd.train.state import train_state_from_model
@@ -458,6 +459,7 @@ def train_one_step(run: Run, step: int) -> dict[str, Any]:
         }
     )
     stats[metrics_lib.PASS_RATE_HIST] = metrics_lib.pass_rate_histogram(pass_rates, cfg.rollout.n)
+    stats[observe.SAMPLES] = observe.sample_rows(groups, plans)
     return stats
 
 
@@ -569,12 +571,18 @@ def _host_state(run: Run, step: int) -> dict[str, Any]:
     }
 
 
-def train(cfg: Any) -> dict[str, Any]:
-    """Train per `cfg`; returns a summary (start/end eval, wall time, paths)."""
+def train(cfg: Any, *, config_source: str | None = None) -> dict[str, Any]:
+    """Train per `cfg`; returns a summary (start/end eval, wall time, paths).
+
+    `run_dir` is resolved (`{hash}`) and checked against the folder's `config.json` first;
+    Ctrl-C stops after the step in progress with a checkpoint (summary["interrupted"]).
+    """
     t0 = time.perf_counter()
+    is_main = jax.process_index() == 0
+    cfg = run_config.prepare_run_dir(cfg, is_main_process=is_main)
+    log_backends = observe.backends(cfg)  # a typo fails here, before anything loads
     run = build_run(cfg)
     run_dir = pathlib.Path(cfg.run_dir)
-    is_main = jax.process_index() == 0
     checkpointer = Checkpointer(run_dir, max_to_keep=cfg.keep_checkpoints)
     if not cfg.resume and checkpointer.latest_step() is not None:
         raise FileExistsError(
@@ -592,40 +600,61 @@ def train(cfg: Any) -> dict[str, Any]:
         if run.cfg.algorithm.name == "paced":
             run.host_state = offline_pass(run)
     writer = metrics_lib.MetricsWriter(
-        run_dir, is_main_process=is_main, resume_step=start if start else None
+        run_dir,
+        is_main_process=is_main,
+        resume_step=start if start else None,
+        backends=log_backends,
+        config=run_config.config_dict(cfg),
+        project=cfg.log.project if cfg.get("log") else "jaxsd",
     )
+    if is_main:
+        print(observe.banner(run, config_source=config_source, start_step=start), flush=True)
     summary: dict[str, Any] = {
         "run_dir": str(run_dir),
         "start_step": start,
         "step_switches": {k: getattr(run.step_cfg, k) for k in _SWITCHES},
     }
     progress = metrics_lib.Progress(cfg.total_steps, initial_step=start, is_main_process=is_main)
+    done, stop = start, GracefulStop()
     try:
+        stop.install()
         if start == 0 and cfg.eval_every:
             summary["eval_start"] = evaluate_now(run, 0)
             writer.write(0, summary["eval_start"])
         for step in range(start, cfg.total_steps):
+            if stop.requested:  # nothing new since the last checkpoint (or the start)
+                break
             row = train_one_step(run, step)
             done = step + 1
+            samples = row.pop(observe.SAMPLES)
             if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.total_steps):
                 row.update(evaluate_now(run, done))
                 summary["eval_end"] = {k: v for k, v in row.items() if k.startswith("eval/")}
+                writer.write_samples(done, samples)
             hist = {metrics_lib.PASS_RATE_HIST: row.pop(metrics_lib.PASS_RATE_HIST)}
+            row.update(observe.memory_metrics())
             writer.write(done, row, histograms=hist)
             progress.update(done, row)
-            if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or (
-                done == cfg.total_steps
+            if (
+                (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
+                or done == cfg.total_steps
+                or stop.requested
             ):
                 checkpointer.save(done, run.state, _host_state(run, done))
         checkpointer.wait()
     finally:
+        stop.restore()
         progress.close()
         writer.close()
         checkpointer.close()
         run.engine.close()
         if run.sync is not None:
             run.sync.close()
-    if is_main:
+    if stop.requested:
+        summary["interrupted"] = True
+        print(f"[jaxsd] stopped by Ctrl-C after step {done}; saved in {checkpointer.directory}; "
+              "run the same command again to continue", flush=True)  # fmt: skip
+    if is_main and done > 0:
         from jaxsd.plots import plot_run
 
         # A resumed run reports start vs end from the whole run's log, not just this process.
@@ -638,5 +667,5 @@ def train(cfg: Any) -> dict[str, Any]:
 
         summary["plot"] = plot_run(run_dir)
     summary["wall_s"] = time.perf_counter() - t0
-    summary["end_step"] = cfg.total_steps
+    summary["end_step"] = done
     return summary

@@ -1,0 +1,51 @@
+"""Ctrl-C during training: finish the step in progress, save a checkpoint, exit cleanly.
+
+The train state is donated to the jitted step, so stopping in the middle of a step would leave
+nothing valid to save; the first SIGINT only raises a flag that the loop reads between steps.
+A second SIGINT aborts at once (Python's default: KeyboardInterrupt, no save).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from types import FrameType
+
+
+class GracefulStop:
+    """`stop.requested` turns True on the first SIGINT between `install()` and `restore()`."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+        # The next Ctrl-C interrupts immediately.
+        signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
+        print(
+            "\n[jaxsd] Ctrl-C: finishing the current step, then saving a checkpoint "
+            "(Ctrl-C again to abort without saving)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def install(self) -> None:
+        """Catch SIGINT (signal handlers can only be set from the main thread; elsewhere
+        Ctrl-C keeps its default)."""
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def restore(self) -> None:
+        """Put the previous SIGINT handler back (safe to call twice)."""
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def __enter__(self) -> GracefulStop:
+        self.install()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()

@@ -1,0 +1,108 @@
+"""Run folders: config.json, the {hash} folder name, the resume check, Ctrl-C saves."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from jaxsd.metrics import read_metrics
+from jaxsd.train import run_config
+from tests.test_loop import REPO, load_config
+
+
+def _cfg(tmp_path, **changes):
+    cfg = load_config("sdpo", "smoke")
+    cfg.run_dir = str(tmp_path / "run")
+    for dotted, value in changes.items():
+        node = cfg
+        *parents, leaf = dotted.split("__")
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    return cfg
+
+
+def test_config_json_written_and_changed_config_refused_with_diff(tmp_path):
+    cfg = run_config.prepare_run_dir(_cfg(tmp_path))
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["optim"]["lr"] == cfg.optim.lr and saved["seed"] == 0
+
+    with pytest.raises(run_config.ConfigMismatchError) as err:
+        run_config.prepare_run_dir(_cfg(tmp_path, seed=1, optim__lr=3e-5))
+    assert "  optim.lr: 0.0005 -> 3e-05" in str(err.value)
+    assert "  seed: 0 -> 1" in str(err.value)
+    # Run-time keys may change; total_steps may grow but not shrink.
+    run_config.prepare_run_dir(_cfg(tmp_path, total_steps=9, eval_every=1, keep_checkpoints=5))
+    with pytest.raises(run_config.ConfigMismatchError, match="total_steps: 9 -> 2"):
+        run_config.prepare_run_dir(_cfg(tmp_path, total_steps=2))
+    # A refused resume leaves the folder's config.json as it was.
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["total_steps"] == 9
+
+
+def test_default_run_dir_names_carry_the_config_hash(tmp_path):
+    default = load_config("sc_sdpo", "")
+    assert default.run_dir == "runs/sc_sdpo_default_{hash}"
+    name = lambda cfg: run_config.resolve_run_dir(cfg).run_dir  # noqa: E731
+    base = name(default)
+    assert base.startswith("runs/sc_sdpo_default_") and len(base.rsplit("_", 1)[1]) == 8
+    other = load_config("sc_sdpo", "")
+    other.seed, other.optim.lr = 1, 3e-5  # the README's second-seed example
+    assert name(other) != base
+    longer = load_config("sc_sdpo", "")
+    longer.total_steps, longer.eval_every = 200, 5  # run-time keys: the same run, continued
+    assert name(longer) == base
+    assert name(load_config("sc_sdpo", "")) == base  # stable across calls
+    assert name(load_config("sdpo", "")) != base
+
+
+def _wait_for_step(run_dir: pathlib.Path, proc: subprocess.Popen, step: int) -> None:
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (run_dir / "metrics.jsonl").is_file():
+            if any(r.get("step", 0) >= step and "loss" in r for r in read_metrics(run_dir)):
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"no step {step} logged (rc={proc.poll()})")
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_without_traceback(tmp_path):
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, str(REPO / "scripts" / "train.py"),
+           f"--config={REPO / 'configs' / 'sdpo.py'}:smoke", f"--config.run_dir={run_dir}",
+           "--config.total_steps=200", "--config.checkpoint_every=0",
+           "--config.eval_every=1"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_step(run_dir, proc, 1)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert "[jaxsd] run folder: " in out and "(fresh start, 200 steps)" in out
+    last = max(r["step"] for r in read_metrics(run_dir))
+    assert 1 <= last < 200
+    # checkpoint_every=0 saves only at the end: this one is Ctrl-C's, at the last logged step.
+    assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir()) == [last]
+    assert json.loads((run_dir / "config.json").read_text())["total_steps"] == 200
+    rows = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert rows and {"prompt", "response", "reward", "feedback", "teacher_context"} <= set(rows[0])
+    assert all(r["reward"] in (0.0, 1.0) for r in rows)
+    assert any(r["teacher_context"] for r in rows)  # SDPO reprompts with solution/feedback
+    assert read_metrics(run_dir)[-1]["mem/host_peak_bytes"] > 1e6
+
+    # Resuming with another lr is refused before anything loads, with the diff, no traceback.
+    bad = subprocess.run(cmd + ["--config.optim.lr=3e-5"], env=env, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert bad.returncode == 2, bad.stderr[-3000:]
+    assert "optim.lr: 0.0005 -> 3e-05" in bad.stderr and "Traceback" not in bad.stderr
