@@ -80,7 +80,11 @@ class MlflowTracker:
         except ImportError as err:
             raise _missing("mlflow", err) from err
         self._metric_cls = Metric
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or _file_uri(os.path.join(run_dir, "mlruns"))
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            uri = _file_uri(os.path.join(run_dir, "mlruns"))
+            # MLflow 3 keeps its file store (no database dependency) behind this opt-in.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self._client = mlflow.MlflowClient(tracking_uri=uri)
         exp = self._client.get_experiment_by_name(project)
         exp_id = exp.experiment_id if exp else self._client.create_experiment(project)
