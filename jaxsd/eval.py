@@ -255,24 +255,38 @@ def evaluate_model(
     seed: int = 0,
     data_dir: str | os.PathLike | None = None,
     keep_responses: bool = False,
+    task_kwargs: dict[str, Any] | None = None,
+    step: int | None = None,
 ) -> dict[str, Any]:
-    """Load an HF folder and a task split, `evaluate` with the embedded sampler, write `out`."""
+    """Load a model and a task split, `evaluate` with the embedded sampler, write `out`.
+
+    `model` is an HF folder or a jaxsd run folder (its checkpoint `step`, default the latest);
+    `task_kwargs` are the task's settings (e.g. {"digits": 2}).
+    """
     from transformers import AutoTokenizer
 
+    from jaxsd.export import is_run_dir, load_run_model
     from jaxsd.models import from_pretrained
     from jaxsd.tasks import get_task
 
     if limit is not None and limit < 1:
         raise ValueError(f"limit={limit} must be >= 1 (or None for the whole split)")
-    the_task = get_task(task)
+    the_task = get_task(task, **(task_kwargs or {}))
     records = the_task.load(split, data_dir)[:limit]
-    net, _ = from_pretrained(model)
-    tokenizer = AutoTokenizer.from_pretrained(os.fspath(model))
+    if is_run_dir(model):
+        loaded = load_run_model(model, step)
+        net, tokenizer_dir = loaded["model"], loaded["model_dir"]
+        model_name = f"{os.fspath(model)}@step{loaded['step']}"
+    else:
+        if step is not None:
+            raise ValueError(f"step={step} needs a run folder; {model} is an HF folder")
+        (net, _), tokenizer_dir, model_name = from_pretrained(model), model, os.fspath(model)
+    tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer_dir))
     generate_fn = embedded_generate_fn(
         net,
         tokenizer,
         max_new_tokens=max_new_tokens,
-        stop_ids=stop_token_ids(model, tokenizer),
+        stop_ids=stop_token_ids(tokenizer_dir, tokenizer),
         max_prompt_tokens=max_prompt_tokens,
         prompts_per_batch=prompts_per_batch,
     )
@@ -286,7 +300,7 @@ def evaluate_model(
         seed=seed,
         keep_responses=keep_responses,
     )
-    result["report"].update(model=os.fspath(model), split=split)
+    result["report"].update(model=model_name, split=split, task_kwargs=task_kwargs or {})
     if out is not None:
         os.makedirs(os.path.dirname(os.path.abspath(os.fspath(out))), exist_ok=True)
         with open(out, "w") as fh:

@@ -1,7 +1,11 @@
-"""Evaluate an HF model folder on a task split with the embedded JAX sampler (METHODS §9).
+"""Evaluate a model on a task split with the embedded JAX sampler (METHODS §9).
 
   python scripts/eval.py --model /path/to/hf_folder --task arithmetic --n 16 --limit 50 \
       --out eval.json
+  python scripts/eval.py --model runs/sc_sdpo_default_1a2b3c4d [--step 40] --task arithmetic \
+      --task_kwargs '{"digits": 1, "test_size": 40}'
+
+`--model` takes an HF folder or a run folder (its latest checkpoint, or `--step`).
 """
 
 import argparse
@@ -12,8 +16,13 @@ from jaxsd.eval import EVAL_N, EVAL_TEMPERATURE, EVAL_TOP_P, evaluate_model
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="local Hugging Face folder")
+    parser.add_argument("--model", required=True, help="Hugging Face folder or jaxsd run folder")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint of a run folder")
     parser.add_argument("--task", required=True, help="registered task name (jaxsd.tasks)")
+    parser.add_argument(
+        "--task_kwargs", type=json.loads, default=None,
+        help='the task\'s settings as JSON, e.g. \'{"digits": 2}\'',
+    )  # fmt: skip
     parser.add_argument("--split", default="test")
     parser.add_argument("--n", type=int, default=EVAL_N, help="samples per question")
     parser.add_argument("--limit", type=int, default=None, help="first N records only")
