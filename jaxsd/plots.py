@@ -17,6 +17,27 @@ from matplotlib.figure import Figure  # noqa: E402
 from jaxsd.metrics import FRAC_INTERMEDIATE, GRAD_NORM, LOSS, PASS_RATE, read_metrics  # noqa: E402
 
 _EVAL_AVG = re.compile(r"^eval/(mean|maj)@\d+$")
+RESPONSE_LEN = "rollout/response_len"
+ENTROPY = "entropy"
+LEARNING_RATE = "lr"
+# Divergences the step logs: distillation (METHODS §2), student-teacher KL, PPO's KL to the
+# rollout policy, SSOPD's frontier KL (§6).
+DIVERGENCES = ("distill/divergence", "kl/student_teacher", "pg/approx_kl_old", "ssopd/kl")
+# Series of one panel differ by line style and marker as well as colour, so two equal curves
+# (e.g. maj@k == mean@k) stay distinguishable where they overlap.
+_STYLES = (("-", None), ("--", "o"), (":", "s"), ("-.", "^"), ((0, (5, 1, 1, 1)), "x"))
+
+
+def smooth_values(values: np.ndarray, weight: float) -> np.ndarray:
+    """TensorBoard-style debiased EMA: s_t = w s_{t-1} + (1 - w) x_t, divided by 1 - w^t."""
+    if not 0.0 <= weight < 1.0:
+        raise ValueError(f"smoothing weight={weight} must lie in [0, 1)")
+    out = np.empty(len(values))
+    acc = 0.0
+    for t, x in enumerate(values, start=1):
+        acc = weight * acc + (1.0 - weight) * float(x)
+        out[t - 1] = acc / (1.0 - weight**t)
+    return out
 
 
 def series(rows: Sequence[dict[str, Any]], metric: str) -> tuple[np.ndarray, np.ndarray]:
@@ -42,6 +63,10 @@ def _panels(rows: Sequence[dict[str, Any]]) -> list[tuple[str, list[str]]]:
         ("grad norm", [GRAD_NORM]),
         ("fraction of questions with 0<p<1", [FRAC_INTERMEDIATE]),
         ("loss terms", loss_terms),
+        ("KL / distillation divergence", [k for k in DIVERGENCES if k in keys]),
+        ("response length (tokens)", [RESPONSE_LEN]),
+        ("entropy (nats / token)", [ENTROPY]),
+        ("learning rate", [LEARNING_RATE]),
     ]
     return [
         (title, [m for m in names if series(rows, m)[0].size])
@@ -50,8 +75,25 @@ def _panels(rows: Sequence[dict[str, Any]]) -> list[tuple[str, list[str]]]:
     ]
 
 
-def make_run_figure(rows: Sequence[dict[str, Any]], *, title: str = "") -> Figure:
-    """Dashboard of one run: pass rate, mean@k/maj@k, grad norm, 0<p<1 fraction, loss terms."""
+def _plot_series(ax: Any, steps: np.ndarray, values: np.ndarray, k: int, label: str,
+                 smooth: float) -> None:  # fmt: skip
+    """Series k of a panel: its own colour, line style and marker; with `smooth`, the raw
+    values faded and their EMA on top."""
+    linestyle, marker = _STYLES[k % len(_STYLES)]
+    few = steps.size < 30
+    marker = marker or ("." if few else None)
+    if smooth:
+        ax.plot(steps, values, color=f"C{k}", alpha=0.25, linewidth=1, label=f"_{label} (raw)")
+        values = smooth_values(values, smooth)
+    ax.plot(steps, values, color=f"C{k}", linestyle=linestyle, marker=marker,
+            markevery=None if few else 0.1, markersize=4, label=label)  # fmt: skip
+
+
+def make_run_figure(
+    rows: Sequence[dict[str, Any]], *, title: str = "", smooth: float = 0.0
+) -> Figure:
+    """Dashboard of one run: pass rate, mean@k/maj@k, grad norm, 0<p<1 fraction, loss terms,
+    divergences, response length, entropy, learning rate; `smooth` = EMA weight (0 = raw)."""
     panels = _panels(rows)
     if not panels:
         raise ValueError(
@@ -60,9 +102,8 @@ def make_run_figure(rows: Sequence[dict[str, Any]], *, title: str = "") -> Figur
         )
     fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.6 * len(panels)), squeeze=False)
     for ax, (panel_title, names) in zip(axes[:, 0], panels, strict=True):
-        for name in names:
-            steps, values = series(rows, name)
-            ax.plot(steps, values, marker="." if steps.size < 30 else None, label=name)
+        for k, name in enumerate(names):
+            _plot_series(ax, *series(rows, name), k, name, smooth)
         ax.set_title(panel_title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -82,11 +123,14 @@ def _save(fig: Figure, out_png: str | os.PathLike) -> str:
     return out
 
 
-def plot_run(run_dir: str | os.PathLike, out_png: str | os.PathLike | None = None) -> str:
+def plot_run(
+    run_dir: str | os.PathLike, out_png: str | os.PathLike | None = None, *, smooth: float = 0.0
+) -> str:
     """Write the dashboard of `run_dir` (default `<run_dir>/plots/curves.png`); return the path."""
     rows = read_metrics(run_dir)
     out = out_png or os.path.join(os.fspath(run_dir), "plots", "curves.png")
-    return _save(make_run_figure(rows, title=os.path.basename(os.path.normpath(run_dir))), out)
+    title = os.path.basename(os.path.normpath(run_dir))
+    return _save(make_run_figure(rows, title=title, smooth=smooth), out)
 
 
 def mean_curve(
@@ -107,6 +151,7 @@ def plot_runs(
     *,
     labels: Sequence[str] | None = None,
     groups: Sequence[str] | None = None,
+    smooth: float = 0.0,
 ) -> str:
     """One curve of `metric` per run (methods compared on one axis); return the PNG path.
 
@@ -135,17 +180,19 @@ def plot_runs(
             raise ValueError(f"{run_dir} has no values of {metric!r}; it has {available}")
         curves.append((steps, values))
     if groups is None:
-        for (steps, values), label in zip(curves, labels, strict=True):
-            ax.plot(steps, values, label=label)
+        for k, ((steps, values), label) in enumerate(zip(curves, labels, strict=True)):
+            _plot_series(ax, steps, values, k, label, smooth)
     else:
         for k, group in enumerate(dict.fromkeys(groups)):
             members = [c for c, g in zip(curves, groups, strict=True) if g == group]
             for steps, values in members:
                 ax.plot(steps, values, color=f"C{k}", alpha=0.3, linewidth=1)
             steps, mean = mean_curve(members)
-            ax.plot(
-                steps, mean, color=f"C{k}", linewidth=2.5, label=f"{group} (mean of {len(members)})"
-            )
+            if smooth:
+                mean = smooth_values(mean, smooth)
+            linestyle, _ = _STYLES[k % len(_STYLES)]
+            ax.plot(steps, mean, color=f"C{k}", linestyle=linestyle, linewidth=2.5,
+                    label=f"{group} (mean of {len(members)})")  # fmt: skip
     ax.set_xlabel("step")
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)

@@ -109,3 +109,39 @@ def test_plot_runs_groups_need_one_group_per_run(tmp_path):
     _write_run(tmp_path / "a", with_eval=False)
     with pytest.raises(ValueError, match="groups"):
         plots.plot_runs([tmp_path / "a"], tmp_path / "x.png", M.PASS_RATE, groups=["x", "y"])
+
+
+def test_dashboard_panels_for_divergence_length_entropy_lr_and_distinct_line_styles(tmp_path):
+    with M.MetricsWriter(tmp_path, tensorboard=False) as writer:
+        for step in range(1, 5):
+            writer.write(step, {M.PASS_RATE: 0.5, "eval/mean@4": 0.25, "eval/maj@4": 0.25,
+                                "distill/divergence": 0.1 * step, "kl/student_teacher": 0.02,
+                                "rollout/response_len": 9.0 + step, "entropy": 1.5,
+                                "lr": 1e-4 * min(step, 2)})  # fmt: skip
+    fig = plots.make_run_figure(M.read_metrics(tmp_path))
+    by_title = {ax.get_title(): ax for ax in fig.axes}
+    assert list(by_title) == ["pass rate", "eval (test split)", "KL / distillation divergence",
+                              "response length (tokens)", "entropy (nats / token)",
+                              "learning rate"]  # fmt: skip
+    np.testing.assert_allclose(by_title["learning rate"].get_lines()[0].get_ydata(),
+                               [1e-4, 2e-4, 2e-4, 2e-4])  # fmt: skip
+    # mean@4 == maj@4 here: the two lines differ in style and marker, so both stay visible.
+    a, b = by_title["eval (test split)"].get_lines()
+    np.testing.assert_array_equal(a.get_ydata(), b.get_ydata())
+    assert (a.get_linestyle(), a.get_marker()) != (b.get_linestyle(), b.get_marker())
+    assert a.get_color() != b.get_color()
+
+
+def test_smoothing_is_a_debiased_ema_drawn_over_the_faded_raw_values(tmp_path):
+    _write_run(tmp_path, with_eval=False, steps=8)
+    fig = plots.make_run_figure(M.read_metrics(tmp_path), smooth=0.5)
+    raw, smoothed = fig.axes[0].get_lines()
+    x = np.arange(1, 9) / 10
+    np.testing.assert_allclose(raw.get_ydata(), x)
+    # s_1 = x_1; s_t = (sum_i 0.5^(t-i) 0.5 x_i) / (1 - 0.5^t)
+    expected = [sum(0.5 ** (t - i) * 0.5 * x[i - 1] for i in range(1, t + 1)) / (1 - 0.5**t)
+                for t in range(1, 9)]  # fmt: skip
+    np.testing.assert_allclose(smoothed.get_ydata(), expected, rtol=1e-12)
+    assert raw.get_alpha() < 1 and smoothed.get_label() == M.PASS_RATE
+    with pytest.raises(ValueError, match="smoothing weight=1.0"):
+        plots.smooth_values(x, 1.0)
