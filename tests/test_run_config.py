@@ -106,3 +106,38 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_without_traceback(tmp_path):
                          text=True, timeout=300)  # fmt: skip
     assert bad.returncode == 2, bad.stderr[-3000:]
     assert "optim.lr: 0.0005 -> 3e-05" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_print_config_lists_every_key_with_overrides_and_the_resolved_folder():
+    out = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "train.py"),
+         f"--config={REPO / 'configs' / 'sdpo.py'}:smoke", "--config.seed=3", "--print_config"],
+        capture_output=True, text=True, timeout=300, check=True,
+    ).stdout  # fmt: skip
+    lines = dict(line.split(" = ", 1) for line in out.splitlines())
+    cfg = load_config("sdpo", "smoke")
+    cfg.seed = 3
+    assert lines["seed"] == "3" and lines["optim.lr"] == json.dumps(cfg.optim.lr)
+    assert json.loads(lines["run_dir"]) == run_config.resolve_run_dir(cfg).run_dir
+    assert set(lines) == set(run_config.flatten(run_config.config_dict(cfg)))
+
+
+def test_compare_checks_the_metric_against_the_preset_before_training(tmp_path, monkeypatch):
+    from jaxsd.train import compare as compare_lib
+    from jaxsd.train import loop
+
+    def no_training(cfg):
+        raise AssertionError("trained before checking the metric")
+
+    monkeypatch.setattr(loop, "train", no_training)
+    # The smoke preset evaluates with eval_n=4: mean@16 would never be logged.
+    with pytest.raises(ValueError, match=r"'eval/mean@16' is not logged by preset 'smoke'.*mean@4"):
+        compare_lib.compare(["sdpo", "grpo"], [0], tmp_path / "cmp", preset="smoke")
+    with pytest.raises(ValueError, match="'accuracy' is not a metric the loop logs"):
+        compare_lib.compare(["sdpo"], [0], tmp_path / "cmp", preset="smoke", metric="accuracy")
+    with pytest.raises(ValueError, match="needs evaluations but eval_every=0"):
+        compare_lib.compare(["sdpo"], [0], tmp_path / "cmp", preset="smoke",
+                            overrides={"eval_every": "0"}, metric="eval/mean@4")  # fmt: skip
+    assert not (tmp_path / "cmp").exists()
+    for ok in ("eval/mean@4", "eval/arithmetic/maj@4", "rollout/pass_rate", "loss/distill"):
+        compare_lib.check_metric(ok, load_config("sdpo", "smoke"))

@@ -40,6 +40,35 @@ def first_eval(run_dir: str | pathlib.Path, metric: str) -> float | None:
     return values[0] if values else None
 
 
+# Per-step metric families the loop logs (metrics.jsonl keys, before any "/").
+_STEP_PREFIXES = ("rollout/", "loss", "grad_norm", "lr", "entropy", "distill/", "pg/", "kl/",
+                  "ssopd/", "rhythm/", "algo/", "perf/", "time/", "mem/", "epoch")  # fmt: skip
+
+
+def check_metric(metric: str, cfg: Any) -> None:
+    """Fail before any training when `metric` is not one the config's runs will log.
+
+    Held-out metrics are `eval/{mean,maj,best}@<rollout.eval_n>` (averaged over tasks),
+    `eval/mean_reward` and `eval/<task.name>/...`; they need `eval_every` > 0.
+    """
+    n, task = cfg.rollout.eval_n, cfg.task.name
+    heads = [f"mean@{n}", f"maj@{n}", f"best@{n}", "mean_reward"]
+    evals = [f"eval/{h}" for h in heads] + [f"eval/{task}/{h}" for h in heads]
+    if metric.startswith("eval/"):
+        if metric not in evals:
+            raise ValueError(
+                f"--metric {metric!r} is not logged by preset {cfg.get('preset')!r} "
+                f"(rollout.eval_n={n}, task {task!r}); it logs {evals}"
+            )
+        if not cfg.eval_every:
+            raise ValueError(f"--metric {metric!r} needs evaluations but eval_every=0")
+    elif not metric.startswith(_STEP_PREFIXES):
+        raise ValueError(
+            f"--metric {metric!r} is not a metric the loop logs; use one of {evals} or a "
+            f"per-step metric such as rollout/pass_rate (prefixes {_STEP_PREFIXES})"
+        )
+
+
 def compare(
     methods: Sequence[str],
     seeds: Sequence[int],
@@ -53,6 +82,11 @@ def compare(
     from jaxsd.train.loop import train
 
     out_dir = pathlib.Path(out_dir)
+    for method in methods:  # every config and the metric checked before anything trains
+        cfg = load_config(method, preset)
+        for key, value in (overrides or {}).items():
+            _set(cfg, key, value)
+        check_metric(metric, cfg)
     runs: dict[str, dict[str, Any]] = {}
     for method in methods:
         for seed in seeds:
