@@ -652,8 +652,9 @@ def train(cfg: Any, *, config_source: str | None = None) -> dict[str, Any]:
             run.sync.close()
     if stop.requested:
         summary["interrupted"] = True
-        print(f"[jaxsd] stopped by Ctrl-C after step {done}; saved in {checkpointer.directory}; "
-              "run the same command again to continue", flush=True)  # fmt: skip
+        saved = f"saved in {checkpointer.directory}" if done > start else "nothing new to save"
+        print(f"[jaxsd] stopped by Ctrl-C at step {done} ({saved}); run the same command again "
+              "to continue", flush=True)  # fmt: skip
     if is_main and done > 0:
         from jaxsd.plots import plot_run
 
