@@ -50,6 +50,9 @@ def test_every_config_runs_three_smoke_steps(method, tmp_path):
     assert summary["end_step"] == 3 and "eval_end" in summary
     assert (pathlib.Path(cfg.run_dir) / "checkpoints" / "3").is_dir()
     assert pathlib.Path(summary["plot"]).stat().st_size > 0
+    # The evaluation at step 3 logged sample completions of that step's rollouts.
+    samples = (pathlib.Path(cfg.run_dir) / "samples.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in samples] == [3] * cfg.task.questions_per_step
 
 
 def _train_cli(run_dir: pathlib.Path, steps: int, *, kill_at: int | None = None):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from jaxsd.metrics import read_metrics
@@ -78,7 +79,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_without_traceback(tmp_path):
     cmd = [sys.executable, str(REPO / "scripts" / "train.py"),
            f"--config={REPO / 'configs' / 'sdpo.py'}:smoke", f"--config.run_dir={run_dir}",
            "--config.total_steps=200", "--config.checkpoint_every=0",
-           "--config.eval_every=1"]  # fmt: skip
+           "--config.eval_every=0"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for_step(run_dir, proc, 1)
@@ -95,10 +96,6 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_without_traceback(tmp_path):
     # checkpoint_every=0 saves only at the end: this one is Ctrl-C's, at the last logged step.
     assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir()) == [last]
     assert json.loads((run_dir / "config.json").read_text())["total_steps"] == 200
-    rows = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
-    assert rows and {"prompt", "response", "reward", "feedback", "teacher_context"} <= set(rows[0])
-    assert all(r["reward"] in (0.0, 1.0) for r in rows)
-    assert any(r["teacher_context"] for r in rows)  # SDPO reprompts with solution/feedback
     assert read_metrics(run_dir)[-1]["mem/host_peak_bytes"] > 1e6
 
     # Resuming with another lr is refused before anything loads, with the diff, no traceback.
@@ -141,3 +138,28 @@ def test_compare_checks_the_metric_against_the_preset_before_training(tmp_path, 
     assert not (tmp_path / "cmp").exists()
     for ok in ("eval/mean@4", "eval/arithmetic/maj@4", "rollout/pass_rate", "loss/distill"):
         compare_lib.check_metric(ok, load_config("sdpo", "smoke"))
+
+
+def test_sample_rows_take_one_rollout_per_question_with_its_teacher_context():
+    from jaxsd import algorithms
+    from jaxsd.train.observe import sample_rows
+
+    def rollout(q, reward, feedback=None):
+        return algorithms.Rollout(
+            question_id=q, prompt=[{"role": "user", "content": f"{q}?"}], response=f"r{reward}",
+            response_ids=[1], logprobs=np.zeros(1, np.float32), reward=reward, feedback=feedback,
+        )  # fmt: skip
+
+    groups = algorithms.group_rollouts(
+        [rollout("a", 0.0, "wrong"), rollout("a", 1.0), rollout("b", 1.0), rollout("c", 0.0)]
+    )
+    reprompt = [{"role": "user", "content": "a?\nCorrect solution: r1.0"}]
+    plans = [algorithms.RolloutPlan(teacher_messages=reprompt), algorithms.RolloutPlan(),
+             algorithms.RolloutPlan(), algorithms.RolloutPlan()]  # fmt: skip
+    rows = sample_rows(groups, plans, k=2)
+    assert rows == [
+        {"question_id": "a", "prompt": "a?", "response": "r0.0", "reward": 0.0,
+         "feedback": "wrong", "teacher_context": "a?\nCorrect solution: r1.0"},
+        {"question_id": "b", "prompt": "b?", "response": "r1.0", "reward": 1.0,
+         "feedback": None, "teacher_context": None},
+    ]  # fmt: skip

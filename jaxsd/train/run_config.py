@@ -33,6 +33,13 @@ RUNTIME_KEYS = (
     "keep_checkpoints",
     "log_every",
     "log",  # tracker backends (jsonl, tensorboard, wandb, mlflow) and their names
+    # Where the processes run and hand weights over, not what they compute (a resumed run may
+    # move to another node layout); vLLM's dtype and tensor parallelism change numerics, so
+    # they stay.
+    "placement",
+    "rollout.weights_dir",
+    "rollout.vllm.gpu_memory_utilization",
+    "rollout.vllm.sleep_between_rollouts",
 )
 
 
