@@ -155,6 +155,9 @@ def get_config(arg: str | None = None, *, run_name: str = "sdpo") -> ml_collecti
     c.optim.b2 = 0.999
     c.optim.eps = 1e-8
     c.optim.grad_clip = 1.0
+    # Gradient accumulation: the step's batch (Q × G sequences) runs as this many equal slices,
+    # one at a time, summed into one update (same update, less activation memory).
+    c.optim.micro_batches = 1
 
     # Where metrics go besides metrics.jsonl (always written): any of tensorboard, wandb, mlflow
     # (comma-separated; wandb/mlflow need `pip install jaxsd[trackers]`, WANDB_MODE=offline and

@@ -111,6 +111,8 @@ INVALID = [
     ("mesh.fsdp", 3, "mesh"),  # 3 devices != 8
     ("algorithm.ema_alpha", 1.5, "algorithm.ema_alpha"),
     ("algorithm.buffer_size", 0, "algorithm.buffer_size"),
+    ("optim.micro_batches", 0, "optim.micro_batches"),
+    ("optim.micro_batches", 4, "optim.micro_batches"),  # 4 slices × 8 shards > 16 rows
 ]
 
 

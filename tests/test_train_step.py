@@ -9,6 +9,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -534,3 +535,39 @@ def test_lora_step_trains_only_the_adapters_with_closed_form_gradients():
     )
     chex.assert_trees_all_close(state.teacher, expected_teacher, atol=1e-7)
     assert np.isfinite(float(metrics["loss"][0]))
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum-norm"])
+def test_config_micro_batches_give_the_same_update(mode):
+    """`optim.micro_batches` reaches the step; 4 micro-batches and 1 give the same update.
+
+    Plain SGD with lr 1 makes the update the gradient itself (Adam would turn 1-ulp
+    differences of near-zero entries into lr-sized steps). Tolerances: every entry of the
+    update within 1e-4 × the largest update entry; (sum, count) metrics and the grad norm
+    within 1e-5 relative (fp32 sums in a different order).
+    """
+    from configs import sdpo
+    from jaxsd.train.loop import step_config
+
+    cfg = sdpo.get_config("smoke")
+    cfg.optim.micro_batches = 4
+    assert step_config(cfg, {}).micro_batches == 4
+    tx = optax.sgd(1.0)
+    graphdef, state, _ = create_train_state(
+        lambda r: Transformer(CFG, rngs=r), tx, teacher_mode="fixed"
+    )
+    state = state.replace(teacher=_perturbed(state.teacher, seed=2))
+    params0 = jax.device_get(state.params)
+    batch = build_batch(_samples(7, n=8), pad_id=0, length_buckets=BUCKETS)
+    updates, metrics = {}, {}
+    for n in (1, 4):
+        step_cfg = dataclasses.replace(ALL_TERMS, loss_agg_mode=mode, micro_batches=n)
+        new, m = make_train_step(graphdef, tx, step_cfg, donate=False)(state, batch)
+        updates[n] = jax.tree.map(np.subtract, jax.device_get(new.params), params0)
+        metrics[n] = jax.device_get(m)
+    scale = max(float(np.max(np.abs(u))) for u in jax.tree.leaves(updates[1]))
+    assert scale > 1e-3  # a real update, not a no-op
+    chex.assert_trees_all_close(updates[4], updates[1], atol=1e-4 * scale, rtol=0)
+    chex.assert_trees_all_close(metrics[4], metrics[1], atol=0, rtol=1e-5)
+    with pytest.raises(ValueError, match="micro_batches=3"):
+        make_train_step(graphdef, tx, dataclasses.replace(ALL_TERMS, micro_batches=3))(state, batch)

@@ -99,6 +99,21 @@ def _check_lora(cfg: Any) -> None:
     )
 
 
+def _check_micro_batches(cfg: Any, batch: int, batch_shards: int) -> None:
+    """Each micro-batch must hold a whole number of rows on every data-parallel shard."""
+    if "micro_batches" not in _get(cfg, "optim"):
+        return
+    n = _get(cfg, "optim.micro_batches")
+    _check(cfg, "optim.micro_batches", lambda v: _int(v) and v >= 1, "use an integer >= 1")
+    if batch % (n * batch_shards):
+        raise ValueError(
+            f"config optim.micro_batches={n} does not split the batch task.questions_per_step × "
+            f"rollout.n = {batch} into equal slices over mesh.data × mesh.fsdp = {batch_shards} "
+            f"shards ({n} × {batch_shards} must divide {batch}); pick a divisor of "
+            f"{batch // batch_shards}"
+        )
+
+
 def mesh_shape(cfg: Any, num_devices: int | None = None) -> dict[str, int]:
     """`mesh.{data,fsdp,tensor}` with a -1 axis resolved to the remaining devices."""
     shape = {axis: _get(cfg, f"mesh.{axis}") for axis in ("data", "fsdp", "tensor")}
@@ -225,3 +240,4 @@ def validate_config(
             f"config batch task.questions_per_step × rollout.n = {batch} is not divisible by "
             f"mesh.data × mesh.fsdp = {batch_shards}; change task.questions_per_step or the mesh"
         )
+    _check_micro_batches(cfg, batch, batch_shards if batch_shards > 0 else 1)

@@ -130,6 +130,7 @@ def step_config(cfg: Any, switches: dict[str, Any]) -> StepConfig:
         clip_high=loss.clip_high,
         dual_clip=loss.dual_clip,
         rhythm=tuple(sorted(rhythm.items())) if rhythm else (),
+        micro_batches=cfg.optim.get("micro_batches", 1),
         **switches,
     )
 
