@@ -87,9 +87,16 @@ def get_config(arg: str | None = None, *, run_name: str = "sdpo") -> ml_collecti
     # assets/tiny_base's splits: test = the first 40 problems, train = the next 150 (its SFT saw
     # both, noisily, like pre-training; RL trains on train and evaluates on test).
     c.task.kwargs = ml_collections.ConfigDict(dict(digits=1, train_size=150, test_size=40))
+    # Your own task (jaxsd.tasks.custom): name "file:/path/data.jsonl" (or .parquet) with a
+    # reward "my_module:reward_fn"; `module` is imported first (it may register_task its own).
+    c.task.reward = ""
+    c.task.module = ""
     c.task.data_dir = ""  # "" = /work/shared/data-style default of jaxsd.tasks
     c.task.questions_per_step = 8  # Q
     c.task.max_prompt_len = 128
+    # Prompts longer than max_prompt_len (chat template included): "filter" drops them at load
+    # time (count in the log and as data/*_overlong metrics), "error" stops with the count.
+    c.task.overlong_prompts = "filter"
     c.task.max_reprompt_len = 512  # teacher prompt, truncated right (SDPO: 10240)
     c.task.shuffle = True
 

@@ -257,21 +257,26 @@ def evaluate_model(
     keep_responses: bool = False,
     task_kwargs: dict[str, Any] | None = None,
     step: int | None = None,
+    task_module: str = "",
+    reward: str = "",
 ) -> dict[str, Any]:
     """Load a model and a task split, `evaluate` with the embedded sampler, write `out`.
 
     `model` is an HF folder or a jaxsd run folder (its checkpoint `step`, default the latest);
-    `task_kwargs` are the task's settings (e.g. {"digits": 2}).
+    `task_kwargs` are the task's settings (e.g. {"digits": 2}); `task_module` / `reward` are
+    the config's task.module / task.reward (custom tasks).
     """
     from transformers import AutoTokenizer
 
     from jaxsd.export import is_run_dir, load_run_model
     from jaxsd.models import from_pretrained
-    from jaxsd.tasks import get_task
+    from jaxsd.tasks.custom import task_from_config
 
     if limit is not None and limit < 1:
         raise ValueError(f"limit={limit} must be >= 1 (or None for the whole split)")
-    the_task = get_task(task, **(task_kwargs or {}))
+    the_task = task_from_config(
+        {"name": task, "module": task_module, "reward": reward, "kwargs": task_kwargs or {}}
+    )
     records = the_task.load(split, data_dir)[:limit]
     if is_run_dir(model):
         loaded = load_run_model(model, step)

@@ -18,11 +18,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="Hugging Face folder or jaxsd run folder")
     parser.add_argument("--step", type=int, default=None, help="checkpoint of a run folder")
-    parser.add_argument("--task", required=True, help="registered task name (jaxsd.tasks)")
+    parser.add_argument(
+        "--task", required=True, help="registered task name (jaxsd.tasks) or file:/path/data.jsonl"
+    )
     parser.add_argument(
         "--task_kwargs", type=json.loads, default=None,
         help='the task\'s settings as JSON, e.g. \'{"digits": 2}\'',
     )  # fmt: skip
+    parser.add_argument("--task_module", default="", help="module registering your tasks")
+    parser.add_argument("--reward", default="", help="module:function scoring a file: task")
     parser.add_argument("--split", default="test")
     parser.add_argument("--n", type=int, default=EVAL_N, help="samples per question")
     parser.add_argument("--limit", type=int, default=None, help="first N records only")

@@ -214,6 +214,8 @@ def validate_config(
         "model.compute_dtype": (lambda v: v in MODEL_DTYPES, f"use one of {MODEL_DTYPES}"),
         "model.attention": (lambda v: v in ATTENTION_IMPLS, f"use one of {ATTENTION_IMPLS}"),
         "model.remat": (lambda v: isinstance(v, bool), "use True or False"),
+        "task.overlong_prompts": (lambda v: v in ("filter", "error"), "use 'filter' or 'error'"),
+        "task.max_prompt_len": (lambda v: _int(v) and v >= 1, "use an integer >= 1"),
     }
     for key, (ok, rule) in optional.items():
         section, field = key.split(".")

@@ -53,7 +53,12 @@ def register_task(name: str, factory: Callable[..., Task]) -> None:
 
 
 def get_task(name: str, **kwargs: Any) -> Task:
-    """Build the task registered as `name`; kwargs go to its constructor."""
+    """Build the task registered as `name` (or `file:<path>`, jaxsd.tasks.custom); kwargs go
+    to its constructor."""
+    if name.startswith("file:"):
+        from jaxsd.tasks.custom import FileTask
+
+        return FileTask(name.removeprefix("file:"), **kwargs)
     if name not in _REGISTRY:
         raise KeyError(f"unknown task {name!r}; registered tasks: {', '.join(task_names())}")
     return _REGISTRY[name](**kwargs)
@@ -98,6 +103,17 @@ def load_json_rows(path: pathlib.Path) -> list[dict[str, Any]]:
 
     datasets.disable_progress_bars()
     ds = datasets.load_dataset("json", data_files=str(path), split="train")
+    return [dict(row) for row in ds]
+
+
+def load_table_rows(path: pathlib.Path) -> list[dict[str, Any]]:
+    """Rows of a Parquet (`.parquet`) or JSON-lines / JSON-array file, read with `datasets`."""
+    if path.suffix != ".parquet":
+        return load_json_rows(path)
+    import datasets
+
+    datasets.disable_progress_bars()
+    ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
     return [dict(row) for row in ds]
 
 

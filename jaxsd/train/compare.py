@@ -4,6 +4,7 @@ comparison resumes run by run."""
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import pathlib
@@ -134,4 +135,7 @@ def _set(cfg: Any, dotted: str, value: Any) -> None:
         node = node[name]
     if leaf not in node:
         raise KeyError(f"config has no key {dotted!r}")
-    node[leaf] = type(node[leaf])(value) if node[leaf] is not None else value
+    if hasattr(node[leaf], "keys"):  # a section such as task.kwargs: a Python dict literal
+        node[leaf] = ast.literal_eval(value) if isinstance(value, str) else dict(value)
+    else:
+        node[leaf] = type(node[leaf])(value) if node[leaf] is not None else value

@@ -39,3 +39,43 @@ def questions_for_step(
 def sampling_seed(seed: int, step: int, *, purpose: int = 0) -> int:
     """A distinct, reproducible 31-bit sampler seed per (run seed, step, purpose)."""
     return int(np.random.default_rng([seed, step, purpose]).integers(0, 2**31 - 1))
+
+
+OVERLONG_MODES = ("filter", "error")
+
+
+def drop_overlong(
+    records: list[dict],
+    lengths: list[int],
+    *,
+    max_len: int,
+    mode: str,
+    what: str,
+) -> tuple[list[dict], dict[str, float]]:
+    """Records whose prompt fits `max_len` tokens, and counts for the log and metrics.
+
+    A longer prompt would lose its tail (the question's end and the assistant header) to the
+    right-truncation, so it is dropped at load time (`mode="filter"`, verl's
+    filter_overlong_prompts) or the run stops with the count (`mode="error"`); never cut.
+    `what` names the split in messages and metric keys ("train", "test").
+    """
+    if mode not in OVERLONG_MODES:
+        raise ValueError(f"config task.overlong_prompts={mode!r}; use one of {OVERLONG_MODES}")
+    if len(lengths) != len(records):
+        raise ValueError(f"{len(lengths)} prompt lengths for {len(records)} records")
+    kept = [r for r, n in zip(records, lengths, strict=True) if n <= max_len]
+    dropped = len(records) - len(kept)
+    stats = {f"data/{what}_prompts": float(len(kept)), f"data/{what}_overlong": float(dropped)}
+    if dropped == 0:
+        return kept, stats
+    message = (
+        f"{dropped} of {len(records)} {what} prompts are longer than task.max_prompt_len="
+        f"{max_len} tokens (longest {max(lengths)})"
+    )
+    if mode == "error" or not kept:
+        raise ValueError(
+            f"{message}; raise task.max_prompt_len"
+            + (" or set task.overlong_prompts='filter' to drop them" if mode == "error" else "")
+        )
+    print(f"[jaxsd] dropped {message}; raise task.max_prompt_len to keep them", flush=True)
+    return kept, stats

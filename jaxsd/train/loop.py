@@ -33,7 +33,7 @@ from jaxsd.eval import eval_metrics_for_log, evaluate, stop_token_ids
 from jaxsd.models import from_pretrained, to_hf_state_dict
 from jaxsd.models.lora import LoraConfig, merge_lora, trainable_filter
 from jaxsd.rollout.engine import SamplingConfig
-from jaxsd.tasks import get_task
+from jaxsd.tasks.custom import task_from_config
 from jaxsd.tasks.reprompt import chat_token_ids
 from jaxsd.train import data, observe, run_config
 from jaxsd.train.batch import TrainSample, batch_shardings, build_batch, global_batch
@@ -76,6 +76,7 @@ class Run:
     vocab_size: int  # the model's; build_batch rejects token ids outside it
     host_state: Any = None
     start_step: int = 0
+    data_stats: dict[str, float] = dataclasses.field(default_factory=dict)  # data/* metrics
 
 
 # ----------------------------------------------------------------------------- building
@@ -225,10 +226,10 @@ def build_run(cfg: Any) -> Run:
     model, model_config = from_pretrained(model_dir, dtype=dtype, compute_dtype=compute_dtype)
     validate_config(cfg, vocab_size=model_config.vocab_size, num_devices=jax.device_count())
 
-    task = get_task(cfg.task.name, **dict(cfg.task.kwargs))
+    task = task_from_config(cfg.task)
     data_dir = cfg.task.data_dir or None
-    train_records = task.load("train", data_dir=data_dir)
-    test_records = task.load("test", data_dir=data_dir)
+    train_records, train_stats = _fitting_prompts(cfg, tokenizer, task, "train", data_dir)
+    test_records, test_stats = _fitting_prompts(cfg, tokenizer, task, "test", data_dir)
 
     algorithm = algorithms.from_config(cfg.algorithm)
     step_cfg = step_config(cfg, algorithm.step_switches())
@@ -299,7 +300,20 @@ def build_run(cfg: Any) -> Run:
         stop_ids=stop_token_ids(model_dir, tokenizer),
         vocab_size=model_config.vocab_size,
         host_state=algorithm.init_state(cfg.seed),
+        data_stats={**train_stats, **test_stats},
     )
+
+
+def _fitting_prompts(
+    cfg: Any, tokenizer: Any, task: Any, split: str, data_dir: str | None
+) -> tuple[list[dict], dict[str, float]]:
+    """The split's records whose chat prompt fits task.max_prompt_len (data.drop_overlong)."""
+    records = task.load(split, data_dir=data_dir)
+    max_len = cfg.task.max_prompt_len
+    # One token past the limit is enough to know a prompt does not fit.
+    lengths = [len(chat_token_ids(tokenizer, task.messages(r), max_len + 1)) for r in records]
+    mode = cfg.task.get("overlong_prompts", "filter")
+    return data.drop_overlong(records, lengths, max_len=max_len, mode=mode, what=split)
 
 
 # ----------------------------------------------------------------------------- one step
@@ -617,11 +631,15 @@ def train(cfg: Any, *, config_source: str | None = None) -> dict[str, Any]:
     }
     progress = metrics_lib.Progress(cfg.total_steps, initial_step=start, is_main_process=is_main)
     done, stop = start, GracefulStop()
+    summary.update(run.data_stats)
     try:
         stop.install()
-        if start == 0 and cfg.eval_every:
-            summary["eval_start"] = evaluate_now(run, 0)
-            writer.write(0, summary["eval_start"])
+        if start == 0:
+            first = dict(run.data_stats)
+            if cfg.eval_every:
+                summary["eval_start"] = evaluate_now(run, 0)
+                first.update(summary["eval_start"])
+            writer.write(0, first)
         for step in range(start, cfg.total_steps):
             if stop.requested:  # nothing new since the last checkpoint (or the start)
                 break
