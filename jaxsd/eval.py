@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from jaxsd.tasks.base import verify_all
 from jaxsd.tasks.reprompt import SUCCESS_THRESHOLD
 
 # METHODS §9 sampling: n = 16 samples per question at temperature 0.6, top-p 0.95.
@@ -155,7 +156,7 @@ def evaluate(
     for p, (record, group) in enumerate(zip(records, responses, strict=True)):
         if len(group) != n:
             raise ValueError(f"generate_fn returned {len(group)} responses for prompt {p}, not {n}")
-        verdicts = [task.verify(text, record) for text in group]
+        verdicts = verify_all(task, list(group), [record] * len(group))
         rewards[p] = [v.reward for v in verdicts]
         extracted.append([v.extracted for v in verdicts])
         row = {"id": record.get("id", p), "rewards": rewards[p].tolist(), "extracted": extracted[p]}

@@ -38,12 +38,15 @@ def test_ground_truth_scores_one_and_corruption_zero(name, split, size):
     task = get_task(name)
     records = task.load(split)
     assert len(records) == size
-    for r in records:
+    # verify_many: the symbolic checks of the corrupted answers run side by side.
+    good = task.verify_many(
+        [f"Some reasoning.\nThe answer is $\\boxed{{{r['answer']}}}$." for r in records], records
+    )
+    bad = task.verify_many([f"So \\boxed{{{r['answer']}+1}}." for r in records], records)
+    for r, v, b in zip(records, good, bad, strict=True):
         assert r["prompt"].endswith("put your final answer within \\boxed{}.")
-        v = task.verify(f"Some reasoning.\nThe answer is $\\boxed{{{r['answer']}}}$.", r)
         assert v.reward == 1.0 and v.feedback is None, r["answer"]
-        bad = task.verify(f"So \\boxed{{{r['answer']}+1}}.", r)
-        assert bad.reward == 0.0 and "incorrect" in bad.feedback, r["answer"]
+        assert b.reward == 0.0 and "incorrect" in b.feedback, r["answer"]
 
 
 def test_gsm8k_accepts_hash_marker_with_commas():
@@ -129,3 +132,54 @@ def test_rational_forms_agree_with_fractions(num, den):
         assert Fraction(decimal) == value  # the decimal is exact
         assert normalize_answer(decimal) == normalize_answer(frac)
     assert normalize_answer(frac) != normalize_answer(f"{value.numerator + 1}/{value.denominator}")
+
+
+# Equal answers our normaliser tells apart; math-verify (symbolic, in worker processes) does not.
+SYMBOLIC_EQUAL = [
+    ("√3/2", "\\frac{\\sqrt3}{2}"),
+    ("2π", "π·2"),
+    ("\\{1,2\\}", "\\{2,1\\}"),
+    ("(x+1)^2", "x^2+2x+1"),
+    ("\\text{(B)}", "B"),
+    ("2√2", "√8"),
+]
+SYMBOLIC_DIFFERENT = [("2√2", "√2"), ("\\{1,2\\}", "\\{1,3\\}"), ("(x+1)^2", "x^2+1"), ("2π", "π")]
+
+
+def test_math_verify_matches_forms_the_normaliser_misses():
+    task = get_task("math500", verify_timeout_s=30.0)
+    responses = [f"so \\boxed{{{pred}}}" for pred, _ in SYMBOLIC_EQUAL + SYMBOLIC_DIFFERENT]
+    records = [{"answer": gold} for _, gold in SYMBOLIC_EQUAL + SYMBOLIC_DIFFERENT]
+    for pred, gold in SYMBOLIC_EQUAL:
+        assert not answers_match(pred, gold)  # what the normaliser alone says
+    rewards = [v.reward for v in task.verify_many(responses, records)]
+    assert rewards == [1.0] * len(SYMBOLIC_EQUAL) + [0.0] * len(SYMBOLIC_DIFFERENT)
+    assert task.verify("\\boxed{2√2}", {"answer": "\\sqrt{8}"}).reward == 1.0
+    # GSM8K keeps its exact integer path: no symbolic comparison, no worker.
+    gsm8k = get_task("gsm8k")
+    assert gsm8k.equivalence == "normalise"
+    assert gsm8k.verify("\\boxed{2√2}", {"answer": "\\sqrt{8}"}).reward == 0.0
+
+
+def test_an_answer_that_hangs_sympy_times_out_and_the_pool_recovers():
+    """sympy never finishes 9^(9^(9^9)) vs 2; the worker is killed at the deadline, the answer
+    scores 0, and the next answers use a fresh worker."""
+    import time
+
+    from jaxsd.tasks.equivalence import EquivalencePool
+
+    pool = EquivalencePool(workers=1, timeout_s=2.0)
+    try:
+        pool.equal_many([("1", "1")])  # start the worker outside the timed part
+        t0 = time.monotonic()
+        got = pool.equal_many([("9^{9^{9^{9}}}", "2"), ("2√2", "√8"), ("x", "y")])
+        elapsed = time.monotonic() - t0
+        assert got == [False, True, False]
+        assert pool.timeouts == 1
+        assert 2.0 <= elapsed < 60.0  # the deadline, plus one worker restart (imports sympy)
+    finally:
+        pool.close()
+    with pytest.raises(ValueError, match="timeout_s"):
+        EquivalencePool(timeout_s=0)
+    with pytest.raises(ValueError, match="equivalence"):
+        get_task("aime", equivalence="sympy")

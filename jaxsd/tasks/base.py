@@ -38,6 +38,14 @@ class Task(Protocol):
     def verify(self, response: str, record: dict[str, Any]) -> Verdict: ...
 
 
+def verify_all(task: Task, responses: list[str], records: list[dict[str, Any]]) -> list[Verdict]:
+    """`task.verify` of each (response, record); a task's own `verify_many` when it has one
+    (math: the symbolic checks run side by side in worker processes)."""
+    if hasattr(task, "verify_many"):
+        return list(task.verify_many(responses, records))
+    return [task.verify(r, rec) for r, rec in zip(responses, records, strict=True)]
+
+
 class RecordError(ValueError):
     """A dataset record is malformed (missing field or wrong type)."""
 

@@ -1,6 +1,7 @@
 """Math word problems (GSM8K, MATH-500, AIME, HMMT): final answer in \\boxed{} (GSM8K also
-`#### x`), compared after normalisation. Own normaliser: `math-verify` is not installed here
-and its sympy parsing relies on SIGALRM timeouts, which break our never-hang guarantee.
+`#### x`). GSM8K compares normalised numbers only (fast, exact); MATH-500 / AIME / HMMT fall
+back to `math-verify` (symbolic: `2√2` = `\\sqrt{8}`, `{1,2}` = `{2,1}`) in worker processes
+with a hard per-answer timeout (jaxsd.tasks.equivalence), so no answer can hang the trainer.
 """
 
 from __future__ import annotations
@@ -8,9 +9,11 @@ from __future__ import annotations
 import functools
 import os
 import re
+from collections.abc import Sequence
 from fractions import Fraction
 from typing import Any
 
+from jaxsd.tasks import equivalence
 from jaxsd.tasks.base import (
     RecordError,
     Verdict,
@@ -129,6 +132,10 @@ def normalize_answer(answer: str) -> str:
     )
 
 
+_RATIONAL_RE = re.compile(r"-?\d+(?:/\d+)?")
+EQUIVALENCES = ("normalise", "math_verify")
+
+
 def answers_match(predicted: str, gold: str) -> bool:
     """Equality after `normalize_answer`."""
     return normalize_answer(predicted) == normalize_answer(gold)
@@ -157,12 +164,33 @@ _SOURCES: dict[str, dict[str, tuple[str, str, str, str | None]]] = {
 class MathTask:
     """Math with a boxed final answer; GSM8K gold answers are the number after `####`."""
 
-    def __init__(self, name: str, feedback_style: str = "rich") -> None:
+    def __init__(
+        self,
+        name: str,
+        feedback_style: str = "rich",
+        equivalence: str | None = None,
+        verify_timeout_s: float = 5.0,
+        verify_workers: int = 2,
+    ) -> None:
+        """`equivalence`: "normalise" (string/number match, GSM8K's default) or "math_verify"
+        (then symbolic, the default of the others), each answer within `verify_timeout_s` on
+        `verify_workers` processes."""
         if name not in _SOURCES:
             raise ValueError(f"unknown math task {name!r}; use one of {sorted(_SOURCES)}")
         check_feedback_style(feedback_style)
+        equivalence = equivalence or ("normalise" if name == "gsm8k" else "math_verify")
+        if equivalence not in EQUIVALENCES:
+            raise ValueError(f"equivalence={equivalence!r}; use one of {EQUIVALENCES}")
+        if not (verify_timeout_s > 0 and verify_workers >= 1):
+            raise ValueError(
+                f"verify_timeout_s={verify_timeout_s} must be > 0 and verify_workers="
+                f"{verify_workers} >= 1"
+            )
         self.name = name
         self.feedback_style = feedback_style
+        self.equivalence = equivalence
+        self.verify_timeout_s = float(verify_timeout_s)
+        self.verify_workers = int(verify_workers)
 
     def load(self, split: str, data_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
         """Validated records of `split` (see `_SOURCES` for the files)."""
@@ -200,12 +228,35 @@ class MathTask:
         return chat(record["system"], record["prompt"])
 
     def verify(self, response: str, record: dict[str, Any]) -> Verdict:
-        """Reward 1 iff the extracted final answer normalises to the gold answer."""
-        predicted = extract_math_answer(response, allow_hashes=self.name == "gsm8k")
+        """Reward 1 iff the extracted final answer equals the gold one (see `verify_many`)."""
+        return self.verify_many([response], [record])[0]
+
+    def verify_many(
+        self, responses: Sequence[str], records: Sequence[dict[str, Any]]
+    ) -> list[Verdict]:
+        """Verdicts of many responses; the symbolic comparisons run side by side."""
+        predicted = [extract_math_answer(r, allow_hashes=self.name == "gsm8k") for r in responses]
+        extracted = [None if p is None else normalize_answer(p) for p in predicted]
+        golds = [normalize_answer(r["answer"]) for r in records]
+        correct = [e is not None and e == g for e, g in zip(extracted, golds, strict=True)]
+        # Two different plain numbers are different; anything else may be equal symbolically.
+        hard = [
+            i for i, (e, g) in enumerate(zip(extracted, golds, strict=True))
+            if e is not None and not correct[i] and self.equivalence == "math_verify"
+            and not (_RATIONAL_RE.fullmatch(e) and _RATIONAL_RE.fullmatch(g))
+        ]  # fmt: skip
+        if hard:
+            pool = equivalence.shared_pool(self.verify_workers, self.verify_timeout_s)
+            pairs = [(predicted[i], str(records[i]["answer"])) for i in hard]
+            for i, same in zip(hard, pool.equal_many(pairs), strict=True):
+                correct[i] = same
+        return [
+            self._verdict(p, e, ok) for p, e, ok in zip(predicted, extracted, correct, strict=True)
+        ]
+
+    def _verdict(self, predicted: str | None, extracted: str | None, correct: bool) -> Verdict:
         if predicted is None:
             return Verdict(reward=0.0, feedback=FORMAT_FEEDBACK, extracted=None)
-        extracted = normalize_answer(predicted)
-        correct = extracted == normalize_answer(record["answer"])
         feedback = None
         if not correct and self.feedback_style == "rich":
             feedback = f"The answer {clip_text(predicted.strip(), 120)} is incorrect."

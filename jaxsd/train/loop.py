@@ -33,6 +33,7 @@ from jaxsd.eval import eval_metrics_for_log, evaluate, stop_token_ids
 from jaxsd.models import from_pretrained, to_hf_state_dict
 from jaxsd.models.lora import LoraConfig, merge_lora, trainable_filter
 from jaxsd.rollout.engine import SamplingConfig
+from jaxsd.tasks.base import verify_all
 from jaxsd.tasks.custom import task_from_config
 from jaxsd.tasks.reprompt import chat_token_ids
 from jaxsd.train import data, observe, run_config
@@ -345,11 +346,13 @@ def collect_groups(
         raise RuntimeError(
             f"embedded engine served weights step {result.weights_step} at trainer step {step}"
         )
+    texts = [run.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in result.token_ids]
+    verdicts = verify_all(run.task, texts, [records[q] for q in result.prompt_index])
     rollouts = []
-    for tokens, logp, q in zip(result.token_ids, result.logprobs, result.prompt_index, strict=True):
+    for tokens, logp, q, text, verdict in zip(
+        result.token_ids, result.logprobs, result.prompt_index, texts, verdicts, strict=True
+    ):
         record = records[q]
-        text = run.tokenizer.decode(tokens, skip_special_tokens=True)
-        verdict = run.task.verify(text, record)
         rollouts.append(
             algorithms.Rollout(
                 question_id=str(record["id"]),
