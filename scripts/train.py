@@ -4,6 +4,8 @@ Overrides: `--config.optim.lr=3e-6 --config.seed=1 --config.rollout.engine=vllm`
 `--print_config` lists every config key with its value (defaults + overrides) and exits.
 Ctrl-C finishes the step in progress, saves a checkpoint and exits with status 130; the same
 command continues the run.
+Multi-host: run one copy per host; it joins the job the environment describes
+(README "More than one host, and TPU"; jaxsd.train.mesh.distributed_args).
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ def main(argv: list[str]) -> int:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     if _CONFIG.value.rollout.engine == "vllm":
         _place_trainer(_CONFIG.value)
+    from jaxsd.train.mesh import maybe_initialize_distributed
+
+    # One process per host (SLURM, TPU pod, ...): join the job before JAX sees any device.
+    maybe_initialize_distributed()
     from jaxsd.train.loop import train
     from jaxsd.train.report import print_summary
     from jaxsd.train.run_config import ConfigMismatchError

@@ -1,5 +1,6 @@
 """The sharded step equals the single-device step: 8 simulated CPU devices, and 2 processes x 4
-devices joined by jax.distributed (gloo) on 127.0.0.1, each process fed only its own rows.
+devices joined by jax.distributed (gloo) on 127.0.0.1, each process fed only its own rows;
+and two copies of scripts/train.py started as one job train like one process.
 
 The device count is fixed when JAX starts, so the runs happen in subprocesses (this file is
 also their entry point); the pytest process itself never sets XLA_FLAGS.
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 
 HERE = pathlib.Path(__file__).resolve()
+REPO = HERE.parents[1]
 MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2))
 STEPS = 3
 
@@ -260,6 +262,69 @@ def test_two_processes_equal_single_process(runs):
     assert sorted(single.files) == sorted(multi.files) and single.files
     for k in single.files:
         np.testing.assert_allclose(multi[k], single[k], atol=1e-5, rtol=0, err_msg=k)
+
+
+def _train_py(run_dir: pathlib.Path, devices: int, job: dict[str, str]) -> subprocess.Popen:
+    """scripts/train.py (SDPO smoke, 2 steps, 2 data-parallel devices) as a job's process."""
+    env = dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+        **job,
+    )
+    cmd = [sys.executable, str(REPO / "scripts" / "train.py"),
+           f"--config={REPO / 'configs' / 'sdpo.py'}:smoke", f"--config.run_dir={run_dir}",
+           "--config.eval_every=0", "--config.total_steps=2", "--config.mesh.data=2"]  # fmt: skip
+    return subprocess.Popen(cmd, env=env, cwd=REPO, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)  # fmt: skip
+
+
+def _summary(proc: subprocess.Popen, name: str) -> dict:
+    try:
+        out, _ = proc.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 0, f"{name} failed:\n{out[-4000:]}"
+    return json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+
+
+def test_two_train_py_processes_are_one_job(tmp_path):
+    """Two processes x 1 device (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID,
+    as a launcher sets them) train one 2-device mesh (alone, neither would pass mesh.data=2)
+    and report the same losses; test_two_processes_equal_single_process checks the step's
+    numbers against one process."""
+    port = str(_free_port())
+    job = dict(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2")
+    procs = [_train_py(tmp_path, 1, {**job, "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+    losses = [_summary(p, f"process {i}")["losses"] for i, p in enumerate(procs)]
+    assert len(losses[0]) == 2 and all(np.isfinite(losses[0]))
+    assert losses[0] == losses[1]  # one SPMD step, metrics replicated to both
+    # Only process 0 logs; its metrics file holds the job's losses.
+    from jaxsd.metrics import read_metrics
+
+    assert [r["loss"] for r in read_metrics(tmp_path) if "loss" in r] == losses[0]
+    assert (tmp_path / "checkpoints" / "2").is_dir()  # both processes wrote their shards
+
+
+def test_the_environment_decides_whether_to_join_a_job():
+    from jaxsd.train.mesh import distributed_args
+
+    assert distributed_args({}) is None
+    assert distributed_args({"SLURM_NTASKS": "1"}) is None
+    explicit = {"JAX_COORDINATOR_ADDRESS": "h:1234", "JAX_NUM_PROCESSES": "4",
+                "JAX_PROCESS_ID": "3", "JAX_PLATFORMS": "cpu"}  # fmt: skip
+    assert distributed_args(explicit) == dict(
+        coordinator_address="h:1234", num_processes=4, process_id=3, cpu_collectives="gloo"
+    )
+    auto = dict(cpu_collectives=None)  # JAX reads the cluster from its own environment
+    assert distributed_args({"SLURM_NTASKS": "16"}) == auto
+    assert distributed_args({"OMPI_COMM_WORLD_SIZE": "2"}) == auto
+    assert distributed_args({"TPU_WORKER_HOSTNAMES": "t0,t1,t2,t3"}) == auto
+    assert distributed_args({"JAXSD_DISTRIBUTED": "1"}) == auto
+    assert distributed_args({"JAXSD_DISTRIBUTED": "0", "SLURM_NTASKS": "16"}) is None
+    with pytest.raises(ValueError, match="JAXSD_DISTRIBUTED"):
+        distributed_args({"JAXSD_DISTRIBUTED": "yes"})
 
 
 if __name__ == "__main__":

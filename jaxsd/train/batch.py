@@ -160,6 +160,37 @@ def global_batch_lengths(samples: Sequence[TrainSample]) -> tuple[int, int, int]
     return tuple(int(x) for x in np.max(gathered, axis=0))
 
 
+def process_rows(
+    samples: Sequence[TrainSample],
+) -> tuple[Sequence[TrainSample], tuple[int, int, int] | None]:
+    """This process's share of a batch every process built whole, and the whole batch's
+    lengths (so all hosts pad alike); (samples, None) on one process.
+
+    Multi-host runs sample the same rollouts on every process (same seed, same weights);
+    a digest of the token ids is compared across processes so that a divergence (e.g. a
+    non-deterministic engine) stops the run instead of training on mismatched rows.
+    """
+    n_proc = jax.process_count()
+    if n_proc == 1:
+        return samples, None
+    if len(samples) % n_proc:
+        raise ValueError(
+            f"{len(samples)} rollouts do not split over {n_proc} processes; make "
+            "task.questions_per_step × rollout.n a multiple of the process count"
+        )
+    digest = np.zeros(2, np.int64)
+    for i, s in enumerate(samples):
+        ids = np.asarray(list(s.prompt_ids) + list(s.response_ids), np.int64)
+        digest += (i + 1, int(np.sum(ids * (np.arange(len(ids)) % 9973 + 1)) % (1 << 40)))
+    multihost_utils.assert_equal(
+        digest, "processes sampled different rollouts; multi-host runs need a deterministic "
+        "rollout engine (rollout.engine='jax') with the same seed on every process"
+    )  # fmt: skip
+    per = len(samples) // n_proc
+    start = jax.process_index() * per
+    return samples[start : start + per], batch_lengths(samples)
+
+
 def build_batch(
     samples: Sequence[TrainSample],
     *,

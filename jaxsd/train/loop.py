@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from jaxsd import algorithms
 from jaxsd import metrics as metrics_lib
@@ -37,7 +38,13 @@ from jaxsd.tasks.base import verify_all
 from jaxsd.tasks.custom import task_from_config
 from jaxsd.tasks.reprompt import chat_token_ids
 from jaxsd.train import data, observe, run_config
-from jaxsd.train.batch import TrainSample, batch_shardings, build_batch, global_batch
+from jaxsd.train.batch import (
+    TrainSample,
+    batch_shardings,
+    build_batch,
+    global_batch,
+    process_rows,
+)
 from jaxsd.train.checkpoint import Checkpointer
 from jaxsd.train.interrupt import GracefulStop
 from jaxsd.train.mesh import make_mesh
@@ -427,12 +434,19 @@ def _publish(run: Run, step: int) -> dict[str, float]:
         params = run.engine_params(run.state)
         # Only the state's own buffers need the copy (a LoRA merge already made new ones).
         copy = jnp.copy if params is run.state.params else (lambda x: x)
-        params = jax.tree.map(lambda x: jax.device_put(copy(x), device), params)
+        params = jax.tree.map(lambda x: jax.device_put(copy(_local(x)), device), params)
         run.engine.set_params(params, step)
         return {}
     nnx.update(run.model, run.engine_params(run.state))
     timing = run.sync.after_step(step, lambda: to_hf_state_dict(run.model, run.model.config))
     return {f"time/publish_{k}": v for k, v in (timing or {}).items()}
+
+
+def _local(x: jax.Array) -> jax.Array:
+    """The whole value of a global array on this host (multi-host: gathered from all)."""
+    if x.is_fully_addressable:
+        return x
+    return jnp.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def train_one_step(run: Run, step: int) -> dict[str, Any]:
@@ -450,10 +464,11 @@ def train_one_step(run: Run, step: int) -> dict[str, Any]:
     groups, stats = collect_groups(run, records, step)
     _maybe_inject_crash(step)
     plans, run.host_state, algo_metrics = run.algorithm.plan(groups, run.host_state, epoch=epoch)
-    samples = plans_to_samples(run, groups, plans)
+    samples, lengths = process_rows(plans_to_samples(run, groups, plans))
     local = build_batch(
-        samples, pad_id=_pad_id(run), length_buckets=LENGTH_BUCKETS, vocab_size=run.vocab_size
-    )
+        samples, pad_id=_pad_id(run), length_buckets=LENGTH_BUCKETS, vocab_size=run.vocab_size,
+        lengths=lengths,
+    )  # fmt: skip
     batch = global_batch(local, run.batch_shardings)
     t_train = time.perf_counter()
     run.state, step_metrics = run.train_step(run.state, batch)
@@ -657,6 +672,7 @@ def train(cfg: Any, *, config_source: str | None = None) -> dict[str, Any]:
             row.update(observe.memory_metrics())
             writer.write(done, row, histograms=hist)
             progress.update(done, row)
+            summary.setdefault("losses", []).append(row["loss"])  # every process: same values
             if (
                 (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
                 or done == cfg.total_steps

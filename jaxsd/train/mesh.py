@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -13,7 +14,9 @@ __all__ = [
     "AXES",
     "BATCH_AXES",
     "batch_sharding",
+    "distributed_args",
     "initialize_distributed",
+    "maybe_initialize_distributed",
     "make_mesh",
     "replicated",
     "resolve_mesh_shape",
@@ -88,3 +91,48 @@ def initialize_distributed(
         num_processes=num_processes,
         process_id=process_id,
     )
+
+
+DISTRIBUTED_ENV = "JAXSD_DISTRIBUTED"  # "1": always join (TPU pods), "0": never, unset: detect
+
+
+def distributed_args(env: Mapping[str, str] = os.environ) -> dict | None:
+    """`initialize_distributed` arguments when the environment says this process is one of
+    many, else None.
+
+    Explicit: JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID. Detected (JAX then
+    reads the cluster itself): SLURM with SLURM_NTASKS > 1, Open MPI with
+    OMPI_COMM_WORLD_SIZE > 1, several TPU_WORKER_HOSTNAMES, or JAXSD_DISTRIBUTED=1.
+    """
+    mode = env.get(DISTRIBUTED_ENV, "")
+    if mode not in ("", "0", "1"):
+        raise ValueError(f"${DISTRIBUTED_ENV}={mode!r}; use 1 (join), 0 (never) or leave it unset")
+    if mode == "0":
+        return None
+    # A CPU job needs a cross-process collectives implementation (GPUs, TPUs bring theirs).
+    cpu = "gloo" if env.get("JAX_PLATFORMS") == "cpu" else None
+    explicit = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+    if all(k in env for k in explicit):
+        return dict(
+            coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(env["JAX_NUM_PROCESSES"]),
+            process_id=int(env["JAX_PROCESS_ID"]),
+            cpu_collectives=cpu,
+        )
+    many = (
+        mode == "1"
+        or int(env.get("SLURM_NTASKS", "1")) > 1
+        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+        or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
+    )
+    return dict(cpu_collectives=cpu) if many else None
+
+
+def maybe_initialize_distributed(env: Mapping[str, str] = os.environ) -> bool:
+    """Join the multi-process job the environment describes (`distributed_args`); True if
+    this process is part of one. Call before any other JAX call (scripts/train.py does)."""
+    args = distributed_args(env)
+    if args is None:
+        return False
+    initialize_distributed(**args)
+    return True
