@@ -240,6 +240,14 @@ def embedded_generate_fn(
     return generate_fn
 
 
+def _fitting(task: Any, tokenizer: Any, records: list, max_len: int, split: str):
+    from jaxsd.tasks.reprompt import chat_token_ids
+    from jaxsd.train.data import drop_overlong
+
+    lengths = [len(chat_token_ids(tokenizer, task.messages(r), max_len + 1)) for r in records]
+    return drop_overlong(records, lengths, max_len=max_len, mode="filter", what=split)
+
+
 def evaluate_model(
     *,
     model: str | os.PathLike,
@@ -288,6 +296,8 @@ def evaluate_model(
             raise ValueError(f"step={step} needs a run folder; {model} is an HF folder")
         (net, _), tokenizer_dir, model_name = from_pretrained(model), model, os.fspath(model)
     tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer_dir))
+    # A prompt over max_prompt_tokens is dropped and counted, never cut (as in training).
+    records, data_stats = _fitting(the_task, tokenizer, records, max_prompt_tokens, split)
     generate_fn = embedded_generate_fn(
         net,
         tokenizer,
@@ -306,7 +316,9 @@ def evaluate_model(
         seed=seed,
         keep_responses=keep_responses,
     )
-    result["report"].update(model=model_name, split=split, task_kwargs=task_kwargs or {})
+    result["report"].update(
+        model=model_name, split=split, task_kwargs=task_kwargs or {}, **data_stats
+    )
     if out is not None:
         os.makedirs(os.path.dirname(os.path.abspath(os.fspath(out))), exist_ok=True)
         with open(out, "w") as fh:

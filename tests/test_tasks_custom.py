@@ -176,3 +176,30 @@ def test_overlong_prompts_are_dropped_and_counted_never_cut(tmp_path):
     cfg.task.max_prompt_len = 2  # nothing fits: an error, not an empty run
     with pytest.raises(ValueError, match="6 of 6 train prompts"):
         _fitting_prompts(cfg, tokenizer, task, "train", None)
+
+
+def test_eval_and_compare_see_file_tasks(tmp_path, tiny_model_dir, repo_module):
+    """scripts/eval.py scores a file task with the given reward (a constant 1 here, so
+    mean@2 is 1 whatever the random model writes); compare's --set takes task.kwargs."""
+    (tmp_path / "always_x3.py").write_text("def one(response, answer):\n    return 1.0\n")
+    data = _write_jsonl(
+        tmp_path / "d.jsonl", [{"prompt": f"q{i}", "answer": "a"} for i in range(3)]
+    )
+    result = repo_module("scripts/eval.py").main(
+        ["--model", str(tiny_model_dir), "--task", f"file:{data}",
+         "--reward", f"{tmp_path / 'always_x3.py'}:one", "--split", "train", "--n", "2",
+         "--limit", "2", "--max_new_tokens", "3"]
+    )  # fmt: skip
+    assert result["report"]["task"] == "file:d"
+    assert result["report"]["mean@2"] == 1.0 and len(result["per_record"]) == 2
+    assert (result["report"]["data/train_prompts"], result["report"]["data/train_overlong"]) == (
+        2.0, 0.0,
+    )  # fmt: skip
+
+    from configs import sdpo
+    from jaxsd.train.compare import _set
+
+    cfg = sdpo.get_config("smoke")
+    _set(cfg, "task.name", f"file:{data}")
+    _set(cfg, "task.kwargs", "{'test_size': 1, 'prompt_key': 'prompt'}")
+    assert dict(cfg.task.kwargs) == {"test_size": 1, "prompt_key": "prompt"}

@@ -111,8 +111,8 @@ class FileTask:
             )
         if isinstance(test_size, bool) or not isinstance(test_size, int) or test_size < 0:
             raise ValueError(f"config task.kwargs.test_size={test_size!r}: use an integer >= 0")
-        self.name = FILE_PREFIX + path
         self.path = pathlib.Path(path)
+        self.name = FILE_PREFIX + self.path.stem  # short: it names eval/<task>/* metrics
         self.reward_name = reward if isinstance(reward, str) else repr(reward)
         self.reward = (
             import_function(reward, key="task.reward") if isinstance(reward, str) else reward
