@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
@@ -244,7 +245,7 @@ def _fitting(task: Any, tokenizer: Any, records: list, max_len: int, split: str)
     from jaxsd.tasks.reprompt import chat_token_ids
     from jaxsd.train.data import drop_overlong
 
-    lengths = [len(chat_token_ids(tokenizer, task.messages(r), max_len + 1)) for r in records]
+    lengths = [len(chat_token_ids(tokenizer, task.messages(r), sys.maxsize)) for r in records]
     return drop_overlong(records, lengths, max_len=max_len, mode="filter", what=split)
 
 

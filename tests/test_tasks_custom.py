@@ -124,7 +124,14 @@ def test_bad_custom_task_settings_name_the_problem(tmp_path):
         get_task(f"file:{good}", reward=_quarter, test_size=2).load("train")
 
 
-def test_task_module_registers_its_own_task_class(tmp_path):
+def test_task_module_registers_its_own_task_class(tmp_path, monkeypatch):
+    from jaxsd.tasks import base
+
+    # The registry as it was, once this test ends (other tests list the tasks); the module's
+    # cache entry goes too, so a rerun registers afresh.
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    monkeypatch.setitem(sys.modules, "jaxsd_user_my_tasks_x2", None)
+    del sys.modules["jaxsd_user_my_tasks_x2"]
     (tmp_path / "my_tasks_x2.py").write_text(
         "from jaxsd.tasks import Verdict, register_task\n"
         "class Echo:\n"

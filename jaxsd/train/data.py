@@ -77,5 +77,5 @@ def drop_overlong(
             f"{message}; raise task.max_prompt_len"
             + (" or set task.overlong_prompts='filter' to drop them" if mode == "error" else "")
         )
-    print(f"[jaxsd] dropped {message}; raise task.max_prompt_len to keep them", flush=True)
+    print(f"[jaxsd] {message}: dropped; raise task.max_prompt_len to keep them", flush=True)
     return kept, stats

@@ -17,6 +17,7 @@ import math
 import os
 import pathlib
 import signal
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -318,8 +319,7 @@ def _fitting_prompts(
     """The split's records whose chat prompt fits task.max_prompt_len (data.drop_overlong)."""
     records = task.load(split, data_dir=data_dir)
     max_len = cfg.task.max_prompt_len
-    # One token past the limit is enough to know a prompt does not fit.
-    lengths = [len(chat_token_ids(tokenizer, task.messages(r), max_len + 1)) for r in records]
+    lengths = [len(chat_token_ids(tokenizer, task.messages(r), sys.maxsize)) for r in records]
     mode = cfg.task.get("overlong_prompts", "filter")
     return data.drop_overlong(records, lengths, max_len=max_len, mode=mode, what=split)
 
