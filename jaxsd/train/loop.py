@@ -226,6 +226,7 @@ def _max_len(cfg: Any) -> int:
 def build_run(cfg: Any) -> Run:
     """Validate the config and build model, task, algorithm, mesh, state, step and engine."""
     validate_config(cfg, num_devices=jax.device_count())
+    task = task_from_config(cfg.task)  # a bad task name, reward or module fails before loading
     model_dir = resolve_model_dir(cfg)
     from transformers import AutoTokenizer
 
@@ -235,7 +236,6 @@ def build_run(cfg: Any) -> Run:
     model, model_config = from_pretrained(model_dir, dtype=dtype, compute_dtype=compute_dtype)
     validate_config(cfg, vocab_size=model_config.vocab_size, num_devices=jax.device_count())
 
-    task = task_from_config(cfg.task)
     data_dir = cfg.task.data_dir or None
     train_records, train_stats = _fitting_prompts(cfg, tokenizer, task, "train", data_dir)
     test_records, test_stats = _fitting_prompts(cfg, tokenizer, task, "test", data_dir)
