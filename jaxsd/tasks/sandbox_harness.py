@@ -1,0 +1,301 @@
+"""Runs one model-written program and its tests inside the sandbox (jaxsd.tasks.sandbox).
+
+Started as `python -I -S sandbox_harness.py` in fresh namespaces; it must import nothing from
+jaxsd. It reads one JSON job from stdin, applies the resource limits, drops to the sandbox
+uid, runs the program and the tests, and writes one report starting with the per-run nonce to
+the result descriptor. The parent counts a pass only from a report with the right nonce, so a
+program that exits early, dies or prints a fake "passed" line never passes.
+
+Tests compare values strictly: every value a solution function returns must be plain data
+(exact builtin types, recursively), so an object whose `__eq__` always says True cannot fake
+a passing assert; the comparisons use references taken before the program ran, so patching
+`builtins`, `sys.exit` or `os._exit` changes nothing here.
+"""
+
+import ast
+import io
+import json
+import os
+import resource
+import sys
+import traceback
+
+# References captured before any model code runs.
+_type, _repr, _len, _isinstance, _bool, _str = type, repr, len, isinstance, bool, str
+_os_write, _os_exit, _os_close = os.write, os._exit, os.close
+_PLAIN_SCALARS = frozenset({type(None), bool, int, float, complex, str, bytes})
+_PLAIN_CONTAINERS = frozenset({list, tuple, set, frozenset, dict})
+_format_exception = traceback.format_exception
+_StringIO = io.StringIO
+_loads, _dumps = json.loads, json.dumps
+_MAX_DEPTH = 50
+
+
+class _Fail(Exception):
+    """A failed test: `info` becomes the report's `failure`."""
+
+    def __init__(self, info):
+        super().__init__(info.get("message", "test failed"))
+        self.info = info
+
+
+def _plain(value, depth=0):
+    """True iff `value` is built only from exact builtin data types."""
+    kind = _type(value)
+    if kind in _PLAIN_SCALARS:
+        return True
+    if kind not in _PLAIN_CONTAINERS or depth > _MAX_DEPTH:
+        return False
+    items = value.items() if kind is dict else ((v, None) for v in value)
+    for key, item in items:
+        if not _plain(key, depth + 1) or not _plain(item, depth + 1):
+            return False
+    return True
+
+
+def _show(value, limit):
+    text = _repr(value) if _plain(value) else "<object of type " + _type(value).__name__ + ">"
+    return text if _len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _guard(fn, name):
+    """Wrap a solution function: a non-plain return value fails the test that called it."""
+
+    def guarded(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        if not _plain(out):
+            raise _Fail(
+                {
+                    "message": name
+                    + " returned an object of type "
+                    + _type(out).__name__
+                    + "; tests accept only plain data "
+                    "(numbers, strings, lists, tuples, dicts, sets, None)",
+                }
+            )
+        return out
+
+    guarded.__name__ = getattr(fn, "__name__", name)
+    return guarded
+
+
+def _check_eq(actual, expected, source):
+    if not (_plain(actual) and _plain(expected)) or not _bool(actual == expected):
+        raise _Fail(
+            {"message": "assertion failed", "test": source,
+             "expected": _show(expected, 400), "actual": _show(actual, 400)}
+        )  # fmt: skip
+
+
+def _check_true(value, source):
+    if not _plain(value) or not _bool(value):
+        raise _Fail({"message": "assertion failed", "test": source, "actual": _show(value, 400)})
+
+
+class _AssertRewriter(ast.NodeTransformer):
+    """`assert a == b` -> `__jaxsd_eq(a, b, src)`; `assert e` -> `__jaxsd_true(e, src)`."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def visit_Assert(self, node):
+        src = ast.get_source_segment(self.source, node) or "assert ..."
+        test = node.test
+        if (
+            _isinstance(test, ast.Compare)
+            and _len(test.ops) == 1
+            and _isinstance(test.ops[0], ast.Eq)
+        ):
+            call = ast.Call(
+                ast.Name("__jaxsd_eq", ast.Load()),
+                [test.left, test.comparators[0], ast.Constant(src)], [],
+            )  # fmt: skip
+        else:
+            call = ast.Call(ast.Name("__jaxsd_true", ast.Load()), [test, ast.Constant(src)], [])
+        return ast.copy_location(ast.Expr(call), node)
+
+
+def _compile_test(source):
+    tree = _AssertRewriter(source).visit(ast.parse(source))
+    return compile(ast.fix_missing_locations(tree), "<test>", "exec")
+
+
+def _tail(exc, lines):
+    text = "".join(_format_exception(_type(exc), exc, exc.__traceback__))
+    return "\n".join(text.rstrip("\n").split("\n")[-lines:])
+
+
+def _test_namespace(program_globals):
+    """The tests' globals: the program's names, functions guarded, our helpers last."""
+    names = dict(program_globals)
+    for key, value in program_globals.items():
+        if _type(value).__name__ == "function":
+            names[key] = _guard(value, key)
+    names["__jaxsd_eq"], names["__jaxsd_true"] = _check_eq, _check_true
+    return names
+
+
+def _run_program(code, name):
+    """Exec the program; returns its globals or raises _Fail naming what went wrong."""
+    g = {"__name__": name, "__builtins__": __builtins__}
+    try:
+        exec(compile(code, "<solution>", "exec"), g)
+    except SystemExit as exc:
+        raise _Fail(
+            {"message": "the program called exit(" + _repr(exc.code)
+             + ") before the tests ran; that never counts as a pass"}
+        ) from None  # fmt: skip
+    except _Fail:
+        raise
+    except BaseException as exc:  # noqa: BLE001 — any error of model code is its failure
+        raise _Fail({"message": "the program raised an error", "error": _tail(exc, 6)}) from None
+    return g
+
+
+def _run_asserts(job):
+    g = _run_program(job["code"], "__solution__")
+    total = _len(job["tests"])
+    compiled = [_compile_test(t) for t in [job.get("setup", "")] + job["tests"]]
+    ns = _test_namespace(g)
+    exec(compiled[0], ns)
+    for i, test in enumerate(compiled[1:]):
+        try:
+            exec(test, ns)
+        except _Fail as fail:
+            fail.info.setdefault("test", job["tests"][i])
+            fail.info["index"] = i
+            raise
+        except BaseException as exc:  # noqa: BLE001
+            raise _Fail(
+                {"message": "the test raised an error", "test": job["tests"][i], "index": i,
+                 "error": _tail(exc, 6)}
+            ) from None  # fmt: skip
+    return total
+
+
+def _run_stdio(job):
+    """LiveCodeBench stdin tests: the program runs once per case on its input."""
+    for i, case in enumerate(job["tests"]):
+        stdin, stdout = _StringIO(case["input"]), _StringIO()
+        old = sys.stdin, sys.stdout
+        sys.stdin, sys.stdout = stdin, stdout
+        try:
+            _run_program(job["code"], "__main__")
+        except _Fail as fail:
+            fail.info.update(index=i, input=_clip(case["input"]))
+            raise
+        finally:
+            sys.stdin, sys.stdout = old
+        got = stdout.getvalue()
+        if _lines(got) != _lines(case["output"]):
+            raise _Fail(
+                {"message": "wrong output", "index": i, "input": _clip(case["input"]),
+                 "expected": _clip(case["output"]), "actual": _clip(got)}
+            )  # fmt: skip
+    return _len(job["tests"])
+
+
+def _run_functional(job):
+    """LiveCodeBench LeetCode tests: one JSON argument per input line, JSON expected value."""
+    g = _run_program(job["code"], "__solution__")
+    name = job["func_name"]
+    if "Solution" in g:
+        target = lambda: getattr(g["Solution"](), name)  # noqa: E731
+    else:
+        target = lambda: g[name]  # noqa: E731
+    for i, case in enumerate(job["tests"]):
+        args = [_loads(line) for line in case["input"].split("\n") if line.strip()]
+        expected = _loads(case["output"])
+        try:
+            actual = _guard(target(), name)(*args)
+        except _Fail as fail:
+            fail.info.update(index=i, input=_clip(case["input"]))
+            raise
+        except BaseException as exc:  # noqa: BLE001
+            raise _Fail(
+                {"message": "the test raised an error", "index": i,
+                 "input": _clip(case["input"]), "error": _tail(exc, 6)}
+            ) from None  # fmt: skip
+        if _type(actual) is tuple:
+            actual = list(actual)  # JSON has no tuples
+        _check_eq_case(actual, expected, i, case["input"])
+    return _len(job["tests"])
+
+
+def _check_eq_case(actual, expected, index, stdin):
+    if not (_plain(actual) and _bool(actual == expected)):
+        raise _Fail(
+            {"message": "wrong answer", "index": index, "input": _clip(stdin),
+             "expected": _show(expected, 400), "actual": _show(actual, 400)}
+        )  # fmt: skip
+
+
+def _lines(text):
+    return [line.strip() for line in text.strip().split("\n")]
+
+
+def _clip(text, limit=400):
+    return text if _len(text) <= limit else text[: limit - 3] + "..."
+
+
+_RUNNERS = {"asserts": _run_asserts, "stdio": _run_stdio, "functional": _run_functional}
+
+
+def _limit(kind, value):
+    if value is not None:
+        resource.setrlimit(kind, (value, value))
+
+
+def _drop_privileges(job):
+    _limit(resource.RLIMIT_CPU, job["cpu_s"])
+    _limit(resource.RLIMIT_AS, job["memory_bytes"])
+    _limit(resource.RLIMIT_FSIZE, job["file_bytes"])
+    _limit(resource.RLIMIT_NPROC, job["max_procs"])
+    _limit(resource.RLIMIT_CORE, 0)
+    uid = job.get("uid")
+    if uid is not None:
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+        # A change of uid clears the parent-death signal; set it again so that killing the
+        # launcher always takes this process with it, even after the program calls setsid().
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+
+
+def main():
+    job = _loads(sys.stdin.read())
+    sys.stdin.close()
+    sys.stdin = _StringIO("")
+    result_fd, nonce = job["result_fd"], job["nonce"]
+    _drop_privileges(job)
+    report = {}
+    try:
+        report["passed"] = _RUNNERS[job["kind"]](job)
+        report["ok"] = True
+    except _Fail as fail:
+        report.update(ok=False, failure=fail.info)
+    except MemoryError:
+        report.update(ok=False, failure={"message": "out of memory (address-space limit)"})
+    except RecursionError:
+        report.update(ok=False, failure={"message": "maximum recursion depth exceeded"})
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:  # noqa: BLE001 — the program may have replaced or closed them
+        pass
+    # The verdict line is built by string operations only (nothing the program can patch);
+    # the failure details that follow only shape the feedback text.
+    verdict = "ok" if report.get("ok") else "fail"
+    details = _dumps(report.get("failure"))
+    data = nonce + "\n" + verdict + "\n" + _str(report.get("passed", 0)) + "\n" + details
+    data = data.encode()
+    while data:
+        data = data[_os_write(result_fd, data) :]
+    _os_close(result_fd)
+    _os_exit(0)  # skip atexit hooks the program may have registered
+
+
+if __name__ == "__main__":
+    main()
