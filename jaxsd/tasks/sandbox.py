@@ -21,6 +21,7 @@ is left (e.g. without `unshare` there is no network isolation).
 
 from __future__ import annotations
 
+import ast
 import concurrent.futures
 import dataclasses
 import functools
@@ -339,9 +340,9 @@ def _judge(out: _Outcome, nonce: str, limits: SandboxLimits, wall_s: float) -> E
         passed = int(lines[2]) if lines[2].isdigit() else 0
         if lines[1] == "ok":
             return result("passed", f"all {passed} tests passed", None, passed)
-        try:
-            failure = json.loads(lines[3])
-        except ValueError:
+        try:  # the harness writes repr() of a dict of strings and ints
+            failure = ast.literal_eval(lines[3])
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
             failure = None
         failure = failure if isinstance(failure, dict) else {"message": "tests failed"}
         return result("failed", str(failure.get("message", "tests failed")), failure)

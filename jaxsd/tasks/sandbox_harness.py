@@ -22,7 +22,8 @@ import traceback
 
 # References captured before any model code runs.
 _type, _repr, _len, _isinstance, _bool, _str = type, repr, len, isinstance, bool, str
-_os_write, _os_exit, _os_close = os.write, os._exit, os.close
+_dict, _getattr, _enumerate, _exec, _compile = dict, getattr, enumerate, exec, compile
+_os_write, _os_exit, _os_close, _getpid = os.write, os._exit, os.close, os.getpid
 _PLAIN_SCALARS = frozenset({type(None), bool, int, float, complex, str, bytes})
 _PLAIN_CONTAINERS = frozenset({list, tuple, set, frozenset, dict})
 _format_exception = traceback.format_exception
@@ -75,7 +76,7 @@ def _guard(fn, name):
             )
         return out
 
-    guarded.__name__ = getattr(fn, "__name__", name)
+    guarded.__name__ = _getattr(fn, "__name__", name)
     return guarded
 
 
@@ -127,7 +128,7 @@ def _tail(exc, lines):
 
 def _test_namespace(program_globals):
     """The tests' globals: the program's names, functions guarded, our helpers last."""
-    names = dict(program_globals)
+    names = _dict(program_globals)
     for key, value in program_globals.items():
         if _type(value).__name__ == "function":
             names[key] = _guard(value, key)
@@ -139,7 +140,7 @@ def _run_program(code, name):
     """Exec the program; returns its globals or raises _Fail naming what went wrong."""
     g = {"__name__": name, "__builtins__": __builtins__}
     try:
-        exec(compile(code, "<solution>", "exec"), g)
+        _exec(_compile(code, "<solution>", "exec"), g)
     except SystemExit as exc:
         raise _Fail(
             {"message": "the program called exit(" + _repr(exc.code)
@@ -153,14 +154,14 @@ def _run_program(code, name):
 
 
 def _run_asserts(job):
-    g = _run_program(job["code"], "__solution__")
-    total = _len(job["tests"])
+    # Compiled before the program runs: the ast module is plain Python it could patch.
     compiled = [_compile_test(t) for t in [job.get("setup", "")] + job["tests"]]
+    g = _run_program(job["code"], "__solution__")
     ns = _test_namespace(g)
-    exec(compiled[0], ns)
-    for i, test in enumerate(compiled[1:]):
+    _exec(compiled[0], ns)
+    for i, test in _enumerate(compiled[1:]):
         try:
-            exec(test, ns)
+            _exec(test, ns)
         except _Fail as fail:
             fail.info.setdefault("test", job["tests"][i])
             fail.info["index"] = i
@@ -170,7 +171,7 @@ def _run_asserts(job):
                 {"message": "the test raised an error", "test": job["tests"][i], "index": i,
                  "error": _tail(exc, 6)}
             ) from None  # fmt: skip
-    return total
+    return _len(job["tests"])
 
 
 def _run_stdio(job):
@@ -197,29 +198,29 @@ def _run_stdio(job):
 
 def _run_functional(job):
     """LiveCodeBench LeetCode tests: one JSON argument per input line, JSON expected value."""
-    g = _run_program(job["code"], "__solution__")
     name = job["func_name"]
-    if "Solution" in g:
-        target = lambda: getattr(g["Solution"](), name)  # noqa: E731
-    else:
-        target = lambda: g[name]  # noqa: E731
-    for i, case in enumerate(job["tests"]):
-        args = [_loads(line) for line in case["input"].split("\n") if line.strip()]
-        expected = _loads(case["output"])
+    cases = [  # decoded before the program runs (json is plain Python it could patch)
+        ([_loads(line) for line in case["input"].split("\n") if line.strip()],
+         _loads(case["output"]), case["input"])
+        for case in job["tests"]
+    ]  # fmt: skip
+    g = _run_program(job["code"], "__solution__")
+    for i, (args, expected, stdin) in _enumerate(cases):
         try:
-            actual = _guard(target(), name)(*args)
+            fn = _getattr(g["Solution"](), name) if "Solution" in g else g[name]
+            actual = _guard(fn, name)(*args)
         except _Fail as fail:
-            fail.info.update(index=i, input=_clip(case["input"]))
+            fail.info.update(index=i, input=_clip(stdin))
             raise
         except BaseException as exc:  # noqa: BLE001
             raise _Fail(
                 {"message": "the test raised an error", "index": i,
-                 "input": _clip(case["input"]), "error": _tail(exc, 6)}
+                 "input": _clip(stdin), "error": _tail(exc, 6)}
             ) from None  # fmt: skip
         if _type(actual) is tuple:
             actual = list(actual)  # JSON has no tuples
-        _check_eq_case(actual, expected, i, case["input"])
-    return _len(job["tests"])
+        _check_eq_case(actual, expected, i, stdin)
+    return _len(cases)
 
 
 def _check_eq_case(actual, expected, index, stdin):
@@ -269,6 +270,7 @@ def main():
     sys.stdin.close()
     sys.stdin = _StringIO("")
     result_fd, nonce = job["result_fd"], job["nonce"]
+    me = _getpid()
     _drop_privileges(job)
     report = {}
     try:
@@ -285,10 +287,12 @@ def main():
         sys.stderr.flush()
     except BaseException:  # noqa: BLE001 — the program may have replaced or closed them
         pass
+    if _getpid() != me:  # a process the program forked: only the harness itself reports
+        _os_exit(1)
     # The verdict line is built by string operations only (nothing the program can patch);
     # the failure details that follow only shape the feedback text.
     verdict = "ok" if report.get("ok") else "fail"
-    details = _dumps(report.get("failure"))
+    details = _repr(report.get("failure"))  # dict of str/int: repr is C code, json is not
     data = nonce + "\n" + verdict + "\n" + _str(report.get("passed", 0)) + "\n" + details
     data = data.encode()
     while data:
