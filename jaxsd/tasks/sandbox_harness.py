@@ -6,9 +6,10 @@ uid, runs the program and the tests, and writes one report starting with the per
 the result descriptor. The parent counts a pass only from a report with the right nonce, so a
 program that exits early, dies or prints a fake "passed" line never passes.
 
-Tests compare values strictly: every value a solution function returns must be plain data
-(exact builtin types, recursively), so an object whose `__eq__` always says True cannot fake
-a passing assert; the comparisons use references taken before the program ran, so patching
+Tests compare values strictly: every value a solution function returns must be data
+(builtin types or their subclasses, copied into the builtin types through the builtins' own
+methods) or a builtin iterator, so an object whose `__eq__` always says True cannot fake a
+passing assert; the comparisons use references taken before the program ran, so patching
 `builtins`, `sys.exit` or `os._exit` changes nothing here.
 """
 
@@ -23,9 +24,11 @@ import traceback
 # References captured before any model code runs.
 _type, _repr, _len, _isinstance, _bool, _str = type, repr, len, isinstance, bool, str
 _dict, _getattr, _enumerate, _exec, _compile = dict, getattr, enumerate, exec, compile
+_issubclass = issubclass
 _os_write, _os_exit, _os_close, _getpid = os.write, os._exit, os.close, os.getpid
 _PLAIN_SCALARS = frozenset({type(None), bool, int, float, complex, str, bytes})
-_PLAIN_CONTAINERS = frozenset({list, tuple, set, frozenset, dict})
+_list, _tuple, _set, _frozenset = list, tuple, set, frozenset
+_int, _float, _complex, _bytes = int, float, complex, bytes
 _format_exception = traceback.format_exception
 _StringIO = io.StringIO
 _loads, _dumps = json.loads, json.dumps
@@ -40,48 +43,88 @@ class _Fail(Exception):
         self.info = info
 
 
-def _plain(value, depth=0):
-    """True iff `value` is built only from exact builtin data types."""
+class _NotData(Exception):
+    """A value that is not plain data (its type is named in the message)."""
+
+
+def _data(value, depth=0):
+    """A plain copy of `value`: subclasses of builtin data types become the builtin type
+    (read through the builtin's own methods, so overridden ones are never called); any other
+    object raises _NotData. Equality of the copies cannot be faked."""
     kind = _type(value)
     if kind in _PLAIN_SCALARS:
-        return True
-    if kind not in _PLAIN_CONTAINERS or depth > _MAX_DEPTH:
-        return False
-    items = value.items() if kind is dict else ((v, None) for v in value)
-    for key, item in items:
-        if not _plain(key, depth + 1) or not _plain(item, depth + 1):
-            return False
-    return True
+        return value
+    if depth > _MAX_DEPTH:
+        raise _NotData("a structure nested deeper than " + _str(_MAX_DEPTH))
+    if kind is _list or kind is _tuple or kind is _set or kind is _frozenset:
+        return kind(_data(v, depth + 1) for v in value)
+    if kind is _dict:
+        return {_data(k, depth + 1): _data(v, depth + 1) for k, v in value.items()}
+    for base, convert in _SUBCLASS_CONVERSIONS:
+        if _issubclass(kind, base):
+            return convert(value, depth)
+    raise _NotData(kind.__name__)
+
+
+_SUBCLASS_CONVERSIONS = (
+    (_int, lambda v, d: _int.__add__(v, 0)),
+    (_float, lambda v, d: _float.__add__(v, 0.0)),
+    (_complex, lambda v, d: _complex.__add__(v, 0j)),
+    (_str, lambda v, d: _str.__add__(v, "")),
+    (_bytes, lambda v, d: _bytes.__add__(v, b"")),
+    (_dict, lambda v, d: {_data(k, d + 1): _data(x, d + 1) for k, x in _dict.items(v)}),
+    (_list, lambda v, d: [_data(x, d + 1) for x in _list.__iter__(v)]),
+    (_tuple, lambda v, d: _tuple(_data(x, d + 1) for x in _tuple.__iter__(v))),
+    (_frozenset, lambda v, d: _frozenset(_data(x, d + 1) for x in _frozenset.__iter__(v))),
+    (_set, lambda v, d: {_data(x, d + 1) for x in _set.__iter__(v)}),
+)
+# Lazy builtin iterators a solution may return (the test then builds a list from them).
+_ITERATORS = frozenset(
+    {type(x for x in ()), map, filter, zip, enumerate, reversed, range, type(iter([])),
+     type(iter(())), type(iter("")), type(iter(range(0))), type({}.keys()), type({}.values()),
+     type({}.items())}
+)  # fmt: skip
 
 
 def _show(value, limit):
-    text = _repr(value) if _plain(value) else "<object of type " + _type(value).__name__ + ">"
+    try:
+        text = _repr(_data(value))
+    except _NotData:
+        text = "<object of type " + _type(value).__name__ + ">"
     return text if _len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _guard(fn, name):
-    """Wrap a solution function: a non-plain return value fails the test that called it."""
+    """Wrap a solution function: it must return data (handed on as a plain copy) or a builtin
+    iterator; any other object fails the test that called it."""
 
     def guarded(*args, **kwargs):
         out = fn(*args, **kwargs)
-        if not _plain(out):
+        if _type(out) in _ITERATORS:
+            return out
+        try:
+            return _data(out)
+        except _NotData:
             raise _Fail(
                 {
                     "message": name
                     + " returned an object of type "
                     + _type(out).__name__
-                    + "; tests accept only plain data "
+                    + "; tests accept only data "
                     "(numbers, strings, lists, tuples, dicts, sets, None)",
                 }
-            )
-        return out
+            ) from None
 
     guarded.__name__ = _getattr(fn, "__name__", name)
     return guarded
 
 
 def _check_eq(actual, expected, source):
-    if not (_plain(actual) and _plain(expected)) or not _bool(actual == expected):
+    try:
+        same = _bool(_data(actual) == _data(expected))
+    except _NotData:
+        same = False
+    if not same:
         raise _Fail(
             {"message": "assertion failed", "test": source,
              "expected": _show(expected, 400), "actual": _show(actual, 400)}
@@ -89,7 +132,11 @@ def _check_eq(actual, expected, source):
 
 
 def _check_true(value, source):
-    if not _plain(value) or not _bool(value):
+    try:
+        holds = _bool(_data(value))
+    except _NotData:
+        holds = False
+    if not holds:
         raise _Fail({"message": "assertion failed", "test": source, "actual": _show(value, 400)})
 
 
@@ -224,7 +271,11 @@ def _run_functional(job):
 
 
 def _check_eq_case(actual, expected, index, stdin):
-    if not (_plain(actual) and _bool(actual == expected)):
+    try:
+        same = _bool(_data(actual) == expected)
+    except _NotData:
+        same = False
+    if not same:
         raise _Fail(
             {"message": "wrong answer", "index": index, "input": _clip(stdin),
              "expected": _show(expected, 400), "actual": _show(actual, 400)}
