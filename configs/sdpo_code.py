@@ -40,7 +40,7 @@ def get_config(arg=None):
     c.task.name = "mbpp"
     # feedback_tokens: budget of the feedback text in the reprompt; workers: programs at once.
     c.task.kwargs = ml_collections.ConfigDict(
-        dict(feedback_tokens=256, workers=16, sandbox=sandbox_config())
+        dict(feedback_tokens=256, workers=64, sandbox=sandbox_config())
     )
     c.task.max_prompt_len = 384  # MBPP prompts are ~150-300 tokens of the tiny BPE
     c.task.max_reprompt_len = 768

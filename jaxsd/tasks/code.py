@@ -131,7 +131,7 @@ class CodeTask:
         self,
         feedback_tokens: int = 256,
         sandbox: dict[str, Any] | None = None,
-        workers: int = 16,
+        workers: int = 64,
     ) -> None:
         if feedback_tokens < 1:
             raise ValueError(f"task.kwargs.feedback_tokens={feedback_tokens} must be >= 1")

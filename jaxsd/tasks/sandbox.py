@@ -43,7 +43,8 @@ from typing import Any
 
 HARNESS = pathlib.Path(__file__).resolve().with_name("sandbox_harness.py")
 SYSTEM_PYTHONS = ("/usr/bin/python3",)
-_UID_BASE = 200_000  # sandbox uids: _UID_BASE + 100 * (pid % 10_000) + slot (no real users)
+_UID_BASE = 200_000  # sandbox uids: _UID_BASE + 1000 * (pid % 10_000) + slot (no real users)
+MAX_WORKERS = 1000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,9 +179,9 @@ class Sandbox:
     so they run beside the trainer and the sampler without holding the GIL.
     """
 
-    def __init__(self, limits: SandboxLimits | None = None, workers: int = 16) -> None:
-        if workers < 1:
-            raise ValueError(f"sandbox workers={workers} must be >= 1")
+    def __init__(self, limits: SandboxLimits | None = None, workers: int = 64) -> None:
+        if not 1 <= workers <= MAX_WORKERS:
+            raise ValueError(f"sandbox workers={workers} must be in [1, {MAX_WORKERS}]")
         self.limits = limits or SandboxLimits()
         self.isolation = probe_isolation()
         self.workers = workers
@@ -216,7 +217,7 @@ class Sandbox:
 
     def _run_in_slot(self, job: Job, slot: int) -> ExecResult:
         limits, iso = self.limits, self.isolation
-        uid = _UID_BASE + 100 * (os.getpid() % 10_000) + slot if iso.drop_uid else None
+        uid = _UID_BASE + 1000 * (os.getpid() % 10_000) + slot if iso.drop_uid else None
         workdir = pathlib.Path(tempfile.mkdtemp(dir=self._root))
         if uid is not None:
             os.chown(workdir, uid, uid)
