@@ -4,7 +4,6 @@ its files, its environment, its network) untouched."""
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import signal
@@ -238,16 +237,3 @@ def test_bad_limits_name_the_key():
         SandboxLimits(timeout_s=0)
     with pytest.raises(ValueError, match="sandbox.max_output_bytes"):
         SandboxLimits(keep_bytes=100, max_output_bytes=10)
-
-
-def test_bench_prints_throughput_and_the_loop_batch_ends_at_the_timeout(run_repo_script):
-    done = run_repo_script(
-        "bench/sandbox.py", "--trivial", "16", "--batch", "16", "--loops", "2",
-        "--timeout", "1", "--repeats", "1", timeout=60,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    out = json.loads(done.stdout)
-    assert out["loop_batch_outcomes_right"] and out["trivial_programs_per_s"] > 0
-    # The loops are killed at the wall-clock limit, not before; a generous upper bound here
-    # (the machine is shared), the bench itself reports the timeout + 1 s goal.
-    assert 1.0 <= out["loop_batch_s"] < 1.0 + 3.0
