@@ -463,6 +463,18 @@ def train_one_step(run: Run, step: int) -> dict[str, Any]:
     records = [run.train_records[i] for i in indices]
     groups, stats = collect_groups(run, records, step)
     _maybe_inject_crash(step)
+    stats.update(update_on_groups(run, groups, step, epoch))
+    stats["time/step_s"] = time.perf_counter() - t_start
+    return stats
+
+
+def update_on_groups(run: Run, groups: Sequence, step: int, epoch: int) -> dict[str, Any]:
+    """Plan -> train step -> publish on verified groups: optimizer step `step` + 1.
+
+    The second half of `train_one_step`; test-time self-distillation (jaxsd.test_time) calls it
+    on the groups of its one question.
+    """
+    cfg = run.cfg
     plans, run.host_state, algo_metrics = run.algorithm.plan(groups, run.host_state, epoch=epoch)
     samples, lengths = process_rows(plans_to_samples(run, groups, plans))
     local = build_batch(
@@ -475,9 +487,8 @@ def train_one_step(run: Run, step: int) -> dict[str, Any]:
     reduced = metrics_lib.reduce_metric_pairs(jax.device_get(step_metrics))
     train_s = time.perf_counter() - t_train
     _check_finite(step + 1, reduced)
-    stats.update(_publish(run, step + 1))
+    stats = _publish(run, step + 1)
     group_stats, pass_rates = _group_stats(groups, getattr(run.algorithm, "success_threshold", 0.5))
-    total_s = time.perf_counter() - t_start
     response_tokens = int(np.sum(local.response_mask))
     stats.update(group_stats)
     stats.update({f"algo/{k}": v for k, v in algo_metrics.items()})
@@ -486,7 +497,6 @@ def train_one_step(run: Run, step: int) -> dict[str, Any]:
         {
             "epoch": epoch,
             "time/train_s": train_s,
-            "time/step_s": total_s,
             metrics_lib.TOKENS_PER_S: response_tokens / max(train_s, 1e-9),
             "perf/batch_shape": list(local.student_tokens.shape) + [local.response_tokens.shape[1]],
         }
