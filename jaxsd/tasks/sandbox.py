@@ -4,8 +4,8 @@ Each program gets its own process (`jaxsd/tasks/sandbox_harness.py` under `pytho
 - a wall-clock timeout (the whole process group is killed) and an RLIMIT_CPU limit;
 - RLIMIT_AS (memory), RLIMIT_FSIZE (file size), RLIMIT_NPROC (no fork bombs), no core files;
 - new network, PID and mount namespaces (`unshare --net --pid --mount-proc --kill-child`): no
-  network at all, no view of the trainer's processes, and every process of the program dies
-  with it;
+  network at all, no view of the trainer's processes, fresh tmpfs over /tmp, /var/tmp and
+  /dev/shm (the program's home and TMPDIR), and every process of the program dies with it;
 - a uid of its own (root only; one per pool slot, so RLIMIT_NPROC counts only that program):
   it cannot write or delete the trainer's files, read their environment, or signal them;
 - a fresh temporary working directory (removed afterwards), a clean environment, stdin empty;
@@ -108,6 +108,11 @@ class Isolation:
     python: str
     missing: tuple[str, ...]
 
+    @property
+    def private_tmp(self) -> bool:
+        """A mount namespace of our own: /tmp, /var/tmp, /dev/shm become fresh tmpfs."""
+        return "--mount-proc" in self.unshare
+
 
 def _works(cmd: Sequence[str]) -> bool:
     try:
@@ -138,7 +143,7 @@ def probe_isolation() -> Isolation:
         if not launcher:
             missing.append("working `unshare` namespaces (user namespaces disabled?)")
         elif "--mount-proc" not in launcher:
-            missing.append("a private /proc (mount namespace)")
+            missing.append("a mount namespace (private /proc, /tmp, /dev/shm)")
     python = sys.executable
     drop_uid = False
     if not root:
@@ -229,7 +234,7 @@ class Sandbox:
             "setup": job.setup, "func_name": job.func_name,
             "cpu_s": limits.cpu_s or int(limits.timeout_s) + 2,
             "memory_bytes": limits.memory_mb << 20, "file_bytes": limits.file_mb << 20,
-            "max_procs": limits.max_procs,
+            "max_procs": limits.max_procs, "private_tmp": iso.private_tmp,
         }  # fmt: skip
         env = {"PATH": "/usr/bin:/bin", "HOME": str(workdir), "TMPDIR": str(workdir),
                "LANG": "C.UTF-8"}  # fmt: skip
