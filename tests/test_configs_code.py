@@ -3,9 +3,6 @@ settings, and the smoke preset trains end to end on MBPP with the embedded engin
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-
 import numpy as np
 import pytest
 
@@ -13,18 +10,15 @@ from jaxsd.algorithms.validate import validate_config
 from jaxsd.metrics import read_metrics
 from jaxsd.tasks import get_task
 
-CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "sdpo_code.py"
 
-
-def load(preset=None):
-    spec = importlib.util.spec_from_file_location("cfg_sdpo_code", CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(preset)
+@pytest.fixture(scope="module")
+def load(repo_module):
+    """`load(preset)`: configs/sdpo_code.py's config, loaded by path as config_flags does."""
+    return repo_module("configs/sdpo_code.py").get_config
 
 
 @pytest.mark.parametrize("preset", [None, "smoke", "qwen3_8b"])
-def test_presets_validate_and_build_their_task(preset):
+def test_presets_validate_and_build_their_task(load, preset):
     cfg = load(preset)
     devices, vocab = (8, 151936) if preset == "qwen3_8b" else (1, 1024)
     validate_config(cfg, vocab_size=vocab, num_devices=devices)
@@ -33,7 +27,7 @@ def test_presets_validate_and_build_their_task(preset):
     assert task.limits.timeout_s == cfg.task.kwargs.sandbox.timeout_s
 
 
-def test_qwen3_8b_is_sdpos_livecodebench_run():
+def test_qwen3_8b_is_sdpos_livecodebench_run(load):
     c = load("qwen3_8b")
     assert (c.task.name, c.model.path, c.rollout.engine) == ("livecodebench", "Qwen/Qwen3-8B",
                                                              "vllm")  # fmt: skip
@@ -43,7 +37,7 @@ def test_qwen3_8b_is_sdpos_livecodebench_run():
     assert c.algorithm.name == "sdpo" and c.algorithm.dont_reprompt_on_self_success
 
 
-def test_smoke_trains_end_to_end_on_mbpp(tmp_path):
+def test_smoke_trains_end_to_end_on_mbpp(load, tmp_path):
     from jaxsd.train.loop import train
 
     cfg = load("smoke")

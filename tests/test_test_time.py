@@ -4,7 +4,6 @@ smoke preset end to end with the embedded engine."""
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import pathlib
 from types import SimpleNamespace
@@ -14,14 +13,11 @@ import pytest
 
 from jaxsd import test_time as tt_lib
 
-CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "test_time_sdpo.py"
 
-
-def load(preset=None):
-    spec = importlib.util.spec_from_file_location("cfg_test_time", CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(preset)
+@pytest.fixture(scope="module")
+def load(repo_module):
+    """`load(preset)`: configs/test_time_sdpo.py's config, loaded by path."""
+    return repo_module("configs/test_time_sdpo.py").get_config
 
 
 @pytest.mark.parametrize("n,c", [(6, 0), (6, 1), (6, 3), (6, 6), (5, 2)])
@@ -92,7 +88,7 @@ def test_summary_curves():
     assert (s["solved_by_test_time_sdpo"], s["fraction_solved_by_test_time_sdpo"]) == (1, 0.5)
 
 
-def test_bad_test_time_config_fails_naming_the_key():
+def test_bad_test_time_config_fails_naming_the_key(load):
     cfg = load("smoke")
     cfg.test_time.budget = 5
     with pytest.raises(ValueError, match="test_time.budget=5"):
@@ -103,7 +99,7 @@ def test_bad_test_time_config_fails_naming_the_key():
         tt_lib.run_test_time(cfg)
 
 
-def test_smoke_runs_end_to_end(tmp_path):
+def test_smoke_runs_end_to_end(load, tmp_path):
     cfg = load("smoke")
     cfg.run_dir = str(tmp_path)
     s = tt_lib.run_test_time(cfg)
@@ -118,3 +114,21 @@ def test_smoke_runs_end_to_end(tmp_path):
     assert s["discovery_at_k"]["base_best_of_k"][-1] == pytest.approx(np.mean(base))
     assert (tmp_path / "test_time.json").is_file()
     assert pathlib.Path(s["plot"]).stat().st_size > 0
+
+
+@pytest.mark.parametrize("preset", [None, "smoke", "qwen3_8b"])
+def test_presets_validate(load, preset):
+    from jaxsd.algorithms.validate import validate_config
+
+    cfg = load(preset)
+    devices, vocab = (8, 151936) if preset == "qwen3_8b" else (1, 1024)
+    cfg.mesh.update(data=1, fsdp=1, tensor=1)  # one question × k rollouts per update
+    validate_config(cfg, vocab_size=vocab, num_devices=1)
+    assert cfg.rollout.n == cfg.test_time.k and cfg.task.questions_per_step == 1
+    assert cfg.test_time.budget % cfg.test_time.k == 0
+    if preset is None:
+        assert (cfg.task.name, cfg.task.kwargs.digits, cfg.test_time.budget) == (
+            "arithmetic",
+            2,
+            64,
+        )
