@@ -38,6 +38,7 @@ import tempfile
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -195,10 +196,12 @@ class Sandbox:
         self._slots: list[int] = list(range(workers))
         self._slot_lock = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, "jaxsd-sandbox")
+        # A task's sandbox lives as long as the run; its folder goes even without close().
+        self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._root), True)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-        shutil.rmtree(self._root, ignore_errors=True)
+        self._cleanup()
 
     def __enter__(self) -> Sandbox:
         return self
