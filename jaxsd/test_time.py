@@ -97,14 +97,16 @@ def _solve(run: loop.Run, record: dict, q: int, initial: Any, threshold: float) 
     run.host_state = run.algorithm.init_state(run.cfg.seed)
     loop._publish(run, 0)
     rounds = tt.budget // tt.k
+    losses = []
     for r in range(rounds):
         groups, _ = loop.collect_groups(run, [record], r, n=tt.k, purpose=_ROUND_PURPOSE + q)
         hit = first_success(groups[0].rewards, threshold)
         if hit is not None:
-            return {"first_success": r * tt.k + hit, "rounds": r + 1}
+            return {"first_success": r * tt.k + hit, "rounds": r + 1, "losses": losses}
         if r + 1 < rounds:  # no update after the last round: nothing would sample from it
-            loop.update_on_groups(run, groups, r, epoch=0)
-    return {"first_success": None, "rounds": rounds}
+            stats = loop.update_on_groups(run, groups, r, epoch=0)
+            losses.append(float(stats.get("loss", float("nan"))) if stats else float("nan"))
+    return {"first_success": None, "rounds": rounds, "losses": losses}
 
 
 def run_test_time(cfg: Any) -> dict[str, Any]:
