@@ -198,3 +198,25 @@ def test_livecodebench_bad_records_name_the_field():
     evil = base64.b64encode(zlib.compress(pickle.dumps(print))).decode()
     with pytest.raises(RecordError, match="refusing to load builtins.print"):
         lcb_record(dict(LCB_ROWS[0], private_test_cases=evil), "lcb.jsonl record 0")
+
+
+def test_sdpo_reprompt_carries_the_test_feedback_only_when_no_sibling_succeeded(mbpp):
+    from jaxsd.tasks.reprompt import build_group_reprompts
+
+    record = next(r for r in mbpp.load("test") if r["id"] == "mbpp/17")
+    wrong = block("def square_perimeter(a):\n    return 2 * a")
+    right = block("def square_perimeter(a):\n    return 4 * a")
+    prompt = mbpp.messages(record)
+    for responses in ([wrong, wrong], [wrong, right]):
+        verdicts = mbpp.verify_many(responses, [record, record])
+        teachers = build_group_reprompts(
+            prompt, responses, [v.reward for v in verdicts], [v.feedback for v in verdicts]
+        )
+        text = teachers[0].messages[-1]["content"]
+        if responses[1] is wrong:  # no sibling succeeded: the environment's feedback
+            assert (
+                "feedback from your unsuccessful earlier attempt:\n\nAssertion failed: "
+                "assert square_perimeter(10)==40\nExpected:\n40\nGot:\n20" in text
+            )
+        else:  # a sibling succeeded: its solution, and no feedback
+            assert "Correct solution:\n\n" + right in text and "feedback" not in text
