@@ -44,7 +44,7 @@ def get_config(arg=None):
     preset = base.parse_preset(arg)
     c = sdpo_code.get_config(arg) if preset == "qwen3_8b" else base.get_config(arg)
     c.algorithm = base.algorithm_config("sdpo")
-    c.run_dir = f"runs/test_time_sdpo_{preset}"
+    c.run_dir = f"runs/test_time_sdpo_{preset}_{{hash}}"
     c.eval_every = 0
     c.checkpoint_every = 0
     c.task.questions_per_step = 1

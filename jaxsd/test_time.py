@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsd.train import loop
+from jaxsd.train import loop, run_config
 
 _SELECT_PURPOSE, _BASE_PURPOSE, _ROUND_PURPOSE = 3, 4, 1000
 SELECTIONS = ("all", "base_failures")
@@ -123,6 +123,7 @@ def run_test_time(cfg: Any) -> dict[str, Any]:
             f"(got {cfg.task.questions_per_step}, {cfg.rollout.n}): one question per update"
         )
     t0 = time.perf_counter()
+    cfg = run_config.resolve_run_dir(cfg)  # `{hash}` in run_dir -> the config's hash
     run = loop.build_run(cfg)
     threshold = getattr(run.algorithm, "success_threshold", 0.5)
     try:
@@ -157,7 +158,8 @@ def run_test_time(cfg: Any) -> dict[str, Any]:
     finally:
         run.engine.close()
     summary = summarize(per_question, tt.budget, tt.k)
-    summary.update(candidates=candidates, select=tt.select, wall_s=time.perf_counter() - t0)
+    summary.update(candidates=candidates, select=tt.select, wall_s=time.perf_counter() - t0,
+                   run_dir=str(cfg.run_dir))  # fmt: skip
     out = pathlib.Path(cfg.run_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "test_time.json").write_text(json.dumps(summary, indent=1))

@@ -22,7 +22,7 @@ def test_presets_validate_and_build_their_task(load, preset):
     cfg = load(preset)
     devices, vocab = (8, 151936) if preset == "qwen3_8b" else (1, 1024)
     validate_config(cfg, vocab_size=vocab, num_devices=devices)
-    assert cfg.run_dir == f"runs/sdpo_code_{preset or 'default'}"
+    assert cfg.run_dir == f"runs/sdpo_code_{preset or 'default'}_{{hash}}"
     task = get_task(cfg.task.name, **dict(cfg.task.kwargs))
     assert task.limits.timeout_s == cfg.task.kwargs.sandbox.timeout_s
 
