@@ -12,7 +12,7 @@ import zlib
 import pytest
 
 from jaxsd.tasks import get_task, task_names
-from jaxsd.tasks.base import RecordError, verify_batch
+from jaxsd.tasks.base import RecordError, verify_all
 from jaxsd.tasks.code import (
     MBPP_BROKEN,
     NO_CODE_FEEDBACK,
@@ -83,7 +83,7 @@ def test_reference_solutions_pass_except_the_known_broken_ones(mbpp):
     keep = get_task("mbpp", keep_broken=True, sandbox={"timeout_s": 10.0})
     records = [r for r in keep.load("test") + keep.load("validation") + keep.load("train")
                if r["id"] in {f"mbpp/{i}" for i in (*range(11, 35), *MBPP_BROKEN)}]  # fmt: skip
-    verdicts = verify_batch(keep, [block(r["answer"]) for r in records], records)
+    verdicts = verify_all(keep, [block(r["answer"]) for r in records], records)
     keep.close()
     failed = {r["id"] for r, v in zip(records, verdicts, strict=True) if v.reward < 1}
     assert failed == {f"mbpp/{i}" for i in MBPP_BROKEN}
