@@ -52,6 +52,7 @@ def _samples(seed: int, n: int = 4, resp_len=(4, 12)) -> list[TrainSample]:
                 ssopd_weight=float([0.0, 0.0, 1.0, 0.7][i % 4]),
                 ssopd_len=int(rng.integers(1, r + 1)),
                 rhythm_beta=float(i % 2),
+                group_size=2,  # rows (0, 1) and (2, 3) are one question each: Q = 2
             )
         )
     return out
@@ -88,34 +89,63 @@ def _reference_loss(graphdef, params, frozen, teacher, b, cfg: StepConfig):
 
     logp, t_logp = token_logp(s_BxRxV), token_logp(t_BxRxV)
     ent, t_ent = losses.entropy_from_logits(s_BxRxV), losses.entropy_from_logits(t_BxRxV)
-    rm, mode = b.response_mask, cfg.loss_agg_mode
+    rm, mode, norm = b.response_mask, cfg.loss_agg_mode, cfg.loss_agg_norm
+    old, rollout_w = b.old_logp, jnp.ones_like(logp)
+    if cfg.rollout_is:
+        # pi_trainer_old from a separate no-grad forward of the same params.
+        no_grad = jax.lax.stop_gradient(params)
+        old = token_logp(
+            logits_at(
+                no_grad, b.student_tokens, b.student_mask, b.student_positions, b.student_index
+            )
+        )
+        rollout_w = jnp.minimum(jnp.exp(old - b.old_logp), cfg.rollout_is_threshold)
     total = 0.0
     if cfg.use_distillation:
         d = losses.distillation_divergence(
             s_BxRxV, t_BxRxV, top_k=cfg.top_k, alpha=cfg.alpha, add_tail=cfg.add_tail
         )
-        w = losses.importance_weight(logp, b.old_logp, is_clip=cfg.is_clip)
-        total += losses.aggregate(d * w * b.sd_weight[:, None], rm * b.sd_mask[:, None], mode=mode)
+        w = losses.importance_weight(logp, old, is_clip=cfg.is_clip) * rollout_w
+        if cfg.sd_entropy_beta is not None:
+            w = w * jnp.exp(-cfg.sd_entropy_beta * t_ent)
+        sd_m = rm * (b.sd_mask * (b.sd_weight != 0))[:, None]
+        total += losses.aggregate(
+            d * w * b.sd_weight[:, None], sd_m, mode=mode, norm_constant=norm
+        )
     if cfg.use_surrogate:
-        pg = losses.clipped_surrogate(logp, b.old_logp, b.advantage[:, None])
+        adv = b.advantage[:, None]
+        pg_m = rm * (b.pg_weight != 0)[:, None]
+        if cfg.policy_loss == "gspo":
+            pg = losses.gspo_surrogate(
+                logp, old, adv, pg_m, clip_low=cfg.clip_low, clip_high=cfg.clip_high
+            )
+        elif cfg.policy_loss == "cispo":
+            pg = losses.cispo_surrogate(
+                logp, old, adv, clip_low=cfg.clip_low, clip_high=cfg.clip_high
+            )
+        else:
+            pg = losses.clipped_surrogate(logp, old, adv)
         if cfg.use_rhythm:
             pg = pg * losses.rhythm_gate(logp, t_logp, ent, t_ent, rm, b.rhythm_beta)
         total += losses.aggregate(
-            pg * b.pg_weight[:, None], rm * (b.pg_weight != 0)[:, None], mode=mode
+            pg * b.pg_weight[:, None] * rollout_w, pg_m, mode=mode, norm_constant=norm
         )
     if cfg.use_ssopd:
-        kl = losses.clipped_forward_kl(s_BxRxV, t_BxRxV, clip=cfg.ssopd_clip)
-        total += losses.aggregate(
-            kl * b.ssopd_weight[:, None],
-            b.ssopd_mask * (b.ssopd_weight != 0)[:, None],
-            mode="seq-mean-token-mean",
+        kl = losses.clipped_forward_kl(s_BxRxV, t_BxRxV, clip=cfg.ssopd_clip) * rollout_w
+        ssopd_m = b.ssopd_mask * (b.ssopd_weight != 0)[:, None]
+        row_means = jnp.sum(kl * b.ssopd_weight[:, None] * ssopd_m, -1) / jnp.maximum(
+            jnp.sum(ssopd_m, -1), 1.0
         )
+        total += jnp.sum(row_means) / jnp.sum(b.prompt_share)  # per prompt (SSOPD Eq. 13)
     if cfg.kl_coef:
         total += cfg.kl_coef * losses.aggregate(
-            losses.kl_penalty(logp, token_logp(ref_BxRxV), kind=cfg.kl_kind), rm, mode=mode
+            losses.kl_penalty(logp, token_logp(ref_BxRxV), kind=cfg.kl_kind),
+            rm,
+            mode=mode,
+            norm_constant=norm,
         )
     if cfg.entropy_coef:
-        total -= cfg.entropy_coef * losses.aggregate(ent, rm, mode=mode)
+        total -= cfg.entropy_coef * losses.aggregate(ent, rm, mode=mode, norm_constant=norm)
     return total
 
 
@@ -146,8 +176,24 @@ ALL_TERMS = StepConfig(
 )
 
 
-def test_chunked_loss_and_grads_equal_full_logit_reference():
-    cfg = ALL_TERMS
+NEW_SWITCHES = [
+    ALL_TERMS,
+    # GSPO + rollout IS + SRPO's entropy weights + Dr. GRPO's constant normaliser.
+    dataclasses.replace(
+        ALL_TERMS,
+        policy_loss="gspo",
+        rollout_is=True,
+        rollout_is_threshold=1.5,
+        sd_entropy_beta=0.7,
+        loss_agg_mode="seq-mean-token-sum-norm",
+        loss_agg_norm=7.0,
+    ),
+    dataclasses.replace(ALL_TERMS, policy_loss="cispo", clip_low=1.0),
+]
+
+
+@pytest.mark.parametrize("cfg", NEW_SWITCHES, ids=["ppo", "gspo+is+entropy+norm", "cispo"])
+def test_chunked_loss_and_grads_equal_full_logit_reference(cfg):
     tx = make_optimizer(1e-3)
     graphdef, state, _ = create_train_state(
         lambda r: Transformer(CFG, rngs=r), tx, teacher_mode=cfg.teacher_mode

@@ -1,4 +1,5 @@
-"""Group-relative policy-gradient pieces: advantages, clipped surrogate, KL, IS, METHODS §2/§4.
+"""Group-relative policy-gradient pieces: advantages, clipped surrogates (PPO, GSPO, CISPO),
+KL, IS, METHODS §2/§4.
 
 Per-token arrays share a leading shape `[..., T]`; per-rollout advantages are broadcast by
 ordinary numpy broadcasting, so pass them as `[B, 1]` against `[B, T]` log-probs.
@@ -10,12 +11,15 @@ import jax
 import jax.numpy as jnp
 
 __all__ = [
+    "cispo_surrogate",
     "clip_indicators",
     "clipped_surrogate",
+    "gspo_surrogate",
     "grpo_advantages",
     "importance_weight",
     "kl_penalty",
     "log_ratio",
+    "sequence_log_ratio",
 ]
 
 # exp(20) ≈ 4.9e8: large enough never to bind in healthy training, small enough that the
@@ -69,6 +73,27 @@ def _check_clip(clip_low: float, clip_high: float, dual_clip: float | None) -> N
         raise ValueError(f"dual_clip={dual_clip} must be > 1 (or None to disable)")
 
 
+def _clip_branch(
+    ratio: jax.Array, adv: jax.Array, clip_low: float, clip_high: float, dual_clip: float | None
+) -> jax.Array:
+    """Per-token PPO loss `max(-A rho, -A clip(rho))` (+ dual clip), branches picked strictly.
+
+    The clipped branch is taken only where it is strictly larger (A > 0 and rho > 1+eps_high,
+    or A < 0 and rho < 1-eps_low), the dual clip only where -A rho > -A c. At a bound the two
+    branches have equal values; selecting with strict inequalities keeps the unclipped
+    gradient there (`jnp.clip` and a `maximum` tie would each halve it: on-policy data sits at
+    rho = 1, a bound whenever clip_low or clip_high is 0).
+    """
+    clip_hi = (adv > 0) & (ratio > 1.0 + clip_high)
+    clip_lo = (adv < 0) & (ratio < 1.0 - clip_low)
+    bound = jnp.where(adv > 0, 1.0 + clip_high, 1.0 - clip_low)  # a constant: zero gradient
+    loss = jnp.where(clip_hi | clip_lo, -adv * bound, -adv * ratio)
+    if dual_clip is not None:
+        dual = (adv < 0) & (ratio > dual_clip)
+        loss = jnp.where(dual, -adv * dual_clip, loss)
+    return loss
+
+
 def clipped_surrogate(
     logp: jax.Array,
     old_logp: jax.Array,
@@ -82,14 +107,83 @@ def clipped_surrogate(
 
     `L = max(-A rho, -A clip(rho, 1-eps_low, 1+eps_high))`; for A < 0 also `min(L, -A c)`.
     `dual_clip=None` disables the dual clip. Returns the broadcast shape of the inputs.
+    At a clip bound the gradient is the unclipped one, `-A rho ∇log pi` (`_clip_branch`).
     """
     _check_clip(clip_low, clip_high, dual_clip)
     adv = jax.lax.stop_gradient(_as_float(advantages))
     ratio = jnp.exp(log_ratio(logp, old_logp))
-    loss = jnp.maximum(-adv * ratio, -adv * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high))
-    if dual_clip is not None:
-        loss = jnp.where(adv < 0, jnp.minimum(loss, -adv * dual_clip), loss)
-    return loss
+    adv, ratio = jnp.broadcast_arrays(adv, ratio)
+    return _clip_branch(ratio, adv, clip_low, clip_high, dual_clip)
+
+
+def sequence_log_ratio(logp: jax.Array, old_logp: jax.Array, mask: jax.Array) -> jax.Array:
+    """GSPO's length-normalised sequence log-ratio `(1/|y|) Σ_t (log pi_theta - log pi_old)`.
+
+    `[..., T] -> [..., 1]` over the tokens where `mask` is 1 (0 for an empty sequence); the
+    per-token differences are clamped to ±20 first, as in `log_ratio`.
+    """
+    m = _as_float(mask)
+    diff = jnp.where(m != 0, log_ratio(logp, old_logp) * m, 0.0)
+    count = jnp.sum(m, axis=-1, keepdims=True)
+    return jnp.sum(diff, axis=-1, keepdims=True) / jnp.maximum(count, 1.0)
+
+
+def gspo_surrogate(
+    logp: jax.Array,
+    old_logp: jax.Array,
+    advantages: jax.Array,
+    mask: jax.Array,
+    *,
+    clip_low: float = 3e-4,
+    clip_high: float = 4e-4,
+) -> jax.Array:
+    """Per-token GSPO loss (Zheng et al. 2025, arXiv 2507.18071).
+
+    GSPO clips one importance ratio per sequence,
+        s_i = (pi_theta(y_i|x) / pi_old(y_i|x))^(1/|y_i|) = exp((1/|y_i|) Σ_t log rho_{i,t}),
+        J_GSPO = (1/G) Σ_i min(s_i A_i, clip(s_i, 1-eps_low, 1+eps_high) A_i).
+    Written per token as GSPO-token, `s_{i,t} = sg[s_i] · pi_theta(y_{i,t}) / sg[pi_theta(y_{i,t})]`
+    (value s_i, gradient s_i ∇log pi_theta(y_{i,t})), each token carries the sequence's loss
+    `max(-A s_{i,t}, -A clip(s_{i,t}))`; aggregated with `seq-mean-token-mean` this is exactly
+    -J_GSPO and its gradient (a token-mean aggregation weights sequences by their length).
+    `logp`, `old_logp`, `mask`: `[..., T]`; `advantages` broadcastable (`[..., 1]`). No dual
+    clip (the paper has none). The paper's ranges: eps_low = 3e-4, eps_high = 4e-4.
+    """
+    _check_clip(clip_low, clip_high, None)
+    adv = jax.lax.stop_gradient(_as_float(advantages))
+    logp = _as_float(logp)
+    seq = jax.lax.stop_gradient(sequence_log_ratio(logp, old_logp, mask))
+    # log s_{i,t} = sg[log s_i] + log pi - sg[log pi]: the value of s_i, a per-token gradient.
+    ratio = jnp.exp(seq + logp - jax.lax.stop_gradient(logp))
+    adv, ratio = jnp.broadcast_arrays(adv, ratio)
+    return _clip_branch(ratio, adv, clip_low, clip_high, None)
+
+
+def cispo_surrogate(
+    logp: jax.Array,
+    old_logp: jax.Array,
+    advantages: jax.Array,
+    *,
+    clip_low: float = 1.0,
+    clip_high: float = 0.28,
+) -> jax.Array:
+    """Per-token CISPO loss (MiniMax-M1 report, arXiv 2506.13585), to minimise.
+
+        J_CISPO = (1 / Σ_i |o_i|) Σ_i Σ_t sg[r̂_{i,t}] A_{i,t} log pi_theta(o_{i,t}),
+        r̂_{i,t} = clip(rho_{i,t}, 1 - eps_low^IS, 1 + eps_high^IS).
+    The importance weight is clipped and detached instead of the update: every token keeps
+    a gradient `-sg[r̂] A ∇log pi_theta`, also where PPO's clipped branch would zero it.
+    Per token: `-sg[r̂] A log pi_theta`; the paper aggregates with `token-mean`. The paper
+    leaves the lower bound off (eps_low^IS large: clip_low = 1 gives a lower bound of 0).
+    """
+    if not 0.0 <= clip_low <= 1.0:
+        raise ValueError(f"clip_low={clip_low} must be in [0, 1] for CISPO (1 = no lower bound)")
+    if clip_high < 0.0:
+        raise ValueError(f"clip_high={clip_high} must be >= 0")
+    adv = jax.lax.stop_gradient(_as_float(advantages))
+    ratio = jax.lax.stop_gradient(jnp.exp(log_ratio(logp, old_logp)))
+    weight = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    return -weight * adv * _as_float(logp)
 
 
 def clip_indicators(

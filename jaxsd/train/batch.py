@@ -53,6 +53,7 @@ class TrainSample:
     ssopd_weight: float = 0.0  # SSOPD omega_i
     ssopd_len: int = 0  # first L response tokens distilled by SSOPD
     rhythm_beta: float = 0.0  # DRIFT beta_i (1 = rhythm gate on the surrogate)
+    group_size: int = 1  # G of the rollout's question: the batch holds Σ 1/G = Q prompts
 
 
 class TrainBatch(NamedTuple):
@@ -76,9 +77,18 @@ class TrainBatch(NamedTuple):
     sd_mask: np.ndarray  # [B] float32
     ssopd_weight: np.ndarray  # [B] float32
     rhythm_beta: np.ndarray  # [B] float32
+    prompt_share: np.ndarray  # [B] float32, 1/G of the row's question (0 = padding row)
 
 
-_PER_SEQUENCE = ("advantage", "pg_weight", "sd_weight", "sd_mask", "ssopd_weight", "rhythm_beta")
+_PER_SEQUENCE = (
+    "advantage",
+    "pg_weight",
+    "sd_weight",
+    "sd_mask",
+    "ssopd_weight",
+    "rhythm_beta",
+    "prompt_share",
+)
 
 
 def pick_bucket(length: int, buckets: Sequence[int], *, what: str) -> int:
@@ -135,6 +145,11 @@ def _validate(sample: TrainSample, i: int, vocab_size: int | None = None) -> Non
             raise ValueError(f"sample {i}: {name}={getattr(sample, name)} is not finite")
     if sample.ssopd_len < 0:
         raise ValueError(f"sample {i}: ssopd_len={sample.ssopd_len} must be >= 0")
+    if not (isinstance(sample.group_size, int | np.integer) and sample.group_size >= 1):
+        raise ValueError(
+            f"sample {i}: group_size={sample.group_size!r} must be an integer >= 1 (the number "
+            "of rollouts of its question in this batch)"
+        )
 
 
 def _teacher_prompt(sample: TrainSample) -> Sequence[int]:
@@ -265,6 +280,7 @@ def build_batch(
         out["sd_mask"][i] = float(s.teacher_prompt_ids is not None)
         out["ssopd_weight"][i] = s.ssopd_weight
         out["rhythm_beta"][i] = s.rhythm_beta
+        out["prompt_share"][i] = 1.0 / s.group_size
     return TrainBatch(**out)
 
 

@@ -129,7 +129,11 @@ def step_config(cfg: Any, switches: dict[str, Any]) -> StepConfig:
         alpha=loss.alpha,
         add_tail=loss.add_tail,
         is_clip=loss.is_clip,
+        rollout_is=loss.get("rollout_is", False),
+        rollout_is_threshold=loss.rollout_is_threshold,
+        policy_loss=loss.get("policy_loss", "ppo"),
         loss_agg_mode=loss.loss_agg_mode,
+        loss_agg_norm=loss.get("loss_agg_norm"),
         chunk_size=loss.chunk_size,
         topk_block=loss.get("topk_block"),
         kl_coef=loss.kl_coef,
@@ -390,6 +394,7 @@ def plans_to_samples(run: Run, groups: Sequence, plans: Sequence) -> list[TrainS
     """Tokenise each plan's teacher chat and attach the per-rollout numbers (batch contract)."""
     samples = []
     rollouts = algorithms.flat_rollouts(groups)
+    group_size = {g.question_id: len(g) for g in groups}
     prompt_cache: dict[str, list[int]] = {}
     for rollout, plan in zip(rollouts, plans, strict=True):
         if rollout.question_id not in prompt_cache:
@@ -413,6 +418,7 @@ def plans_to_samples(run: Run, groups: Sequence, plans: Sequence) -> list[TrainS
                 ssopd_weight=plan.ssopd_weight,
                 ssopd_len=plan.ssopd_len,
                 rhythm_beta=plan.rhythm_beta,
+                group_size=group_size[rollout.question_id],
             )
         )
     return samples
