@@ -138,9 +138,17 @@ def get_config(arg: str | None = None, *, run_name: str = "sdpo") -> ml_collecti
     c.loss.alpha = 0.5  # generalised JSD interpolation (0 forward KL, 1 reverse KL)
     c.loss.add_tail = True
     c.loss.is_clip = 2.0  # importance-weight cap of the distillation loss
-    c.loss.rollout_is_threshold = 2.0  # trainer/rollout log-prob mismatch correction
+    # Truncated IS against the trainer-vs-engine log-prob mismatch (METHODS §2): PG, distillation
+    # and SSOPD tokens × min(π_trainer_old / π_engine, threshold). Off for the embedded engine
+    # (it samples with the trainer's own forward); on for vLLM presets.
+    c.loss.rollout_is = False
+    c.loss.rollout_is_threshold = 2.0
+    # "ppo" (token ratio, clipped) | "gspo" (sequence ratio) | "cispo" (clipped IS weight).
+    c.loss.policy_loss = "ppo"
     c.loss.loss_agg_mode = "token-mean"
-    c.loss.loss_agg_norm = 1.0  # constant of seq-mean-token-sum-norm (Dr. GRPO)
+    # Constant of seq-mean-token-sum-norm (Dr. GRPO): Σ loss / constant; None = the padded
+    # response length T. METHODS §3 compares verl's and TRL's conventions.
+    c.loss.loss_agg_norm = ml_collections.config_dict.placeholder(float)
     c.loss.chunk_size = 256  # tokens per LM-head/divergence chunk
     # Width of the logit blocks the exact top-k prunes by their maxima (avoids sorting the
     # whole vocabulary); None = chosen from V and k (jaxsd.losses.topk_block_width).
@@ -202,6 +210,7 @@ def get_config(arg: str | None = None, *, run_name: str = "sdpo") -> ml_collecti
         c.task.max_prompt_len = 2048
         c.task.max_reprompt_len = 10240
         c.rollout.engine = "vllm"
+        c.loss.rollout_is = True  # vLLM's kernels differ from the trainer's: correct for it
         c.rollout.n = 8
         c.rollout.temperature = 1.0
         c.rollout.max_new_tokens = 2048

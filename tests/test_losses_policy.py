@@ -221,3 +221,85 @@ def test_bad_arguments_raise_clear_errors():
         clipped_surrogate(x, x, x, clip_low=1.5)
     with pytest.raises(ValueError, match="is_clip"):
         importance_weight(x, x, is_clip=0.0)
+
+
+# ---------------------------------------------------------------- clip bounds (issue: ½ grads)
+@pytest.mark.parametrize(
+    "clip_low,clip_high,adv",
+    [(0.0, 0.28, -1.3), (0.2, 0.0, 0.7), (0.0, 0.0, -0.4), (0.0, 0.0, 2.1)],
+    ids=["low0-neg", "high0-pos", "both0-neg", "both0-pos"],
+)
+def test_gradient_at_a_clip_bound_is_the_unclipped_one(clip_low, clip_high, adv):
+    # On-policy data: rho = 1 exactly, a clip bound whenever clip_low or clip_high is 0.
+    # Closed form of the unclipped branch: d(-A rho)/d logp = -A rho = -A.
+    logp = jnp.asarray([-1.7, -0.3, -2.2])
+    grad = jax.grad(
+        lambda lp: jnp.sum(clipped_surrogate(lp, logp, adv, clip_low=clip_low, clip_high=clip_high))
+    )(logp)
+    np.testing.assert_allclose(np.asarray(grad), -adv * np.ones(3), rtol=1e-6)
+
+
+def test_gradient_at_the_dual_clip_bound_is_the_unclipped_one():
+    old = jnp.zeros(2)
+    logp = jnp.full(2, np.log(DUAL, dtype=np.float32))  # rho = c exactly
+    adv = -0.9
+    grad = jax.grad(lambda lp: jnp.sum(clipped_surrogate(lp, old, adv, dual_clip=DUAL)))(logp)
+    rho = np.exp(np.float32(np.log(DUAL, dtype=np.float32)))
+    np.testing.assert_allclose(np.asarray(grad), -adv * rho * np.ones(2), rtol=1e-6)
+
+
+# ---------------------------------------------------------------- GSPO and CISPO
+def _np_gspo(logp, old, adv_B, mask, lo, hi):
+    """GSPO (arXiv 2507.18071): s_i = exp(mean_t log rho); loss_i = max(-A s, -A clip(s))."""
+    d = np.clip(np.float64(logp) - np.float64(old), -20, 20) * mask
+    s = np.exp(d.sum(-1) / np.maximum(mask.sum(-1), 1))
+    clipped = np.clip(s, 1 - lo, 1 + hi)
+    loss = np.maximum(-adv_B * s, -adv_B * clipped)
+    # d loss_i / d logp_{i,t} = -A s / |y_i| on unclipped sequences, 0 on clipped ones.
+    active = ~(((adv_B > 0) & (s > 1 + hi)) | ((adv_B < 0) & (s < 1 - lo)))
+    grad = (active * -adv_B * s / np.maximum(mask.sum(-1), 1))[:, None] * mask
+    return loss, grad
+
+
+def test_gspo_sequence_loss_and_gradient_match_numpy():
+    from jaxsd.losses import aggregate, gspo_surrogate
+
+    rng = np.random.default_rng(3)
+    logp = rng.normal(-2.0, 0.5, (B, T)).astype(np.float32)
+    old = logp + rng.normal(0, 0.05, (B, T)).astype(np.float32)
+    mask = (np.arange(T)[None] < np.asarray([6, 4, 2, 5])[:, None]).astype(np.float32)
+    adv = np.asarray([1.2, -0.8, 0.5, -1.5], np.float32)
+    lo, hi = 0.01, 0.02  # tight ranges (paper: 3e-4 / 4e-4) so some sequences clip
+
+    def seq_loss(lp):
+        tok = gspo_surrogate(lp, old, adv[:, None], mask, clip_low=lo, clip_high=hi)
+        return aggregate(tok, mask, mode="seq-mean-token-mean"), tok
+
+    (value, tok), grad = jax.value_and_grad(seq_loss, has_aux=True)(jnp.asarray(logp))
+    ref_loss, ref_grad = _np_gspo(logp, old, adv, mask, lo, hi)
+    clipped = ref_grad.sum(-1) == 0
+    assert clipped.any() and not clipped.all()  # both branches exercised
+    # every token of sequence i carries the sequence's loss
+    np.testing.assert_allclose(np.asarray(tok), ref_loss[:, None] * np.ones((B, T)), rtol=1e-5)
+    np.testing.assert_allclose(float(value), ref_loss.mean(), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(grad), ref_grad / B, rtol=1e-4, atol=1e-7)
+
+
+def test_cispo_keeps_a_gradient_on_every_token_with_a_clipped_detached_weight():
+    from jaxsd.losses import cispo_surrogate
+
+    rng = np.random.default_rng(4)
+    logp = rng.normal(-2.0, 0.5, (B, T)).astype(np.float32)
+    old = logp + rng.normal(0, 0.4, (B, T)).astype(np.float32)
+    adv = rng.normal(size=(B, 1)).astype(np.float32)
+    lo, hi = 1.0, 0.28  # MiniMax-M1: no lower bound
+    tok, grad = jax.vmap(jax.value_and_grad(lambda lp, o, a: jnp.sum(
+        cispo_surrogate(lp, o, a, clip_low=lo, clip_high=hi))))(logp, old, adv)  # fmt: skip
+    w = np.clip(np.exp(np.float64(logp) - old), 1 - lo, 1 + hi)
+    np.testing.assert_allclose(np.asarray(tok), (-w * adv * logp).sum(-1), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(grad), -w * adv, rtol=1e-5)
+    # tokens PPO would zero (A > 0, rho > 1 + eps_high) keep the truncated gradient here
+    rho = np.exp(np.float64(logp) - old)
+    assert np.any((adv > 0) & (rho > 1 + hi))
+    with pytest.raises(ValueError, match="clip_low"):
+        cispo_surrogate(logp, old, adv, clip_low=1.5)

@@ -2,6 +2,7 @@
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -106,3 +107,20 @@ def test_vmap_over_batches():
     got = jax.jit(jax.vmap(pass_rate_weights))(batches)
     want = np.stack([np_sc_sdpo(b, 0.5) for b in batches])
     np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_srpo_entropy_token_weights_match_numpy_and_are_detached():
+    from jaxsd.losses import entropy_from_logits, entropy_token_weights
+
+    rng = np.random.default_rng(5)
+    logits = rng.normal(0, 2.0, (3, 5, 11))
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    h = -(p * np.log(p)).sum(-1)  # the teacher's entropy, nats
+    for beta in (0.0, 1.0, 2.5):
+        got = entropy_token_weights(entropy_from_logits(jnp.asarray(logits)), beta=beta)
+        np.testing.assert_allclose(np.asarray(got), np.exp(-beta * h), rtol=1e-5)
+    grad = jax.grad(lambda x: jnp.sum(entropy_token_weights(x)))(jnp.asarray(h))
+    assert not np.any(np.asarray(grad))
+    with pytest.raises(ValueError, match="beta"):
+        entropy_token_weights(jnp.asarray(h), beta=-1.0)

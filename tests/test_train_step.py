@@ -109,9 +109,7 @@ def _reference_loss(graphdef, params, frozen, teacher, b, cfg: StepConfig):
         if cfg.sd_entropy_beta is not None:
             w = w * jnp.exp(-cfg.sd_entropy_beta * t_ent)
         sd_m = rm * (b.sd_mask * (b.sd_weight != 0))[:, None]
-        total += losses.aggregate(
-            d * w * b.sd_weight[:, None], sd_m, mode=mode, norm_constant=norm
-        )
+        total += losses.aggregate(d * w * b.sd_weight[:, None], sd_m, mode=mode, norm_constant=norm)
     if cfg.use_surrogate:
         adv = b.advantage[:, None]
         pg_m = rm * (b.pg_weight != 0)[:, None]

@@ -1,4 +1,10 @@
-"""SRPO baseline (METHODS §8): route each rollout to SDPO or GRPO."""
+"""SRPO (METHODS §8): route each rollout to SDPO or GRPO; entropy-aware SDPO token weights.
+
+SRPO (Li et al. 2026, arXiv 2604.02288): failed rollouts with a correct sibling are distilled,
+every other rollout gets the GRPO surrogate, and each distilled token is weighted by
+`exp(-β H^T_t)`, the self-teacher's confidence (`jaxsd.losses.entropy_token_weights`, run in
+the train step). `entropy_weighting=False` is the routing-only ablation.
+"""
 
 from __future__ import annotations
 
@@ -13,13 +19,23 @@ from jaxsd.algorithms import base, common
 class SRPO:
     """Incorrect rollouts with a correct sibling -> SDPO; every other rollout -> GRPO.
 
-    The GRPO advantage of a GRPO-routed rollout is computed over its whole group.
+    The GRPO advantage of a GRPO-routed rollout is computed over its whole group. With
+    `entropy_weighting` (paper default) the SDPO tokens carry `exp(-entropy_beta · H^T_t)`.
     """
 
+    entropy_weighting: bool = True
+    entropy_beta: float = 1.0  # β of exp(-β H^T); the paper's default is 1
     normalize: bool = True
     eps: float = 1e-6
     success_threshold: float = 0.5
     name: str = "srpo"
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.entropy_weighting, bool) and self.entropy_beta >= 0):
+            raise ValueError(
+                f"algorithm.entropy_weighting={self.entropy_weighting!r} must be True/False and "
+                f"algorithm.entropy_beta={self.entropy_beta} >= 0 (SRPO: True, 1.0)"
+            )
 
     def init_state(self, seed: int) -> base.HostState:
         """Stateless."""
@@ -33,6 +49,7 @@ class SRPO:
             use_ssopd=False,
             use_rhythm=False,
             teacher_mode="ema",
+            sd_entropy_beta=float(self.entropy_beta) if self.entropy_weighting else None,
         )
 
     def plan(

@@ -16,6 +16,7 @@ LOSS_AGG_MODES = (
     "seq-mean-token-sum-norm",
 )
 SCHEDULES = ("constant", "cosine", "linear")
+POLICY_LOSSES = ("ppo", "gspo", "cispo")  # = jaxsd.train.step.POLICY_LOSSES
 KL_ESTIMATORS = ("k1", "k2", "k3")
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 # The layout keeps algorithms/ free of models/ imports; tests check these equal
@@ -199,6 +200,13 @@ def validate_config(
     optional = {
         "loss.is_clip": (lambda v: _number(v) and v > 0, "use a cap > 0 (SDPO: 2)"),
         "loss.clip_low": (lambda v: _number(v) and 0 <= v < 1, "use 0 <= clip_low < 1"),
+        "loss.rollout_is": (lambda v: isinstance(v, bool), "use True or False"),
+        "loss.rollout_is_threshold": (lambda v: _number(v) and v > 0, "use a cap C > 0 (2)"),
+        "loss.policy_loss": (lambda v: v in POLICY_LOSSES, f"use one of {POLICY_LOSSES}"),
+        "loss.loss_agg_norm": (
+            lambda v: v is None or (_number(v) and v > 0),
+            "use None (the padded response length) or a constant > 0",
+        ),
         "loss.clip_high": (lambda v: _number(v) and v >= 0, "use clip_high >= 0"),
         "loss.dual_clip": (lambda v: v is None or (_number(v) and v > 1), "use None or c > 1"),
         "loss.teacher_ema": (lambda v: _number(v) and 0 <= v <= 1, "use 0 <= λ <= 1"),
@@ -217,6 +225,13 @@ def validate_config(
         "task.overlong_prompts": (lambda v: v in ("filter", "error"), "use 'filter' or 'error'"),
         "task.max_prompt_len": (lambda v: _int(v) and v >= 1, "use an integer >= 1"),
     }
+    loss = _get(cfg, "loss")
+    if loss.get("policy_loss") == "cispo":
+        # CISPO's IS weight may drop its lower bound: clip_low = 1 clips at 0 (the paper's).
+        optional["loss.clip_low"] = (
+            lambda v: _number(v) and 0 <= v <= 1,
+            "use 0 <= clip_low <= 1 with policy_loss='cispo'",
+        )
     for key, (ok, rule) in optional.items():
         section, field = key.split(".")
         if field in _get(cfg, section):

@@ -130,7 +130,7 @@ def step_config(cfg: Any, switches: dict[str, Any]) -> StepConfig:
         add_tail=loss.add_tail,
         is_clip=loss.is_clip,
         rollout_is=loss.get("rollout_is", False),
-        rollout_is_threshold=loss.rollout_is_threshold,
+        rollout_is_threshold=loss.get("rollout_is_threshold", 2.0),
         policy_loss=loss.get("policy_loss", "ppo"),
         loss_agg_mode=loss.loss_agg_mode,
         loss_agg_norm=loss.get("loss_agg_norm"),
