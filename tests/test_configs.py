@@ -113,6 +113,10 @@ INVALID = [
     ("algorithm.buffer_size", 0, "algorithm.buffer_size"),
     ("optim.micro_batches", 0, "optim.micro_batches"),
     ("optim.micro_batches", 4, "optim.micro_batches"),  # 4 slices × 8 shards > 16 rows
+    ("loss.policy_loss", "grpo", "loss.policy_loss"),
+    ("loss.rollout_is", 1, "loss.rollout_is"),
+    ("loss.rollout_is_threshold", 0.0, "loss.rollout_is_threshold"),
+    ("loss.loss_agg_norm", -4.0, "loss.loss_agg_norm"),
 ]
 
 
@@ -167,3 +171,33 @@ def test_command_line_overrides_through_config_flags():
     cfg = fv.config
     assert (cfg.optim.lr, cfg.algorithm.exponent, cfg.total_steps) == (3e-6, 1.0, 3)
     validate_config(cfg, vocab_size=1024, num_devices=1)
+
+
+@pytest.mark.parametrize("method", METHOD_FILES)
+def test_rollout_is_is_on_for_vllm_presets_only_and_reaches_the_step(configs, method):
+    from jaxsd.train.loop import step_config
+
+    for preset in PRESETS:
+        cfg = configs[(method, preset)]
+        step = step_config(cfg, algorithms.from_config(cfg.algorithm).step_switches())
+        assert step.rollout_is == (cfg.rollout.engine == "vllm") == (preset == "qwen3_8b")
+        assert step.rollout_is_threshold == cfg.loss.rollout_is_threshold == 2.0
+        assert (step.policy_loss, step.loss_agg_norm) == ("ppo", None)
+        # SRPO's entropy-aware SDPO weights are on by default (paper), nowhere else.
+        assert step.sd_entropy_beta == (1.0 if method == "srpo" else None)
+
+
+def test_loss_switches_reach_the_step_config():
+    from jaxsd.train.loop import step_config
+
+    cfg = load("srpo")
+    cfg.loss.policy_loss, cfg.loss.clip_low = "cispo", 1.0
+    cfg.loss.loss_agg_norm, cfg.loss.rollout_is_threshold = 512.0, 3.0
+    cfg.algorithm.entropy_weighting = False
+    validate_config(cfg, vocab_size=1024, num_devices=1)
+    step = step_config(cfg, algorithms.from_config(cfg.algorithm).step_switches())
+    assert (step.policy_loss, step.clip_low, step.loss_agg_norm) == ("cispo", 1.0, 512.0)
+    assert (step.rollout_is_threshold, step.sd_entropy_beta) == (3.0, None)
+    cfg.algorithm.entropy_weighting, cfg.algorithm.entropy_beta = True, 0.5
+    step = step_config(cfg, algorithms.from_config(cfg.algorithm).step_switches())
+    assert step.sd_entropy_beta == 0.5
