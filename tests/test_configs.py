@@ -201,3 +201,10 @@ def test_loss_switches_reach_the_step_config():
     cfg.algorithm.entropy_weighting, cfg.algorithm.entropy_beta = True, 0.5
     step = step_config(cfg, algorithms.from_config(cfg.algorithm).step_switches())
     assert step.sd_entropy_beta == 0.5
+    cfg.algorithm.entropy_beta = -1.0
+    with pytest.raises(ValueError, match="algorithm.entropy_beta"):
+        validate_config(cfg, vocab_size=1024, num_devices=1)
+    from jaxsd.algorithms import validate
+    from jaxsd.train.step import POLICY_LOSSES
+
+    assert validate.POLICY_LOSSES == POLICY_LOSSES

@@ -12,6 +12,8 @@ Choices the paper leaves open (documented here, kept configurable where it matte
 - EMA pass rates are updated on every visit, warm-up included; routing uses the updated r.
 - A positive rollout carries the sib⁺ teacher chat only when its rhythm gate is on
   (β_i = 1, medium question, a sibling success exists); otherwise β_i is 0 and no teacher.
+  That teacher row only feeds the gate (sd_weight 0): the train step leaves it out of the
+  SDPO branch's token mean, which counts distilled tokens only (Eq. 4).
 - Successes of both stages enter the buffer after the step's plans are made.
 """
 
