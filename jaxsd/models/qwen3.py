@@ -240,16 +240,21 @@ class Attention(nnx.Module):
         positions = positions_BxT if query_index is None else positions_q
         q = apply_rope(q, positions, self.rope_theta, self.rope_scaling)
         k = apply_rope(k, positions_BxT, self.rope_theta, self.rope_scaling)
+        new_kv = (k, v)
         if kv is not None:
             start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
-            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
-            q = q.astype(k.dtype)
+            new_kv = tuple(
+                jax.lax.dynamic_update_slice(c, x.astype(c.dtype), start)
+                for c, x in zip(kv, (k, v), strict=True)
+            )
+            # A cache narrower than the compute dtype (bf16 KV, fp32 compute) only narrows the
+            # storage: it is read back widened, so q is never rounded to the cache's dtype.
+            k, v = (c.astype(q.dtype) for c in new_kv)
         # The KV-cache (sampling) path always uses ours: decode steps are one query row.
         impl = "jaxsd" if kv is not None else self.attention_impl
         causal = kv is None and query_index is None
         out = attend_with(impl, q, k, v, mask_BxTxS, causal).astype(x_BxTxH.dtype)
-        return self.o_proj(out.reshape(b, t, -1)), (k, v)
+        return self.o_proj(out.reshape(b, t, -1)), new_kv
 
 
 class MLP(nnx.Module):

@@ -146,18 +146,20 @@ def gumbel_max_sample(keys_B: jax.Array, logits_BxV: jax.Array) -> jax.Array:
     return jnp.minimum(first_B, v - 1)
 
 
-def sample_step(
-    row_keys_B: jax.Array,
-    step: jax.Array,
+def sample_token(
+    keys_B: jax.Array,
     logits_BxV: jax.Array,
     temperature: jax.Array,
     top_k: jax.Array,
     top_p: jax.Array,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One token per row -> (tokens [B], raw logprobs [B], sampling logprobs [B])."""
+    """The one sampling point: filter, draw with `keys_B`, and score.
+
+    -> (tokens [B], raw logprobs [B], sampling logprobs [B]). Every logits filter goes
+    through `sampling_logits`; both the padded and the slot sampler call this.
+    """
     logits_BxV = logits_BxV.astype(jnp.float32)
     filtered_BxV = sampling_logits(logits_BxV, temperature, top_k, top_p)
-    keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys_B, step)
     sampled_B = gumbel_max_sample(keys_B, filtered_BxV)
     greedy_B = jnp.argmax(logits_BxV, axis=-1)
     tokens_B = jnp.where(temperature > 0, sampled_B, greedy_B).astype(jnp.int32)
@@ -166,6 +168,21 @@ def sample_step(
         temperature > 0, _gather(jax.nn.log_softmax(filtered_BxV, axis=-1), tokens_B), 0.0
     )
     return tokens_B, raw_logp_B, samp_logp_B
+
+
+def sample_step(
+    row_keys_B: jax.Array,
+    step: jax.Array,
+    logits_BxV: jax.Array,
+    temperature: jax.Array,
+    top_k: jax.Array,
+    top_p: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Token `step` ([] or per row [B]) of each row: its draws use fold_in(row key, step), so
+    a row's samples depend only on (seed, row, step), never on which batch slot runs it."""
+    steps_B = jnp.broadcast_to(step, row_keys_B.shape)
+    keys_B = jax.vmap(jax.random.fold_in)(row_keys_B, steps_B)
+    return sample_token(keys_B, logits_BxV, temperature, top_k, top_p)
 
 
 def _gather(x_BxV: jax.Array, idx_B: jax.Array) -> jax.Array:
@@ -200,7 +217,9 @@ def _rows_of_slots(x_UxD: jax.Array, n: int, b: int) -> jax.Array:
     return x_UxD if n == 1 else jnp.repeat(x_UxD, n, axis=0)[:b]
 
 
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("max_new_tokens", "n"))
+@functools.partial(
+    jax.jit, static_argnums=(0,), static_argnames=("max_new_tokens", "n", "kv_dtype")
+)
 def _generate_padded(
     graphdef: nnx.GraphDef,
     state: nnx.State,
@@ -215,6 +234,7 @@ def _generate_padded(
     *,
     max_new_tokens: int,
     n: int,
+    kv_dtype: str | None = None,
 ) -> dict[str, jax.Array]:
     """Prefill the U left-padded prompts once, copy each one's cache to its n sample rows,
     then decode up to max_new_tokens tokens per row (B rows, B <= U * n)."""
@@ -226,7 +246,7 @@ def _generate_padded(
     positions_UxP = jnp.maximum(jnp.cumsum(prompt_mask_UxP, axis=-1) - 1, 0).astype(jnp.int32)
     # Left padding puts every prompt's last token in the last column.
     last_logits_UxV, cache = prefill(
-        model, prompt_UxP, positions_UxP, model.init_cache(u, p + m), mask_UxS
+        model, prompt_UxP, positions_UxP, model.init_cache(u, p + m, kv_dtype), mask_UxS
     )
     last_logits_BxV = _rows_of_slots(last_logits_UxV, n, b)
     cache = {
@@ -323,17 +343,27 @@ def generate(
     seed: int = 0,
     length_buckets: Sequence[int] | None = DEFAULT_LENGTH_BUCKETS,
     batch_buckets: Sequence[int] | None = None,
+    slots: int | None = None,
+    kv_dtype: str | None = None,
 ) -> SampleOutput:
     """Sample n continuations of each prompt with the KV cache (temperature 0 = greedy).
 
     `length_buckets` pads prompts (on the left) to the smallest bucket that fits the longest;
     `batch_buckets` pads len(prompt_ids) * n rows (None = next power of two).
+    `slots`: None decodes every row at once, each until the longest is done; an int decodes
+    that many rows at a time and refills a finished row's slot with a waiting one
+    (`jaxsd.models.continuous`). Same tokens either way: row r's draws are keyed by (seed, r).
+    `kv_dtype`: KV-cache storage ("bfloat16" halves its memory; attention still computes in
+    the model's compute dtype with fp32 scores); None = the compute dtype.
     """
     cfg = model.config
     _validate(
         prompt_ids, cfg.vocab_size, cfg.max_position_embeddings, n, max_new_tokens,
         temperature, top_p, top_k,
     )  # fmt: skip
+    if slots is not None and slots < 1:
+        raise ValueError(f"slots={slots} must be >= 1 (rows decoded at once) or None")
+    kv_dtype = None if kv_dtype is None else jnp.dtype(kv_dtype).name
     num_rows = len(prompt_ids) * n
     b = bucket_size(num_rows, batch_buckets, "batch size (prompts x n)")
     # Each prompt is prefilled once (slot u feeds rows u*n .. u*n+n-1): n x less prefill.
@@ -354,7 +384,14 @@ def generate(
         jax.random.key(seed), jnp.arange(b)
     )
     graphdef, state = nnx.split(model)
-    out = _generate_padded(
+    if slots is None:
+        run = functools.partial(_generate_padded, kv_dtype=kv_dtype)
+    else:
+        # imported here: the slot sampler builds on this module's prefill and sample_step
+        from jaxsd.models.continuous import generate_slots
+
+        run = functools.partial(generate_slots, slots=min(slots, b), kv_dtype=kv_dtype)
+    out = run(
         graphdef,
         state,
         jnp.asarray(prompt_UxP),
@@ -396,4 +433,6 @@ def _check_finite(logprobs_BxM: np.ndarray, lengths_B: np.ndarray) -> None:
 
 def compile_count() -> int:
     """How many (shape, static-argument) variants of the sampler have been compiled so far."""
-    return _generate_padded._cache_size()
+    from jaxsd.models.continuous import generate_slots
+
+    return _generate_padded._cache_size() + generate_slots._cache_size()
