@@ -363,7 +363,7 @@ def generate(
     )  # fmt: skip
     if slots is not None and slots < 1:
         raise ValueError(f"slots={slots} must be >= 1 (rows decoded at once) or None")
-    kv_dtype = None if kv_dtype is None else jnp.dtype(kv_dtype).name
+    kv_dtype = None if kv_dtype is None else _dtype_name(kv_dtype)
     num_rows = len(prompt_ids) * n
     b = bucket_size(num_rows, batch_buckets, "batch size (prompts x n)")
     # Each prompt is prefilled once (slot u feeds rows u*n .. u*n+n-1): n x less prefill.
@@ -416,6 +416,18 @@ def generate(
         finish_reasons=["stop" if s else "length" for s in out["stopped"][:num_rows]],
         prompt_index=[i for i in range(len(prompt_ids)) for _ in range(n)],
     )
+
+
+def _dtype_name(kv_dtype: str) -> str:
+    if kv_dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"kv_dtype={kv_dtype!r}: use 'float32', 'bfloat16' or 'float16'")
+    return kv_dtype
+
+
+def kv_bytes_per_row(cfg, length: int, kv_dtype: str | None = None) -> int:
+    """KV-cache bytes one row of `length` slots holds (K and V, every layer)."""
+    itemsize = jnp.dtype(kv_dtype or cfg.compute_jnp_dtype).itemsize
+    return 2 * cfg.num_layers * length * cfg.num_kv_heads * cfg.head_dim * itemsize
 
 
 def _check_finite(logprobs_BxM: np.ndarray, lengths_B: np.ndarray) -> None:
