@@ -44,7 +44,8 @@ def _stops(model, prompts, temperature=0.0):
 
 @pytest.mark.parametrize("temperature, slots", [(0.0, 3), (1.0, 2)])
 def test_slots_return_the_padded_samplers_rows(model, prompts, temperature, slots):
-    kw = dict(n=2, temperature=temperature, seed=11, stop_token_ids=_stops(model, prompts, temperature), **KW)
+    stops = _stops(model, prompts, temperature)
+    kw = dict(n=2, temperature=temperature, seed=11, stop_token_ids=stops, **KW)
     padded = sampler.generate(model, prompts, **kw)
     refilled = sampler.generate(model, prompts, slots=slots, **kw)
     lengths = [len(t) for t in padded.token_ids]
