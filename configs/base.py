@@ -111,6 +111,10 @@ def get_config(arg: str | None = None, *, run_name: str = "sdpo") -> ml_collecti
     c.rollout.eval_temperature = 0.6
     c.rollout.eval_top_p = 0.95
     c.rollout.eval_questions = 0  # test questions per evaluation (0 = whole split)
+    # Embedded engine only. slots > 0: decode that many rows at a time and refill a finished
+    # row's slot with a waiting one (continuous batching); 0 = every row at once.
+    c.rollout.slots = 0
+    c.rollout.kv_cache_dtype = ""  # "" = the compute dtype | "bfloat16" (half the KV memory)
     # vLLM workers (rollout.engine="vllm"). dtype "auto" = model.compute_dtype (bf16 on GPU/TPU
     # presets, fp32 on CPU); one worker per tensor_parallel_size GPUs of placement.rollout_gpus;
     # gpu_memory_utilization = vLLM's share of each of its GPUs; sleep_between_rollouts (vLLM

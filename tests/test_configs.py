@@ -101,6 +101,8 @@ INVALID = [
     ("rollout.engine", "sglang", "rollout.engine"),
     ("rollout.n", 1, "rollout.n"),
     ("rollout.top_p", 0.0, "rollout.top_p"),
+    ("rollout.slots", -1, "rollout.slots"),
+    ("rollout.kv_cache_dtype", "fp8", "rollout.kv_cache_dtype"),
     ("rollout.temperature", 0.0, "rollout.temperature"),
     ("total_steps", 0, "total_steps"),
     ("checkpoint_every", -1, "checkpoint_every"),

@@ -174,6 +174,9 @@ def validate_config(
     _check(cfg, "rollout.temperature", lambda v: _number(v) and v > 0, "use a temperature > 0")
     _check(cfg, "rollout.top_p", lambda v: _number(v) and 0 < v <= 1, "use 0 < top_p <= 1")
     _check(cfg, "rollout.max_new_tokens", lambda v: _int(v) and v >= 1, "use an integer >= 1")
+    _check(cfg, "rollout.slots", lambda v: _int(v) and v >= 0, "use an integer >= 0 (0 = all rows)")
+    kv_dtypes = ("", "float32", "bfloat16", "float16")
+    _check(cfg, "rollout.kv_cache_dtype", lambda v: v in kv_dtypes, f"use one of {kv_dtypes}")
     _check(cfg, "task.questions_per_step", lambda v: _int(v) and v >= 1, "use an integer >= 1")
 
     name = _get(cfg, "algorithm.name")

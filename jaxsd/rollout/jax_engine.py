@@ -31,12 +31,16 @@ class JaxEngine:
         weights_dir: str | os.PathLike | None = None,
         length_buckets: Sequence[int] | None = DEFAULT_LENGTH_BUCKETS,
         batch_buckets: Sequence[int] | None = None,
+        slots: int | None = None,
+        kv_dtype: str | None = None,
     ):
         self.model = model
         self.weights_dir = weights_dir
         self._step = weights_step
         self._length_buckets = length_buckets
         self._batch_buckets = batch_buckets
+        self._slots = slots  # see sampler.generate: continuous batching, KV-cache dtype
+        self._kv_dtype = kv_dtype
 
     @property
     def weights_step(self) -> int:
@@ -86,6 +90,8 @@ class JaxEngine:
             seed=sampling.seed,
             length_buckets=self._length_buckets,
             batch_buckets=self._batch_buckets,
+            slots=self._slots,
+            kv_dtype=self._kv_dtype,
         )
         return RolloutResult(
             token_ids=[np.asarray(t, np.int32) for t in out.token_ids],

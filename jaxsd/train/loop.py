@@ -177,7 +177,14 @@ def _make_engine(cfg: Any, model: nnx.Module, model_dir: pathlib.Path):
     if cfg.rollout.engine == "jax":
         from jaxsd.rollout.jax_engine import JaxEngine
 
-        return JaxEngine(model, weights_step=0, length_buckets=LENGTH_BUCKETS), None
+        engine = JaxEngine(
+            model,
+            weights_step=0,
+            length_buckets=LENGTH_BUCKETS,
+            slots=cfg.rollout.slots or None,
+            kv_dtype=cfg.rollout.kv_cache_dtype or None,
+        )
+        return engine, None
     from jaxsd.rollout.placement import placement_from_config
     from jaxsd.rollout.sync import SyncConfig, WeightSync
     from jaxsd.rollout.vllm_engine import VllmEngine, VllmWorkerConfig
