@@ -16,6 +16,14 @@ that the engines serve the same model: their greedy tokens must agree (`greedy_a
 
 Prints one JSON object: per engine `tokens_per_s` (generated tokens / s), `median_s`,
 `min_s`; `jax_over_vllm` and `jax_over_torch` (ratios of tokens/s).
+
+The hardware floor (`bound`): the decode must at least read, per step, the weights and each
+row's KV cache at its current length (`decode_bytes`), at the device's copy bandwidth; the
+prefill must at least do its matmuls (`prefill_flops`) at the device's matmul rate. Both rates
+are measured in the same run (`measured`, the default JAX device). `prefill_s` is the median
+of a 1-token call (prefill + one sample); per engine `decode_fraction_of_bound` is the decode
+floor over (median_s - prefill_s), `prefill_fraction_of_bound` the prefill floor over
+prefill_s. `bound.kv_bytes_per_row` is the KV memory one row holds (`--kv-dtype`).
 """
 
 from __future__ import annotations
@@ -75,6 +83,92 @@ def greedy_agreement(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]]) -> 
     return float(np.mean(scores))
 
 
+def kv_bytes_per_token(shape: dict[str, int], itemsize: int) -> int:
+    """K and V of one token in every layer."""
+    kv = shape["num_key_value_heads"] * shape["head_dim"]
+    return 2 * shape["num_hidden_layers"] * kv * itemsize
+
+
+def decode_bytes(
+    shape: dict[str, int], *, rows: int, prompt_len: int, new_tokens: int, itemsize: int,
+    kv_itemsize: int,
+) -> int:  # fmt: skip
+    """Bytes the decode steps must read at least: every step reads all weights but the input
+    embedding (a gather of `rows` rows; the untied LM head is read in full) plus each row's KV
+    cache at its current length. Token 0 comes from the prefill, so tokens 1 .. M-1 take one
+    step each, step s reading P + s cached tokens per row."""
+    n = param_counts(shape)
+    weights = (n["total"] - n["embed"]) * itemsize
+    steps = new_tokens - 1
+    cached_tokens = rows * (steps * prompt_len + steps * (steps + 1) // 2)
+    return steps * weights + cached_tokens * kv_bytes_per_token(shape, kv_itemsize)
+
+
+def prefill_flops(shape: dict[str, int], *, prompts: int, prompt_len: int) -> int:
+    """Matmul FLOPs of prefilling each prompt once: the layers on every prompt token, causal
+    attention (QK^T and PV over the lower triangle), the LM head on the last column only."""
+    n = param_counts(shape)
+    tokens = prompts * prompt_len
+    heads = shape["num_attention_heads"] * shape["head_dim"]
+    attention = 2 * shape["num_hidden_layers"] * prompts * prompt_len**2 * heads
+    return 2 * n["layers"] * tokens + attention + 2 * n["head"] * prompts
+
+
+def hardware_bound(
+    shape: dict[str, int], a: argparse.Namespace, *, copy_bytes_per_s: float,
+    matmul_flops_per_s: float,
+) -> dict[str, float]:  # fmt: skip
+    """The run's floor in seconds: decode bytes at the copy bandwidth, prefill FLOPs at the
+    matmul rate."""
+    itemsize = 2 if a.dtype == "bfloat16" else 4
+    kv_itemsize = 2 if a.kv_dtype == "bfloat16" else itemsize
+    rows = a.prompts * a.n
+    kw = dict(rows=rows, prompt_len=a.prompt_len, new_tokens=a.new_tokens)
+    decode = decode_bytes(shape, **kw, itemsize=itemsize, kv_itemsize=kv_itemsize)
+    prefill = prefill_flops(shape, prompts=a.prompts, prompt_len=a.prompt_len)
+    return {
+        "decode_bytes": decode,
+        "decode_bound_s": decode / copy_bytes_per_s,
+        "prefill_flops": prefill,
+        "prefill_bound_s": prefill / matmul_flops_per_s,
+        "kv_bytes_per_row": (a.prompt_len + a.new_tokens) * kv_bytes_per_token(shape, kv_itemsize),
+    }
+
+
+def measure_device(dtype: str, copy_mib: int = 256, matmul: int = 2048) -> dict[str, float]:
+    """The default JAX device's copy bandwidth (bytes read + written per s of `x + 1` over
+    `copy_mib` MiB) and matmul rate (FLOPs per s of an n x n x n product in `dtype`), best of
+    5 after a warm-up."""
+    import jax
+    import jax.numpy as jnp
+
+    def best(fn, *args) -> float:
+        jax.block_until_ready(fn(*args))
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    x = jnp.zeros((copy_mib * 2**20 // 4,), jnp.float32)
+    copy_s = best(jax.jit(lambda v: v + 1), x)
+    m = jnp.ones((matmul, matmul), jnp.dtype(dtype))
+    mm_s = best(jax.jit(lambda p, q: p @ q), m, m)
+    return {"copy_bytes_per_s": 2 * x.nbytes / copy_s, "matmul_flops_per_s": 2 * matmul**3 / mm_s}
+
+
+def bound_fractions(row: dict[str, float], bound: dict[str, float]) -> dict[str, float | None]:
+    """Achieved fraction of the floor: prefill from the 1-token call, decode from the rest
+    (None when timing noise leaves no decode time)."""
+    decode_s = row["median_s"] - row["prefill_s"]
+    return {
+        "prefill_fraction_of_bound": bound["prefill_bound_s"] / row["prefill_s"],
+        "decode_fraction_of_bound": bound["decode_bound_s"] / decode_s if decode_s > 0 else None,
+        "fraction_of_bound": (bound["prefill_bound_s"] + bound["decode_bound_s"]) / row["median_s"],
+    }
+
+
 def time_calls(call: Callable[[], Any], repeats: int) -> dict[str, float]:
     """First call (warm-up / compile) and the median and min of `repeats` more."""
     t0 = time.perf_counter()
@@ -128,7 +222,8 @@ def open_engine(name: str, folder: pathlib.Path, work: pathlib.Path, a: argparse
         from jaxsd.models.io import from_pretrained
         from jaxsd.rollout import JaxEngine
 
-        return JaxEngine(from_pretrained(folder, dtype=jnp.dtype(a.dtype))[0])
+        model = from_pretrained(folder, dtype=jnp.dtype(a.dtype))[0]
+        return JaxEngine(model, slots=a.slots or None, kv_dtype=a.kv_dtype or None)
     from jaxsd.rollout import VllmEngine, VllmWorkerConfig
 
     return VllmEngine(
@@ -153,6 +248,7 @@ def bench_engine(name: str, engine: Any, prompts: list[list[int]], a: argparse.N
     sampling = SamplingConfig(
         temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.new_tokens, seed=1
     )
+    one_token = SamplingConfig(temperature=a.temperature, top_p=a.top_p, max_new_tokens=1, seed=1)
     rows = len(prompts) * a.n
     greedy_ids = _ids(engine, prompts, 1, greedy)
     counted: list[int] = []
@@ -160,10 +256,15 @@ def bench_engine(name: str, engine: Any, prompts: list[list[int]], a: argparse.N
     def call() -> None:
         counted.append(generated_tokens(_ids(engine, prompts, a.n, sampling), rows, a.new_tokens))
 
+    def prefill_call() -> None:  # the prefill and one sampled token: the decode-free part
+        generated_tokens(_ids(engine, prompts, a.n, one_token), rows, 1)
+
     timing = time_calls(call, a.repeats)
+    prefill_s = time_calls(prefill_call, a.repeats)["median_s"]
     print(f"[rollout] {name}: {timing['median_s']:.3f} s per call", file=sys.stderr, flush=True)
     return greedy_ids, {
         **timing,
+        "prefill_s": prefill_s,
         "generated_tokens": counted[-1],
         "tokens_per_s": counted[-1] / timing["median_s"],
     }
@@ -206,6 +307,10 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         for name in a.engines:
             results[name] = bench_one(name, folder, work, prompts, a, greedy)
     ok = [name for name in a.engines if name in greedy]
+    device = measure_device(a.dtype)
+    bound = hardware_bound(shape, a, **device)
+    for name in ok:
+        results[name].update(bound_fractions(results[name], bound))
     out: dict[str, Any] = {
         "bench": "rollout",
         "shape": a.shape,
@@ -219,6 +324,10 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "dtype": a.dtype,
         "threads": a.threads,
         "device": _device(),
+        "slots": a.slots,
+        "kv_dtype": a.kv_dtype or a.dtype,
+        "measured": device,
+        "bound": bound,
         "engines": results,
         "greedy_agreement": {
             f"{ok[0]}_vs_{name}": greedy_agreement(greedy[ok[0]], greedy[name]) for name in ok[1:]
@@ -251,6 +360,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument(
+        "--kv-dtype",
+        choices=("", "float32", "bfloat16"),
+        default="",
+        help="the JAX engine's KV-cache dtype ('' = --dtype)",
+    )
+    p.add_argument(
+        "--slots",
+        type=int,
+        default=0,
+        help="the JAX engine's decode slots (continuous batching; 0 = all rows)",
+    )
+    p.add_argument(
         "--threads", type=int, default=os.cpu_count() or 1,
         help="CPU threads for vLLM's engine and torch (JAX uses every core)",
     )  # fmt: skip
@@ -260,6 +381,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     bad = [e for e in a.engines if e not in ENGINES]
     if bad or not a.engines:
         p.error(f"--engines {','.join(a.engines)}: use a comma list of {ENGINES}")
+    if a.slots < 0:
+        p.error(f"--slots {a.slots} must be >= 0 (0 = every row at once)")
     for key in ("prompts", "n", "prompt_len", "new_tokens", "repeats", "threads"):
         if getattr(a, key) < 1:
             p.error(f"--{key.replace('_', '-')} {getattr(a, key)} must be >= 1")

@@ -45,6 +45,11 @@ def test_two_engines_side_by_side_on_the_same_model(run_repo_script, repo_module
     ratio = out["engines"]["jax"]["tokens_per_s"] / out["engines"]["torch"]["tokens_per_s"]
     assert out["jax_over_torch"] == pytest.approx(ratio)
     assert out["params"] == 426752  # the tiny shape of bench/peers/workload.py
+    assert out["measured"]["copy_bytes_per_s"] > 0 and out["measured"]["matmul_flops_per_s"] > 0
+    bound_s = out["bound"]["decode_bound_s"] + out["bound"]["prefill_bound_s"]
+    for row in out["engines"].values():
+        assert row["prefill_s"] > 0
+        assert row["fraction_of_bound"] == pytest.approx(bound_s / row["median_s"])
     summary = repo_module("bench/gpu_rows.py").other_lines([{"row": "rollout_tiny", **out}])
     assert summary[0].startswith("- rollout tiny float32, 6 rows × 5 new tokens (tokens/s): jax ")
     assert "jax_over_torch" in summary[0] and "jax_vs_torch 1.00" in summary[0]
@@ -77,3 +82,36 @@ def test_a_failing_engine_is_an_error_row_and_the_others_still_run(run_repo_scri
     assert out["engines"]["torch"]["generated_tokens"] == 2
     assert out["greedy_agreement"] == {} and "jax_over_torch" not in out
     assert "[rollout] jax failed" in proc.stderr
+
+
+def test_decode_bytes_and_prefill_flops_match_a_hand_count(rollout):
+    tiny = rollout.SHAPES["tiny"]  # H 128, 2 layers, 4 q / 2 kv heads of 32, F 256, V 512
+    # weights read per step: all 426,752 parameters but the 512 x 128 embedding, fp32
+    weights = (426_752 - 512 * 128) * 4
+    # 5 new tokens: steps 1..4 read 8 + s cached tokens in each of 6 rows; K and V of one
+    # token in 2 layers of 2 kv heads x 32 dims in fp32 = 1,024 bytes
+    kv = 6 * ((8 + 1) + (8 + 2) + (8 + 3) + (8 + 4)) * 1024
+    kw = dict(rows=6, prompt_len=8, new_tokens=5, itemsize=4, kv_itemsize=4)
+    assert rollout.decode_bytes(tiny, **kw) == 4 * weights + kv == 6_037_504
+    # bf16 KV halves only the cache term
+    assert rollout.decode_bytes(tiny, **{**kw, "kv_itemsize": 2}) == 4 * weights + kv // 2
+    per_layer = 128 * 128 * 2 + 128 * 64 * 2 + 3 * 128 * 256 + 2 * 32 + 2 * 128
+    layers = 2 * (2 * per_layer) * (2 * 8)  # 2 FLOPs x 2 layers x 2 prompts of 8 tokens
+    attention = 2 * 2 * 2 * 8 * 8 * 128  # 2 layers x 2 prompts x (2 P^2 N D) causal halves
+    head = 2 * 2 * 512 * 128  # the last column of each prompt
+    expected = layers + attention + head
+    assert rollout.prefill_flops(tiny, prompts=2, prompt_len=8) == expected == 9_785_344
+
+
+def test_hardware_bound_divides_by_the_measured_rates(rollout):
+    a = rollout.parse_args(["--prompts", "2", "--n", "3", "--prompt-len", "8", "--new-tokens", "5"])
+    bound = rollout.hardware_bound(
+        rollout.SHAPES["tiny"], a, copy_bytes_per_s=1e9, matmul_flops_per_s=1e10
+    )
+    assert bound["decode_bound_s"] == pytest.approx(6_037_504 / 1e9)
+    assert bound["prefill_bound_s"] == pytest.approx(9_785_344 / 1e10)
+    assert bound["kv_bytes_per_row"] == (8 + 5) * 1024
+    row = {"median_s": 0.5, "prefill_s": 0.1}
+    fractions = rollout.bound_fractions(row, bound)
+    assert fractions["decode_fraction_of_bound"] == pytest.approx(6_037_504 / 1e9 / 0.4)
+    assert fractions["prefill_fraction_of_bound"] == pytest.approx(9_785_344 / 1e10 / 0.1)
