@@ -5,6 +5,9 @@
   offline 1-digit arithmetic task, the embedded JAX sampler, a 1-device mesh, 80 steps.
 - "smoke": the tiniest variant (3 steps) that CI runs end to end for every method.
 - "qwen3_8b": the paper's table A.2 (METHODS §10) with vLLM rollouts.
+- "gpu_0p6b": the whole RL step on one H100/H200: a random-init Qwen3-0.6B-shaped model made
+  on the fly (no hub), the embedded sampler, 32 questions x 8 rollouts x up to 1024 tokens,
+  a few steps with the per-step time split (`bench/gpu_rl_step.sh`).
 Command-line overrides work as usual: `--config.optim.lr=3e-6`.
 """
 
@@ -16,7 +19,7 @@ import ml_collections
 
 from jaxsd import algorithms
 
-PRESETS = ("default", "smoke", "qwen3_8b")
+PRESETS = ("default", "smoke", "qwen3_8b", "gpu_0p6b")
 
 
 def parse_preset(arg: str | None) -> str:
@@ -57,6 +60,9 @@ def get_config(arg: str | None = None, *, run_name: str = "sdpo") -> ml_collecti
     c.checkpoint_every = 10  # steps between checkpoints (0 = only at the end)
     c.keep_checkpoints = 3
     c.log_every = 1
+    # Time the teacher's forward alone each step (`time/teacher_forward_s`): an extra pass, as
+    # the train step fuses its own copy with the rest.
+    c.profile_teacher_forward = False
 
     # Policy model: an HF folder or hub name. "assets/tiny_base" is the shipped tiny Qwen3 SFT'd
     # on 1-digit arithmetic with a systematic bad habit (assets/tiny_base/README.md); "" = a
@@ -228,5 +234,28 @@ def get_config(arg: str | None = None, *, run_name: str = "sdpo") -> ml_collecti
         c.optim.weight_decay = 0.01
         c.optim.grad_clip = 1.0
         c.mesh.update(data=1, fsdp=-1, tensor=1)
+    elif preset == "gpu_0p6b":
+        c.total_steps = 4
+        c.eval_every = 4  # one evaluation, at the end, so the split has an eval time
+        c.checkpoint_every = 0  # only at the end
+        c.profile_teacher_forward = True
+        c.model.path = ""  # made on the fly with model.tiny's sizes: Qwen3-0.6B's shape
+        c.model.tiny = ml_collections.ConfigDict(
+            dict(vocab_size=151936, hidden_size=1024, num_layers=28, num_heads=16,
+                 num_kv_heads=8, head_dim=128, intermediate_size=3072,
+                 tie_word_embeddings=True, seed=0)
+        )  # fmt: skip
+        c.model.compute_dtype = "bfloat16"
+        c.model.remat = True
+        c.task.questions_per_step = 32
+        c.task.max_reprompt_len = 2048  # the reprompt quotes a rollout of up to 1024 tokens
+        c.rollout.n = 8
+        c.rollout.max_new_tokens = 1024
+        c.rollout.kv_cache_dtype = "bfloat16"
+        c.rollout.eval_n = 4
+        c.rollout.eval_questions = 8
+        c.loss.chunk_size = 1024
+        c.optim.micro_batches = 8  # 256 rows of up to ~3k tokens: 32 rows per slice
+        c.optim.lr = 1e-5
     c.run_dir = f"runs/{run_name}_{preset}_{{hash}}"
     return c

@@ -51,7 +51,7 @@ from jaxsd.train.interrupt import GracefulStop
 from jaxsd.train.mesh import make_mesh
 from jaxsd.train.optimizer import make_optimizer, make_schedule
 from jaxsd.train.state import train_state_from_model
-from jaxsd.train.step import StepConfig, make_train_step
+from jaxsd.train.step import StepConfig, make_teacher_forward, make_train_step
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 LENGTH_BUCKETS = tuple(2**i for i in range(4, 16))  # 16 ... 32768 tokens
@@ -86,6 +86,7 @@ class Run:
     host_state: Any = None
     start_step: int = 0
     data_stats: dict[str, float] = dataclasses.field(default_factory=dict)  # data/* metrics
+    teacher_forward: Any = None  # jitted lone teacher forward (profile_teacher_forward), or None
 
 
 # ----------------------------------------------------------------------------- building
@@ -321,6 +322,11 @@ def build_run(cfg: Any) -> Run:
         vocab_size=model_config.vocab_size,
         host_state=algorithm.init_state(cfg.seed),
         data_stats={**train_stats, **test_stats},
+        teacher_forward=(
+            make_teacher_forward(graphdef)
+            if cfg.get("profile_teacher_forward") and step_cfg.needs_teacher
+            else None
+        ),
     )
 
 
@@ -364,6 +370,7 @@ def collect_groups(
         raise RuntimeError(
             f"embedded engine served weights step {result.weights_step} at trainer step {step}"
         )
+    t_verify = time.perf_counter()
     texts = [run.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in result.token_ids]
     verdicts = verify_all(run.task, texts, [records[q] for q in result.prompt_index])
     rollouts = []
@@ -389,6 +396,7 @@ def collect_groups(
     generated = sum(len(t) for t in result.token_ids)
     stats = {
         "time/rollout_s": rollout_s,
+        "time/verify_s": time.perf_counter() - t_verify,  # detokenise + task.verify
         "perf/rollout_tokens_per_s": generated / max(rollout_s, 1e-9),
         "rollout/staleness": float(staleness),
         "rollout/response_len": generated / len(rollouts),
@@ -495,12 +503,17 @@ def update_on_groups(run: Run, groups: Sequence, step: int, epoch: int) -> dict[
         lengths=lengths,
     )  # fmt: skip
     batch = global_batch(local, run.batch_shardings)
+    stats: dict[str, Any] = {}
+    if run.teacher_forward is not None:
+        stats["time/teacher_forward_s"] = _time_teacher_forward(run, batch)
     t_train = time.perf_counter()
     run.state, step_metrics = run.train_step(run.state, batch)
     reduced = metrics_lib.reduce_metric_pairs(jax.device_get(step_metrics))
     train_s = time.perf_counter() - t_train
     _check_finite(step + 1, reduced)
-    stats = _publish(run, step + 1)
+    t_publish = time.perf_counter()
+    stats.update(_publish(run, step + 1))
+    stats["time/publish_s"] = time.perf_counter() - t_publish
     group_stats, pass_rates = _group_stats(groups, getattr(run.algorithm, "success_threshold", 0.5))
     response_tokens = int(np.sum(local.response_mask))
     stats.update(group_stats)
@@ -517,6 +530,16 @@ def update_on_groups(run: Run, groups: Sequence, step: int, epoch: int) -> dict[
     stats[metrics_lib.PASS_RATE_HIST] = metrics_lib.pass_rate_histogram(pass_rates, cfg.rollout.n)
     stats[observe.SAMPLES] = observe.sample_rows(groups, plans)
     return stats
+
+
+def _time_teacher_forward(run: Run, batch: Any) -> float:
+    """Seconds of the teacher's forward alone on this step's batch (an extra pass; the train
+    step's own copy of it is fused and cannot be timed apart)."""
+    state = run.state
+    teacher = state.params if state.teacher is None else state.teacher
+    t0 = time.perf_counter()
+    jax.block_until_ready(run.teacher_forward(teacher, state.frozen, batch))
+    return time.perf_counter() - t0
 
 
 def _maybe_inject_crash(step: int) -> None:
@@ -688,7 +711,9 @@ def train(cfg: Any, *, config_source: str | None = None) -> dict[str, Any]:
             done = step + 1
             samples = row.pop(observe.SAMPLES)
             if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.total_steps):
+                t_eval = time.perf_counter()
                 row.update(evaluate_now(run, done))
+                row["time/eval_s"] = time.perf_counter() - t_eval
                 summary["eval_end"] = {k: v for k, v in row.items() if k.startswith("eval/")}
                 writer.write_samples(done, samples)
             hist = {metrics_lib.PASS_RATE_HIST: row.pop(metrics_lib.PASS_RATE_HIST)}

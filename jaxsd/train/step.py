@@ -368,6 +368,23 @@ def _micro_slices(batch: TrainBatch, n: int) -> TrainBatch:
     return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(b // n, n, *x.shape[1:]), 0, 1), batch)
 
 
+def make_teacher_forward(graphdef: nnx.GraphDef) -> Callable[..., jax.Array]:
+    """Jitted `(teacher, frozen, batch) -> scalar`: the teacher's decoder layers over the batch's
+    teacher inputs, at the response rows, as the loss runs them. The train step fuses this
+    forward with the rest; this lone copy exists to time it (`profile_teacher_forward`)."""
+
+    @jax.jit
+    def forward(teacher: nnx.State, frozen: nnx.State, batch: TrainBatch) -> jax.Array:
+        model = nnx.merge(graphdef, teacher, frozen)
+        h_BxRxH = model.hidden_states(
+            batch.teacher_tokens, batch.teacher_mask, batch.teacher_positions,
+            output_index=batch.teacher_index,
+        )  # fmt: skip
+        return jnp.sum(h_BxRxH.astype(jnp.float32))  # a scalar out, so nothing is skipped
+
+    return forward
+
+
 def make_train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
