@@ -24,6 +24,11 @@ are measured in the same run (`measured`, the default JAX device). `prefill_s` i
 of a 1-token call (prefill + one sample); per engine `decode_fraction_of_bound` is the decode
 floor over (median_s - prefill_s), `prefill_fraction_of_bound` the prefill floor over
 prefill_s. `bound.kv_bytes_per_row` is the KV memory one row holds (`--kv-dtype`).
+
+Varied lengths: `--stop-every K` makes every K-th token id a stop id (the JAX engine and vLLM
+honour it; the torch row ignores it and always runs to --new-tokens); tokens are then counted
+as generated, and each engine's own `bound` is taken at the lengths it sampled (the top-level
+`bound` is all rows at --new-tokens). `--slots S` runs the JAX engine with continuous batching.
 """
 
 from __future__ import annotations
@@ -54,15 +59,20 @@ ENGINES = ("jax", "vllm", "torch")
 GREEDY_TOKENS = 16
 
 
-def generated_tokens(token_ids: Sequence[Sequence[int]], rows: int, new_tokens: int) -> int:
-    """Tokens generated in one call; raises unless every row has exactly `new_tokens`."""
+def generated_tokens(
+    token_ids: Sequence[Sequence[int]], rows: int, new_tokens: int, *, exact: bool = True
+) -> int:
+    """Tokens generated in one call; raises unless there are `rows` rows of exactly
+    `new_tokens` tokens (`exact=False`, stop ids on: at most `new_tokens`, at least one)."""
     lengths = [len(t) for t in token_ids]
-    if len(lengths) != rows or any(n != new_tokens for n in lengths):
+    bad = [n for n in lengths if (n != new_tokens if exact else not 1 <= n <= new_tokens)]
+    if len(lengths) != rows or bad:
+        want = f"{new_tokens}" if exact else f"1 to {new_tokens}"
         raise RuntimeError(
             f"an engine returned {len(lengths)} rows of lengths {sorted(set(lengths))}; "
-            f"expected {rows} rows of {new_tokens} tokens (stop ids must be off)"
+            f"expected {rows} rows of {want} tokens" + (" (stop ids must be off)" if exact else "")
         )
-    return rows * new_tokens
+    return sum(lengths)
 
 
 def greedy_agreement(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]]) -> float:
@@ -90,18 +100,18 @@ def kv_bytes_per_token(shape: dict[str, int], itemsize: int) -> int:
 
 
 def decode_bytes(
-    shape: dict[str, int], *, rows: int, prompt_len: int, new_tokens: int, itemsize: int,
+    shape: dict[str, int], *, lengths: Sequence[int], prompt_len: int, itemsize: int,
     kv_itemsize: int,
 ) -> int:  # fmt: skip
-    """Bytes the decode steps must read at least: every step reads all weights but the input
-    embedding (a gather of `rows` rows; the untied LM head is read in full) plus each row's KV
-    cache at its current length. Token 0 comes from the prefill, so tokens 1 .. M-1 take one
-    step each, step s reading P + s cached tokens per row."""
+    """Bytes the decode steps must read at least, for rows of `lengths` new tokens decoded side
+    by side: every step reads all weights but the input embedding (a gather; the untied LM
+    head is read in full), max(lengths) - 1 steps (token 0 comes from the prefill), and each
+    row's KV cache at its current length: a row of k tokens reads P + s cached tokens at its
+    steps s = 1 .. k-1."""
     n = param_counts(shape)
     weights = (n["total"] - n["embed"]) * itemsize
-    steps = new_tokens - 1
-    cached_tokens = rows * (steps * prompt_len + steps * (steps + 1) // 2)
-    return steps * weights + cached_tokens * kv_bytes_per_token(shape, kv_itemsize)
+    cached_tokens = sum((k - 1) * prompt_len + (k - 1) * k // 2 for k in lengths)
+    return (max(lengths) - 1) * weights + cached_tokens * kv_bytes_per_token(shape, kv_itemsize)
 
 
 def prefill_flops(shape: dict[str, int], *, prompts: int, prompt_len: int) -> int:
@@ -116,15 +126,17 @@ def prefill_flops(shape: dict[str, int], *, prompts: int, prompt_len: int) -> in
 
 def hardware_bound(
     shape: dict[str, int], a: argparse.Namespace, *, copy_bytes_per_s: float,
-    matmul_flops_per_s: float,
+    matmul_flops_per_s: float, lengths: Sequence[int] | None = None,
 ) -> dict[str, float]:  # fmt: skip
     """The run's floor in seconds: decode bytes at the copy bandwidth, prefill FLOPs at the
-    matmul rate."""
+    matmul rate. `lengths`: the rows' new tokens (None = all `--new-tokens`)."""
     itemsize = 2 if a.dtype == "bfloat16" else 4
     kv_itemsize = 2 if a.kv_dtype == "bfloat16" else itemsize
-    rows = a.prompts * a.n
-    kw = dict(rows=rows, prompt_len=a.prompt_len, new_tokens=a.new_tokens)
-    decode = decode_bytes(shape, **kw, itemsize=itemsize, kv_itemsize=kv_itemsize)
+    lengths = [a.new_tokens] * (a.prompts * a.n) if lengths is None else lengths
+    decode = decode_bytes(
+        shape, lengths=lengths, prompt_len=a.prompt_len, itemsize=itemsize,
+        kv_itemsize=kv_itemsize,
+    )  # fmt: skip
     prefill = prefill_flops(shape, prompts=a.prompts, prompt_len=a.prompt_len)
     return {
         "decode_bytes": decode,
@@ -245,16 +257,21 @@ def bench_engine(name: str, engine: Any, prompts: list[list[int]], a: argparse.N
     from jaxsd.rollout import SamplingConfig
 
     greedy = SamplingConfig(temperature=0.0, max_new_tokens=GREEDY_TOKENS)
+    stops = stop_ids(a)
     sampling = SamplingConfig(
-        temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.new_tokens, seed=1
-    )
+        temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.new_tokens, seed=1,
+        stop_token_ids=stops,
+    )  # fmt: skip
     one_token = SamplingConfig(temperature=a.temperature, top_p=a.top_p, max_new_tokens=1, seed=1)
     rows = len(prompts) * a.n
     greedy_ids = _ids(engine, prompts, 1, greedy)
     counted: list[int] = []
+    lengths: list[int] = []
 
     def call() -> None:
-        counted.append(generated_tokens(_ids(engine, prompts, a.n, sampling), rows, a.new_tokens))
+        ids = _ids(engine, prompts, a.n, sampling)
+        counted.append(generated_tokens(ids, rows, a.new_tokens, exact=not stops))
+        lengths[:] = [len(t) for t in ids]
 
     def prefill_call() -> None:  # the prefill and one sampled token: the decode-free part
         generated_tokens(_ids(engine, prompts, a.n, one_token), rows, 1)
@@ -267,6 +284,7 @@ def bench_engine(name: str, engine: Any, prompts: list[list[int]], a: argparse.N
         "prefill_s": prefill_s,
         "generated_tokens": counted[-1],
         "tokens_per_s": counted[-1] / timing["median_s"],
+        "lengths": lengths,  # the last call's, for the bound (popped before printing)
     }
 
 
@@ -308,9 +326,12 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             results[name] = bench_one(name, folder, work, prompts, a, greedy)
     ok = [name for name in a.engines if name in greedy]
     device = measure_device(a.dtype)
-    bound = hardware_bound(shape, a, **device)
     for name in ok:
-        results[name].update(bound_fractions(results[name], bound))
+        # each engine's floor at the lengths it sampled (all --new-tokens without stop ids)
+        row = results[name]
+        row["bound"] = hardware_bound(shape, a, **device, lengths=row.pop("lengths"))
+        row.update(bound_fractions(row, row["bound"]))
+    bound = hardware_bound(shape, a, **device)
     out: dict[str, Any] = {
         "bench": "rollout",
         "shape": a.shape,
@@ -325,6 +346,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "threads": a.threads,
         "device": _device(),
         "slots": a.slots,
+        "stop_every": a.stop_every,
         "kv_dtype": a.kv_dtype or a.dtype,
         "measured": device,
         "bound": bound,
@@ -339,6 +361,14 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         if "jax" in ok and peer in ok:
             out[f"jax_over_{peer}"] = results["jax"]["tokens_per_s"] / results[peer]["tokens_per_s"]
     return out
+
+
+def stop_ids(a: argparse.Namespace) -> tuple[int, ...]:
+    """`--stop-every K`: every K-th token id stops a row (varied lengths; a random model hits
+    one with probability ~1/K per token); 0 = none, every row runs to --new-tokens."""
+    if not a.stop_every:
+        return ()
+    return tuple(range(a.stop_every - 1, SHAPES[a.shape]["vocab_size"], a.stop_every))
 
 
 def _device() -> str:
@@ -366,6 +396,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="the JAX engine's KV-cache dtype ('' = --dtype)",
     )
     p.add_argument(
+        "--stop-every", type=int, default=0,
+        help="every K-th token id is a stop id: varied lengths (0 = off)",
+    )  # fmt: skip
+    p.add_argument(
         "--slots",
         type=int,
         default=0,
@@ -381,8 +415,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     bad = [e for e in a.engines if e not in ENGINES]
     if bad or not a.engines:
         p.error(f"--engines {','.join(a.engines)}: use a comma list of {ENGINES}")
-    if a.slots < 0:
-        p.error(f"--slots {a.slots} must be >= 0 (0 = every row at once)")
+    if a.slots < 0 or a.stop_every < 0:
+        p.error(f"--slots {a.slots} / --stop-every {a.stop_every} must be >= 0 (0 = off)")
     for key in ("prompts", "n", "prompt_len", "new_tokens", "repeats", "threads"):
         if getattr(a, key) < 1:
             p.error(f"--{key.replace('_', '-')} {getattr(a, key)} must be >= 1")

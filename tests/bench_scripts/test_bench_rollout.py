@@ -91,16 +91,28 @@ def test_decode_bytes_and_prefill_flops_match_a_hand_count(rollout):
     # 5 new tokens: steps 1..4 read 8 + s cached tokens in each of 6 rows; K and V of one
     # token in 2 layers of 2 kv heads x 32 dims in fp32 = 1,024 bytes
     kv = 6 * ((8 + 1) + (8 + 2) + (8 + 3) + (8 + 4)) * 1024
-    kw = dict(rows=6, prompt_len=8, new_tokens=5, itemsize=4, kv_itemsize=4)
+    kw = dict(lengths=[5] * 6, prompt_len=8, itemsize=4, kv_itemsize=4)
     assert rollout.decode_bytes(tiny, **kw) == 4 * weights + kv == 6_037_504
     # bf16 KV halves only the cache term
     assert rollout.decode_bytes(tiny, **{**kw, "kv_itemsize": 2}) == 4 * weights + kv // 2
+    # varied lengths (stop ids): 4 steps for the longest row; a 2-token row reads 8 + 1 once
+    varied = {**kw, "lengths": [5, 2, 1]}
+    assert rollout.decode_bytes(tiny, **varied) == 4 * weights + (42 + 9) * 1024
     per_layer = 128 * 128 * 2 + 128 * 64 * 2 + 3 * 128 * 256 + 2 * 32 + 2 * 128
     layers = 2 * (2 * per_layer) * (2 * 8)  # 2 FLOPs x 2 layers x 2 prompts of 8 tokens
     attention = 2 * 2 * 2 * 8 * 8 * 128  # 2 layers x 2 prompts x (2 P^2 N D) causal halves
     head = 2 * 2 * 512 * 128  # the last column of each prompt
     expected = layers + attention + head
     assert rollout.prefill_flops(tiny, prompts=2, prompt_len=8) == expected == 9_785_344
+
+
+def test_stop_every_makes_every_kth_id_a_stop_and_counts_ragged_rows(rollout):
+    a = rollout.parse_args(["--shape", "tiny", "--stop-every", "100"])
+    assert rollout.stop_ids(a) == (99, 199, 299, 399, 499)  # the tiny vocab is 512
+    assert rollout.stop_ids(rollout.parse_args([])) == ()
+    assert rollout.generated_tokens([[1, 2], [3]], rows=2, new_tokens=3, exact=False) == 3
+    with pytest.raises(RuntimeError, match="expected 2 rows of 1 to 3 tokens"):
+        rollout.generated_tokens([[1, 2, 3, 4], [3]], rows=2, new_tokens=3, exact=False)
 
 
 def test_hardware_bound_divides_by_the_measured_rates(rollout):
