@@ -235,7 +235,9 @@ def open_engine(name: str, folder: pathlib.Path, work: pathlib.Path, a: argparse
         from jaxsd.rollout import JaxEngine
 
         model = from_pretrained(folder, dtype=jnp.dtype(a.dtype))[0]
-        return JaxEngine(model, slots=a.slots or None, kv_dtype=a.kv_dtype or None)
+        # only the options asked for: an older jaxsd (an A/B baseline tree) has neither
+        kw = {k: v for k, v in (("slots", a.slots), ("kv_dtype", a.kv_dtype)) if v}
+        return JaxEngine(model, **kw)
     from jaxsd.rollout import VllmEngine, VllmWorkerConfig
 
     return VllmEngine(
@@ -267,14 +269,17 @@ def bench_engine(name: str, engine: Any, prompts: list[list[int]], a: argparse.N
     greedy_ids = _ids(engine, prompts, 1, greedy)
     counted: list[int] = []
     lengths: list[int] = []
+    # --no-prefix-sharing: each prompt repeated n times with n = 1, so every row is prefilled
+    call_prompts = prompts if a.prefix_sharing else [p for p in prompts for _ in range(a.n)]
+    call_n = a.n if a.prefix_sharing else 1
 
     def call() -> None:
-        ids = _ids(engine, prompts, a.n, sampling)
+        ids = _ids(engine, call_prompts, call_n, sampling)
         counted.append(generated_tokens(ids, rows, a.new_tokens, exact=not stops))
         lengths[:] = [len(t) for t in ids]
 
     def prefill_call() -> None:  # the prefill and one sampled token: the decode-free part
-        generated_tokens(_ids(engine, prompts, a.n, one_token), rows, 1)
+        generated_tokens(_ids(engine, call_prompts, call_n, one_token), rows, 1)
 
     timing = time_calls(call, a.repeats)
     prefill_s = time_calls(prefill_call, a.repeats)["median_s"]
@@ -347,6 +352,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "device": _device(),
         "slots": a.slots,
         "stop_every": a.stop_every,
+        "prefix_sharing": a.prefix_sharing,
         "kv_dtype": a.kv_dtype or a.dtype,
         "measured": device,
         "bound": bound,
@@ -395,6 +401,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="",
         help="the JAX engine's KV-cache dtype ('' = --dtype)",
     )
+    p.add_argument(
+        "--no-prefix-sharing", dest="prefix_sharing", action="store_false",
+        help="ask for each prompt n times with n=1 (one prefill per row, not per prompt)",
+    )  # fmt: skip
     p.add_argument(
         "--stop-every", type=int, default=0,
         help="every K-th token id is a stop id: varied lengths (0 = off)",

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from jaxsd.models import sampler
+from jaxsd.models import continuous, sampler
 from jaxsd.models.io import from_pretrained
 
 M = 8
@@ -107,11 +107,11 @@ def test_bf16_kv_cache_halves_memory_and_keeps_logits_close(model, prompts):
         np.testing.assert_allclose(a, b, atol=2e-2)
     cache = model.init_cache(2, 16, jnp.bfloat16)
     assert cache["k"][0].dtype == jnp.bfloat16
-    assert sampler.kv_bytes_per_row(model.config, 16, "bfloat16") * 2 == (
-        sampler.kv_bytes_per_row(model.config, 16, "float32")
+    assert continuous.kv_bytes_per_row(model.config, 16, "bfloat16") * 2 == (
+        continuous.kv_bytes_per_row(model.config, 16, "float32")
     )
     c = model.config
-    assert sampler.kv_bytes_per_row(c, 16, "float32") == 2 * c.num_layers * 16 * (
+    assert continuous.kv_bytes_per_row(c, 16, "float32") == 2 * c.num_layers * 16 * (
         c.num_kv_heads * c.head_dim * 4
     )
 

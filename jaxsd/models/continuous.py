@@ -21,12 +21,19 @@ composition can change in the last bit).
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxsd.models.sampler import prefill, sample_step
+
+
+def kv_bytes_per_row(cfg: Any, length: int, kv_dtype: str | None = None) -> int:
+    """KV-cache bytes one row of `length` slots holds (K and V, every layer)."""
+    itemsize = jnp.dtype(kv_dtype or cfg.compute_jnp_dtype).itemsize
+    return 2 * cfg.num_layers * length * cfg.num_kv_heads * cfg.head_dim * itemsize
 
 
 def _ring_place(rows_SxPx: jax.Array, length: int, shift: jax.Array) -> jax.Array:

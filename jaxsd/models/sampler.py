@@ -15,7 +15,8 @@ temperature 1 and no filter (the training default) it is also the sampling distr
 from (temperature, top-k, top-p applied; 0 for greedy).
 
 Randomness is per row: row r of a call uses fold_in(key(seed), r) then fold_in(., step),
-so a row's random draws do not depend on its batch mates or on the batch bucket.
+so a row's random draws do not depend on its batch mates, the batch bucket, or (with
+`slots`, continuous batching in `jaxsd.models.continuous`) the slot and time it ran in.
 """
 
 from __future__ import annotations
@@ -422,12 +423,6 @@ def _dtype_name(kv_dtype: str) -> str:
     if kv_dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"kv_dtype={kv_dtype!r}: use 'float32', 'bfloat16' or 'float16'")
     return kv_dtype
-
-
-def kv_bytes_per_row(cfg, length: int, kv_dtype: str | None = None) -> int:
-    """KV-cache bytes one row of `length` slots holds (K and V, every layer)."""
-    itemsize = jnp.dtype(kv_dtype or cfg.compute_jnp_dtype).itemsize
-    return 2 * cfg.num_layers * length * cfg.num_kv_heads * cfg.head_dim * itemsize
 
 
 def _check_finite(logprobs_BxM: np.ndarray, lengths_B: np.ndarray) -> None:
