@@ -24,7 +24,7 @@ METHOD_FILES = (
     "ssopd",
     "drift",
 )
-PRESETS = (None, "smoke", "qwen3_8b")
+PRESETS = (None, "smoke", "qwen3_8b", "gpu_0p6b")
 EXPECTED_ALGORITHM = {"grpo_no_norm": "grpo"}
 
 
@@ -41,7 +41,7 @@ def configs():
 
 
 def devices_and_vocab(preset):
-    return (8, 151936) if preset == "qwen3_8b" else (1, 1024)
+    return {"qwen3_8b": (8, 151936), "gpu_0p6b": (1, 151936)}.get(preset, (1, 1024))
 
 
 @pytest.mark.parametrize("method", METHOD_FILES)
