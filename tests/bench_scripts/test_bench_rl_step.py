@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_the_gpu_preset_is_the_issues_workload(repo_module):
