@@ -25,9 +25,10 @@ if [ "${SMOKE:-0}" = 1 ]; then
          --config.model.tiny.intermediate_size=128 --config.model.compute_dtype=float32
          --config.total_steps=2 --config.eval_every=2 --config.task.questions_per_step=2
          --config.rollout.n=4 --config.rollout.max_new_tokens=8 --config.rollout.eval_n=2
-         --config.rollout.eval_questions=2 --config.loss.micro_batches=2
+         --config.rollout.eval_questions=2 --config.optim.micro_batches=2
          --config.loss.chunk_size=64 --config.loss.top_k=16 --config.task.max_reprompt_len=256)
 fi
+rm -rf "$OUT/run"  # this script's own run folder: each call is a fresh run
 "$PY" scripts/train.py --config=configs/sc_sdpo.py:gpu_0p6b --config.run_dir="$OUT/run" \
   --config.resume=False "${SIZES[@]}" "$@" 2>&1 | tee "$OUT/train.log"
 "$PY" bench/rl_step_split.py "$OUT/run" | tee "$OUT/split.json"

@@ -121,3 +121,18 @@ def test_bad_slots_and_kv_dtype_are_named(model, prompts):
         sampler.generate(model, prompts, slots=0, **KW)
     with pytest.raises(ValueError, match="kv_dtype='float33'"):
         sampler.generate(model, prompts, kv_dtype="float33", **KW)
+
+
+def test_slots_refuse_a_sliding_window_model():
+    from flax import nnx
+
+    from jaxsd.models import ModelConfig, Transformer
+
+    cfg = ModelConfig(
+        vocab_size=71, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=8, rope_theta=1e4, sliding_window=4,
+        layer_types=("sliding_attention", "full_attention"),
+    )  # fmt: skip
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"layers \[0\] use a sliding window of 4"):
+        sampler.generate(model, [[1, 2, 3]], slots=1, max_new_tokens=2)

@@ -23,7 +23,7 @@ def test_the_gpu_preset_is_the_issues_workload(repo_module):
     assert [tiny[k] for k in keys] == [151936, 1024, 28, 16, 8, 128]
     assert tiny.intermediate_size == 3072 and tiny.tie_word_embeddings
     assert c.profile_teacher_forward and c.model.compute_dtype == "bfloat16"
-    assert (32 * 8) % c.loss.micro_batches == 0
+    assert (32 * 8) % c.optim.micro_batches == 0
 
 
 def test_step_split_names_every_part_and_the_remainder(repo_module):
