@@ -561,3 +561,28 @@ def test_pruned_top_k_on_a_sharded_vocab_gathers_block_maxima_not_logits():
     assert res["equal"]
     assert res["plain"] == ["16,8192"]
     assert res["pruned"] == ["16,512"]
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.5, 0.7])
+def test_teacher_minus_inf_on_the_whole_student_top_k_gives_finite_value_and_grad(alpha):
+    # A masked teacher vocabulary can hold exactly -inf on every token the student ranks top-k;
+    # without the tail bucket the teacher then has no mass to renormalise over K.
+    rng = np.random.default_rng(11)
+    s = rng.normal(size=(3, V)) * 2.0
+    idx = np.argsort(-s, axis=-1, kind="stable")[:, :2]
+    t = rng.normal(size=(3, V))
+    np.put_along_axis(t, idx, -np.inf, axis=-1)
+    fn = lambda x, y: jnp.sum(distillation_divergence(x, y, top_k=2, alpha=alpha, add_tail=False))
+    value, grad = jax.value_and_grad(fn)(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32))
+    chex.assert_tree_all_finite([value, grad])
+    # reference: the teacher is uniform over K (the limit of equal, very negative logits);
+    # gradient by central differences of the float64 reference
+    def reference(x):
+        ls = np.take_along_axis(np_log_softmax(x), idx, -1)
+        ls = ls - np_logsumexp(ls)[:, None]
+        return np_gjsd(ls, np.full_like(ls, -math.log(2)), alpha).sum()
+
+    np.testing.assert_allclose(float(value), reference(s), rtol=1e-4)
+    eye = np.eye(s.size).reshape(s.size, *s.shape) * 1e-6
+    numeric = np.asarray([(reference(s + d) - reference(s - d)) / 2e-6 for d in eye])
+    np.testing.assert_allclose(grad, numeric.reshape(s.shape), atol=1e-5)

@@ -302,9 +302,21 @@ def topk_divergence_from_logprobs(
         log_p = jnp.concatenate([log_p, _as_float(student_tail_logp)[..., None]], axis=-1)
         log_t = jnp.concatenate([log_t, _as_float(teacher_tail_logp)[..., None]], axis=-1)
     else:
-        log_p = log_p - jax.nn.logsumexp(log_p, axis=-1, keepdims=True)
-        log_t = log_t - jax.nn.logsumexp(log_t, axis=-1, keepdims=True)
+        log_p, log_t = _renormalise(log_p), _renormalise(log_t)
     return generalized_jsd_from_logprobs(log_p, log_t, alpha=alpha)
+
+
+def _renormalise(log_x: jax.Array) -> jax.Array:
+    """`log_x - logsumexp(log_x)` over the last axis; uniform where the row has no mass at all.
+
+    A teacher whose logits are -inf on every one of the student's top-k (a masked vocabulary)
+    has nothing to renormalise; uniform is the limit of equal, very negative logits (what
+    -1e30 gives), and keeps value and gradient finite instead of -inf - (-inf) = NaN.
+    """
+    empty = jnp.all(log_x == -jnp.inf, axis=-1, keepdims=True)
+    safe = jnp.where(empty, 0.0, log_x)
+    normalised = safe - jax.nn.logsumexp(safe, axis=-1, keepdims=True)
+    return jnp.where(empty, -math.log(log_x.shape[-1]), normalised)
 
 
 def distillation_divergence(
