@@ -56,6 +56,9 @@ def get_config(arg: str | None = None, *, run_name: str = "sdpo") -> ml_collecti
     # another seed or lr gets its own folder and an unchanged rerun resumes the old one.
     c.run_dir = "runs/default"
     c.resume = True  # continue from the latest checkpoint in run_dir when there is one
+    # Resume from this checkpoint step instead of the latest (newer steps are moved to
+    # <run_dir>/superseded_checkpoints/, not deleted); None = the latest intact one.
+    c.resume_step = ml_collections.config_dict.placeholder(int)
     c.eval_every = 10  # steps between evaluations (0 = never)
     c.checkpoint_every = 10  # steps between checkpoints (0 = only at the end)
     c.keep_checkpoints = 3

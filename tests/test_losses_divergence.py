@@ -575,6 +575,7 @@ def test_teacher_minus_inf_on_the_whole_student_top_k_gives_finite_value_and_gra
     fn = lambda x, y: jnp.sum(distillation_divergence(x, y, top_k=2, alpha=alpha, add_tail=False))
     value, grad = jax.value_and_grad(fn)(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32))
     chex.assert_tree_all_finite([value, grad])
+
     # reference: the teacher is uniform over K (the limit of equal, very negative logits);
     # gradient by central differences of the float64 reference
     def reference(x):

@@ -6,10 +6,17 @@ file is on disk, so a save cut short by SIGKILL never shows up as a step. A fina
 fails to restore (a truncated or corrupt file, missing metadata) is skipped with a warning and
 the previous one is used; once an older step restores, the bad one is moved to
 ``<run_dir>/corrupt_checkpoints/`` so that the resumed run can save that step number again.
+
+Bit rot restores without an error, so once a step is finalised its files' SHA-256 sums are
+written into the step itself (``<step>/checksums.json``, atomically) and checked before the
+step is read: a mismatch counts as damage like a truncated file. Recording reads the step back
+once; it runs when the next save starts, on `wait()` and on `close()`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import shutil
@@ -24,6 +31,58 @@ from jax.experimental import multihost_utils
 
 _STATE = "state"
 _HOST = "host"
+CHECKSUMS = "checksums.json"
+_READ_BYTES = 1 << 22
+
+
+class ChecksumError(ValueError):
+    """A checkpoint file's bytes differ from the checksum recorded when it was saved."""
+
+
+def _step_files(step_dir: str) -> list[str]:
+    """Every file of a step folder (relative paths, sorted), except the checksum record."""
+    files = []
+    for root, _, names in os.walk(step_dir):
+        for name in names:
+            rel = os.path.relpath(os.path.join(root, name), step_dir)
+            if rel != CHECKSUMS:
+                files.append(rel)
+    return sorted(files)
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_READ_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def record_checksums(step_dir: str) -> None:
+    """Write `<step_dir>/checksums.json`: {relative file path: sha256}, via an atomic rename."""
+    sums = {rel: _sha256(os.path.join(step_dir, rel)) for rel in _step_files(step_dir)}
+    tmp = os.path.join(step_dir, f".{CHECKSUMS}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(sums, f, indent=0, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(step_dir, CHECKSUMS))
+
+
+def verify_checksums(step_dir: str) -> bool:
+    """Raise ChecksumError naming the first damaged or missing file; False when none recorded."""
+    path = os.path.join(step_dir, CHECKSUMS)
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        sums = json.load(f)
+    for rel, expected in sorted(sums.items()):
+        full = os.path.join(step_dir, rel)
+        if not os.path.exists(full):
+            raise ChecksumError(f"{full} is missing (it was saved with the checkpoint)")
+        if _sha256(full) != expected:
+            raise ChecksumError(f"{full} does not match the checksum recorded when it was saved")
+    return True
 
 
 class CheckpointWarning(UserWarning):
@@ -125,6 +184,7 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             self.directory, item_names=(_STATE, _HOST), options=options
         )
+        self._unsummed: list[int] = []  # saved steps whose checksums are not written yet
 
     def save(
         self,
@@ -147,7 +207,24 @@ class Checkpointer:
             **{_STATE: ocp.args.StandardSave(train_state), _HOST: ocp.args.JsonSave(host_state)}
         )
         metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
-        return self._manager.save(step, args=args, metrics=metrics, force=force)
+        self._record_pending_checksums()
+        saved = self._manager.save(step, args=args, metrics=metrics, force=force)
+        if saved:
+            self._unsummed.append(step)
+        return saved
+
+    def _record_pending_checksums(self) -> None:
+        """Wait for the async saves in flight, then checksum every step they finalised."""
+        if not self._unsummed:
+            return
+        self._manager.wait_until_finished()
+        steps, self._unsummed = self._unsummed, []
+        if jax.process_index() != 0:
+            return
+        for step in steps:
+            step_dir = os.path.join(self.directory, str(step))
+            if os.path.isdir(step_dir):  # a preservation policy may already have dropped it
+                record_checksums(step_dir)
 
     def latest_step(self) -> int | None:
         """Newest finalised step on disk, or None."""
@@ -162,6 +239,14 @@ class Checkpointer:
         return self._manager.best_step()
 
     def _restore_step(self, step: int, abstract: Any) -> tuple[Any, dict]:
+        step_dir = os.path.join(self.directory, str(step))
+        if not verify_checksums(step_dir):
+            warnings.warn(
+                f"checkpoint step {step} in {self.directory} has no {CHECKSUMS} (the run "
+                "stopped before recording it); restoring it unverified",
+                CheckpointWarning,
+                stacklevel=3,
+            )
         args = ocp.args.Composite(
             **{_STATE: ocp.args.StandardRestore(abstract), _HOST: ocp.args.JsonRestore()}
         )
@@ -190,7 +275,9 @@ class Checkpointer:
             )
         if step is not None:
             if step not in steps:
-                raise FileNotFoundError(f"step {step} not in {self.directory}; have {steps}")
+                raise FileNotFoundError(
+                    f"resume step {step} is not in {self.directory}; have {steps}"
+                )
             train_state, host_state = self._restore_step(step, abstract)
             return train_state, host_state, step
         failures: list[tuple[int, str]] = []
@@ -212,20 +299,30 @@ class Checkpointer:
         detail = "; ".join(f"step {s}: {r}" for s, r in failures)
         raise RuntimeError(f"no checkpoint in {self.directory} could be restored ({detail})")
 
+    def set_aside_after(self, step: int) -> list[int]:
+        """Move the steps newer than `step` to `<run_dir>/superseded_checkpoints/` (kept, not
+        deleted), so a run resumed from `step` can save those step numbers again."""
+        newer = [s for s in self.all_steps() if s > step]
+        self._move_aside(newer, "superseded_checkpoints", f"newer than resumed step {step}")
+        return newer
+
     def _quarantine(self, bad_steps: list[int]) -> None:
         """Move steps newer than a good one aside, so their step numbers can be saved again."""
-        if not bad_steps:
+        self._move_aside(bad_steps, "corrupt_checkpoints", "unreadable")
+
+    def _move_aside(self, steps: list[int], folder: str, why: str) -> None:
+        if not steps:
             return
-        target_root = os.path.join(self.run_dir, "corrupt_checkpoints")
+        target_root = os.path.join(self.run_dir, folder)
         if jax.process_index() == 0:
             os.makedirs(target_root, exist_ok=True)
-            for step in bad_steps:
+            for step in steps:
                 target = os.path.join(target_root, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
                 shutil.move(os.path.join(self.directory, str(step)), target)
                 warnings.warn(
-                    f"moved unreadable checkpoint step {step} to {target}",
+                    f"moved checkpoint step {step} ({why}) to {target}",
                     CheckpointWarning,
-                    stacklevel=3,
+                    stacklevel=4,
                 )
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("jaxsd_checkpoint_quarantine")
@@ -234,10 +331,14 @@ class Checkpointer:
     def wait(self) -> None:
         """Block until pending async saves are on disk."""
         self._manager.wait_until_finished()
+        self._record_pending_checksums()
 
     def close(self) -> None:
-        """Finish pending saves and release Orbax's threads."""
-        self._manager.close()
+        """Finish pending saves, checksum them and release Orbax's threads."""
+        try:
+            self._record_pending_checksums()
+        finally:
+            self._manager.close()
 
     def __enter__(self) -> Checkpointer:
         return self

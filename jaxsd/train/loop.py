@@ -50,8 +50,9 @@ from jaxsd.train.checkpoint import Checkpointer
 from jaxsd.train.interrupt import GracefulStop
 from jaxsd.train.mesh import make_mesh
 from jaxsd.train.optimizer import make_optimizer, make_schedule
+from jaxsd.train.run_lock import lock_run_dir
 from jaxsd.train.state import train_state_from_model
-from jaxsd.train.step import StepConfig, make_teacher_forward, make_train_step
+from jaxsd.train.step import STATE_FINITE_PREFIX, StepConfig, make_teacher_forward, make_train_step
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 LENGTH_BUCKETS = tuple(2**i for i in range(4, 16))  # 16 ... 32768 tokens
@@ -510,7 +511,9 @@ def update_on_groups(run: Run, groups: Sequence, step: int, epoch: int) -> dict[
     run.state, step_metrics = run.train_step(run.state, batch)
     reduced = metrics_lib.reduce_metric_pairs(jax.device_get(step_metrics))
     train_s = time.perf_counter() - t_train
+    state_flags = _pop_state_flags(reduced)
     _check_finite(step + 1, reduced)
+    _check_state_finite(step + 1, state_flags, reduced)
     t_publish = time.perf_counter()
     stats.update(_publish(run, step + 1))
     stats["time/publish_s"] = time.perf_counter() - t_publish
@@ -560,8 +563,38 @@ def _check_finite(step: int, reduced: dict[str, float]) -> None:
     if bad:
         finite = {k: v for k, v in reduced.items() if math.isfinite(v)}
         raise FloatingPointError(
-            f"non-finite metrics at step {step}: {bad}; finite ones: {finite}. The last "
-            "checkpoint holds the last good state; lower optim.lr or check the data."
+            f"non-finite metrics at step {step}: {bad}; finite ones: {finite}. Nothing of "
+            f"step {step} was published or saved: the last checkpoint holds the last good "
+            "state. Lower optim.lr or check the data, then rerun with --config.resume=True "
+            "(or --config.resume_step=N for an earlier checkpoint)."
+        )
+
+
+def _pop_state_flags(reduced: dict[str, float]) -> dict[str, float]:
+    """Take the step's `state_finite/<part>` flags out of the metrics (they are not logged)."""
+    keys = [k for k in reduced if k.startswith(STATE_FINITE_PREFIX)]
+    return {k.removeprefix(STATE_FINITE_PREFIX): reduced.pop(k) for k in keys}
+
+
+# Which config keys most likely make each part of the new state non-finite.
+_LIKELY_KEYS = {
+    "opt_state": "optim.eps (> 0), optim.b1 / optim.b2 (in [0, 1))",
+    "params": "optim.lr, optim.eps, optim.weight_decay",
+    "teacher": "loss.teacher_ema",
+}
+
+
+def _check_state_finite(step: int, flags: dict[str, float], reduced: dict[str, float]) -> None:
+    """Stop before a state with NaN/inf params or optimizer moments is published or saved."""
+    bad = [part for part, ok in flags.items() if ok != 1.0]
+    if bad:
+        keys = "; ".join(_LIKELY_KEYS[p] for p in bad)
+        raise FloatingPointError(
+            f"the update of step {step} made {', '.join(bad)} non-finite although the loss "
+            f"({reduced.get('loss')}) and gradients (grad_norm {reduced.get('grad_norm')}) "
+            f"were finite; nothing of step {step} was published or saved. Likely keys: {keys}. "
+            "Fix them and rerun with --config.resume=True (the last checkpoint is good), or "
+            "--config.resume_step=N to go back further."
         )
 
 
@@ -629,10 +662,23 @@ def _abstract(state: Any) -> Any:
 
 
 def maybe_resume(run: Run, checkpointer: Checkpointer) -> int:
-    """Restore the latest intact checkpoint when `resume` is on; returns the step to start."""
+    """Restore the latest intact checkpoint (or `resume_step`) when `resume` is on.
+
+    Returns the step to start from. With `resume_step=N`, steps newer than N are moved to
+    `<run_dir>/superseded_checkpoints/` (kept, not deleted) so that the run can save them anew.
+    """
+    chosen = run.cfg.get("resume_step")
     if not run.cfg.resume or checkpointer.latest_step() is None:
+        if chosen is not None:
+            raise ValueError(
+                f"config resume_step={chosen} needs resume=True and a checkpoint in "
+                f"{checkpointer.directory}; have {checkpointer.all_steps()}"
+            )
         return 0
-    state, host, step = checkpointer.restore(abstract_train_state=_abstract(run.state))
+    abstract = _abstract(run.state)
+    state, host, step = checkpointer.restore(chosen, abstract_train_state=abstract)
+    if chosen is not None:
+        checkpointer.set_aside_after(chosen)
     run.state = state
     run.host_state = algorithms.HostState.from_json(host["algorithm"])
     if host.get("step") != step:
@@ -653,9 +699,42 @@ def _host_state(run: Run, step: int) -> dict[str, Any]:
 def train(cfg: Any, *, config_source: str | None = None) -> dict[str, Any]:
     """Train per `cfg`; returns a summary (start/end eval, wall time, paths).
 
-    `run_dir` is resolved (`{hash}`) and checked against the folder's `config.json` first;
-    Ctrl-C stops after the step in progress with a checkpoint (summary["interrupted"]).
+    `run_dir` is resolved (`{hash}`), locked for this run's lifetime (a second run on it
+    refuses at once) and checked against the folder's `config.json`; Ctrl-C stops after the
+    step in progress with a checkpoint (summary["interrupted"]).
     """
+    validate_config(cfg, num_devices=jax.device_count())
+    cfg = run_config.resolve_run_dir(cfg)
+    lock = lock_run_dir(cfg.run_dir) if jax.process_index() == 0 else None
+    try:
+        return _train(cfg, config_source=config_source)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _closables(run: Run, checkpointer: Checkpointer) -> list[Any]:
+    """What a run closes at its end, in order: checkpoints, the engine, the weights folder."""
+    return [checkpointer, run.engine] + ([run.sync] if run.sync is not None else [])
+
+
+def _close_on_error(*parts: Any) -> None:
+    """Close Orbax and the engine while an error propagates, without burying it.
+
+    A checkpointer left open keeps Orbax's threads and event loop alive into interpreter
+    shutdown, which then prints pages of "Event loop is closed" after the real error; a
+    failure while closing is reported in one line and the original error stays the last
+    thing printed.
+    """
+    for part in parts:
+        try:
+            part.close()
+        except Exception as err:  # the error in flight is the one to report
+            print(f"[jaxsd] while stopping after an error, {type(part).__name__}.close() "
+                  f"failed too: {type(err).__name__}: {str(err)[:300]}", flush=True)  # fmt: skip
+
+
+def _train(cfg: Any, *, config_source: str | None) -> dict[str, Any]:
     t0 = time.perf_counter()
     is_main = jax.process_index() == 0
     cfg = run_config.prepare_run_dir(cfg, is_main_process=is_main)
@@ -663,12 +742,16 @@ def train(cfg: Any, *, config_source: str | None = None) -> dict[str, Any]:
     run = build_run(cfg)
     run_dir = pathlib.Path(cfg.run_dir)
     checkpointer = Checkpointer(run_dir, max_to_keep=cfg.keep_checkpoints)
-    if not cfg.resume and checkpointer.latest_step() is not None:
-        raise FileExistsError(
-            f"run_dir={cfg.run_dir!r} already holds checkpoints and resume=False; pass "
-            "--config.resume=True to continue it or pick a new --config.run_dir"
-        )
-    start = maybe_resume(run, checkpointer)
+    try:
+        if not cfg.resume and checkpointer.latest_step() is not None:
+            raise FileExistsError(
+                f"run_dir={cfg.run_dir!r} already holds checkpoints and resume=False; pass "
+                "--config.resume=True to continue it or pick a new --config.run_dir"
+            )
+        start = maybe_resume(run, checkpointer)
+    except BaseException:
+        _close_on_error(*_closables(run, checkpointer))
+        raise
     metrics_path = run_dir / metrics_lib.METRICS_FILE
     if start == 0 and is_main and metrics_path.exists():
         # A run that died before its first checkpoint restarts from scratch.
@@ -696,6 +779,7 @@ def train(cfg: Any, *, config_source: str | None = None) -> dict[str, Any]:
     progress = metrics_lib.Progress(cfg.total_steps, initial_step=start, is_main_process=is_main)
     done, stop = start, GracefulStop()
     summary.update(run.data_stats)
+    failed = True
     try:
         stop.install()
         if start == 0:
@@ -728,14 +812,17 @@ def train(cfg: Any, *, config_source: str | None = None) -> dict[str, Any]:
             ):
                 checkpointer.save(done, run.state, _host_state(run, done))
         checkpointer.wait()
+        failed = False
     finally:
         stop.restore()
         progress.close()
         writer.close()
-        checkpointer.close()
-        run.engine.close()
-        if run.sync is not None:
-            run.sync.close()
+        parts = _closables(run, checkpointer)
+        if failed:
+            _close_on_error(*parts)
+        else:
+            for part in parts:
+                part.close()
     if stop.requested:
         summary["interrupted"] = True
         saved = f"saved in {checkpointer.directory}" if done > start else "nothing new to save"

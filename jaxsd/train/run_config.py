@@ -31,6 +31,7 @@ RUNTIME_KEYS = (
     "eval_every",
     "checkpoint_every",
     "keep_checkpoints",
+    "resume_step",  # which checkpoint to continue from
     "log_every",
     "log",  # tracker backends (jsonl, tensorboard, wandb, mlflow) and their names
     # Where the processes run and hand weights over, not what they compute (a resumed run may
@@ -40,6 +41,8 @@ RUNTIME_KEYS = (
     "rollout.weights_dir",
     "rollout.vllm.gpu_memory_utilization",
     "rollout.vllm.sleep_between_rollouts",
+    "rollout.timeout_s",  # how long to wait for a rollout worker, not what it computes
+    "rollout.restart_on_failure",
 )
 
 

@@ -32,7 +32,7 @@ from jaxsd.train.batch import TrainBatch
 from jaxsd.train.head import chunked_head
 from jaxsd.train.state import TEACHER_MODES, TrainState, ema_update
 
-__all__ = ["StepConfig", "make_loss_fn", "make_train_step"]
+__all__ = ["StepConfig", "make_loss_fn", "make_train_step", "state_finite_flags"]
 
 Metrics = dict[str, tuple[jax.Array, jax.Array]]
 POLICY_LOSSES = ("ppo", "gspo", "cispo")
@@ -385,6 +385,26 @@ def make_teacher_forward(graphdef: nnx.GraphDef) -> Callable[..., jax.Array]:
     return forward
 
 
+STATE_FINITE_PREFIX = "state_finite/"  # metrics the host checks and drops before logging
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    """One bool: every inexact leaf of `tree` is finite (a reduction per leaf, then an and)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    flags = [jnp.all(jnp.isfinite(x)) for x in leaves]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
+
+
+def state_finite_flags(state: TrainState) -> dict[str, jax.Array]:
+    """`{state_finite/<part>: 1.0 or 0.0}` for the parts a checkpoint would store."""
+    parts = {"params": state.params, "opt_state": state.opt_state, "teacher": state.teacher}
+    return {
+        STATE_FINITE_PREFIX + name: _all_finite(tree).astype(jnp.float32)
+        for name, tree in parts.items()
+        if tree is not None
+    }
+
+
 def make_train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
@@ -441,6 +461,9 @@ def make_train_step(
         new_state = state.replace(
             step=state.step + 1, params=params, teacher=teacher, opt_state=opt_state, rng=rng
         )
+        # The update itself can go non-finite with finite loss and gradients (optim.eps = 0,
+        # a NaN b2): the host must see that before it publishes or checkpoints the state.
+        metrics.update({k: (v, one) for k, v in state_finite_flags(new_state).items()})
         return new_state, metrics
 
     donate_argnums = (0,) if donate else ()
