@@ -7,8 +7,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jaxsd.tasks import RecordError, Task, Verdict, get_task, register_task, task_names
-from jaxsd.tasks.base import default_data_dir
+from jaxsd.tasks import (
+    DataFileError,
+    RecordError,
+    Task,
+    Verdict,
+    get_task,
+    register_task,
+    task_names,
+    task_parameters,
+)
+from jaxsd.tasks.base import default_data_dir, load_json_rows
 
 ALL = [
     "aime",
@@ -55,6 +64,47 @@ def test_data_dir_from_env_and_missing_file_message(monkeypatch, tmp_path):
         get_task("gsm8k").load("test")
     with pytest.raises(ValueError, match="split 'dev' does not exist"):
         get_task("gsm8k").load("dev")
+
+
+@pytest.mark.parametrize(
+    "text,where,why",
+    [
+        ("", None, "is empty"),
+        ("\n  \n", None, "is empty"),
+        ("{}\n{}\n", "line 1", "empty object {}"),
+        ('{"question": "q", "answer": "#### 1"}\n{"question": "q",\n', "line 2", "not valid JSON"),
+        ('{"question": "q", "answer": "#### 1"}\n[1, 2]\n', "line 2", "a JSON list"),
+    ],
+)
+def test_data_file_problems_name_the_file_the_line_and_what_is_wrong(tmp_path, text, where, why):
+    path = tmp_path / "gsm8k/train.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_text(text)
+    with pytest.raises(DataFileError) as err:
+        get_task("gsm8k").load("train", data_dir=tmp_path)
+    message = str(err.value)
+    assert len(message.splitlines()) == 1 and str(path) in message and why in message
+    assert where is None or f"{path} {where}:" in message
+
+
+def test_json_array_files_name_the_element_and_read_like_json_lines(tmp_path):
+    array, lines = tmp_path / "a.json", tmp_path / "b.jsonl"
+    rows = [{"x": 1, "y": "a"}, {"x": 2, "y": None}]
+    array.write_text(json.dumps(rows, indent=2))
+    lines.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert load_json_rows(array) == load_json_rows(lines) == rows
+    array.write_text(json.dumps([{"x": 1}, {}]))
+    with pytest.raises(DataFileError, match=r"a.json element 1: an empty object"):
+        load_json_rows(array)
+
+
+def test_task_kwargs_are_checked_against_the_task_parameters():
+    assert task_parameters("arithmetic") == ("seed", "digits", "train_size", "test_size")
+    assert task_parameters("gsm8k") == ("feedback_style",)
+    with pytest.raises(ValueError, match=r"kwargs.digits is not a parameter of task 'gsm8k'"):
+        get_task("gsm8k", digits=1)
+    with pytest.raises(ValueError, match=r"train_size=0 must be an integer >= 1"):
+        get_task("arithmetic", train_size=0)
 
 
 def write_jsonl(path, rows):

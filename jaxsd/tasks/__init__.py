@@ -5,6 +5,7 @@
 
 from jaxsd.tasks import code, math, science, synthetic, tool_use  # noqa: F401  (registers tasks)
 from jaxsd.tasks.base import (
+    DataFileError,
     RecordError,
     Task,
     Verdict,
@@ -12,6 +13,7 @@ from jaxsd.tasks.base import (
     get_task,
     register_task,
     task_names,
+    task_parameters,
 )
 from jaxsd.tasks.reprompt import (
     TeacherPrompt,
@@ -25,6 +27,7 @@ from jaxsd.tasks.reprompt import (
 )
 
 __all__ = [
+    "DataFileError",
     "RecordError",
     "Task",
     "TeacherPrompt",
@@ -40,4 +43,5 @@ __all__ = [
     "select_ssopd_pair",
     "strip_thinking",
     "task_names",
+    "task_parameters",
 ]

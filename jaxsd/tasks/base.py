@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
+import json
 import os
 import pathlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -50,25 +52,72 @@ class RecordError(ValueError):
     """A dataset record is malformed (missing field or wrong type)."""
 
 
+class DataFileError(ValueError):
+    """A data file cannot be read as records; the message names the file, the line and why."""
+
+
 _REGISTRY: dict[str, Callable[..., Task]] = {}
+_PARAMS: dict[str, tuple[str, ...] | None] = {}
 
 
-def register_task(name: str, factory: Callable[..., Task]) -> None:
-    """Register `factory(**kwargs) -> Task` under `name` (a name may be registered once)."""
+def _keyword_names(factory: Callable[..., Any]) -> tuple[str, ...] | None:
+    """Keyword parameters of `factory`; None when it takes **kwargs (unknown names)."""
+    names = []
+    for param in inspect.signature(factory).parameters.values():
+        if param.kind is param.VAR_KEYWORD:
+            return None
+        if param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
+            names.append(param.name)
+    return tuple(names)
+
+
+def register_task(
+    name: str, factory: Callable[..., Task], *, params: Sequence[str] | None = None
+) -> None:
+    """Register `factory(**kwargs) -> Task` under `name` (a name may be registered once).
+
+    `params`: the keyword arguments the task takes, for a factory whose signature hides them
+    (`lambda **kw: ...`); by default they are read from the factory's signature.
+    """
     if name in _REGISTRY:
         raise ValueError(f"task {name!r} is already registered")
     _REGISTRY[name] = factory
+    _PARAMS[name] = tuple(params) if params is not None else _keyword_names(factory)
+
+
+def task_parameters(name: str) -> tuple[str, ...] | None:
+    """The keyword arguments task `name` accepts (None: not known, anything goes through)."""
+    if name.startswith("file:"):
+        from jaxsd.tasks.custom import FileTask
+
+        return tuple(p for p in _keyword_names(FileTask) or () if p != "path")
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown task {name!r}; registered tasks: {', '.join(task_names())}")
+    return _PARAMS[name]
+
+
+def check_task_kwargs(name: str, kwargs: dict[str, Any], key: str = "task.kwargs") -> None:
+    """Raise ValueError naming `<key>.<arg>` when task `name` has no such parameter."""
+    accepted = task_parameters(name)
+    if accepted is None:
+        return
+    for arg in kwargs:
+        if arg not in accepted:
+            takes = ", ".join(accepted) or "no arguments"
+            raise ValueError(
+                f"config {key}.{arg} is not a parameter of task {name!r} (it takes: {takes}); "
+                f"drop {arg!r} from {key} (a preset's kwargs belong to the preset's own task)"
+            )
 
 
 def get_task(name: str, **kwargs: Any) -> Task:
     """Build the task registered as `name` (or `file:<path>`, jaxsd.tasks.custom); kwargs go
-    to its constructor."""
+    to its constructor and must be parameters of it (ValueError naming the one that is not)."""
+    check_task_kwargs(name, kwargs, key="kwargs")
     if name.startswith("file:"):
         from jaxsd.tasks.custom import FileTask
 
         return FileTask(name.removeprefix("file:"), **kwargs)
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown task {name!r}; registered tasks: {', '.join(task_names())}")
     return _REGISTRY[name](**kwargs)
 
 
@@ -106,12 +155,46 @@ def resolve_data_file(data_dir: str | os.PathLike | None, relative: str) -> path
 
 
 def load_json_rows(path: pathlib.Path) -> list[dict[str, Any]]:
-    """Rows of a JSON-lines or JSON-array file, read with `datasets`."""
-    import datasets  # heavy import: only when data is actually loaded
+    """Rows of a JSON-lines or JSON-array file (a file starting with `[` is an array).
 
-    datasets.disable_progress_bars()
-    ds = datasets.load_dataset("json", data_files=str(path), split="train")
-    return [dict(row) for row in ds]
+    Every problem is a DataFileError naming the file, the line (1-based) and what is wrong:
+    an empty file, a line that is not JSON, a row that is not an object or has no fields.
+    """
+    path = pathlib.Path(path)
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise DataFileError(f"{path} is empty: it holds no records; point to a file with data")
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataFileError(f"{path} line {err.lineno}: not valid JSON ({err.msg})") from None
+        located = [(f"element {i}", row) for i, row in enumerate(rows)]
+    else:
+        located = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                located.append((f"line {lineno}", json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise DataFileError(
+                    f"{path} line {lineno}: not valid JSON ({err.msg} at column {err.colno})"
+                ) from None
+    for place, row in located:
+        check_row(path, place, row)
+    return [row for _, row in located]
+
+
+def check_row(path: pathlib.Path, place: str, row: Any) -> None:
+    """Raise DataFileError unless `row` (at `place`, e.g. "line 3", of `path`) is a non-empty
+    JSON object."""
+    if not isinstance(row, dict):
+        raise DataFileError(
+            f"{path} {place}: a JSON {type(row).__name__}, expected an object of fields"
+        )
+    if not row:
+        raise DataFileError(f"{path} {place}: an empty object {{}}, the record has no fields")
 
 
 def load_table_rows(path: pathlib.Path) -> list[dict[str, Any]]:

@@ -264,4 +264,4 @@ class MathTask:
 
 
 for _name in _SOURCES:
-    register_task(_name, lambda _n=_name, **kw: MathTask(_n, **kw))
+    register_task(_name, lambda _n=_name, **kw: MathTask(_n, **kw), params=("feedback_style",))

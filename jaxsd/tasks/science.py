@@ -117,6 +117,9 @@ def _science_record(row: dict[str, Any], loc: str, domain: str) -> dict[str, Any
     }
 
 
-register_task("sciknoweval", lambda **kw: SciKnowEvalTask(None, **kw))
+_PARAMS = ("feedback_style",)
+register_task("sciknoweval", lambda **kw: SciKnowEvalTask(None, **kw), params=_PARAMS)
 for _domain in DOMAINS:
-    register_task(f"sciknoweval_{_domain}", lambda _d=_domain, **kw: SciKnowEvalTask(_d, **kw))
+    register_task(
+        f"sciknoweval_{_domain}", lambda _d=_domain, **kw: SciKnowEvalTask(_d, **kw), params=_PARAMS
+    )

@@ -57,6 +57,12 @@ def _split(
     return out
 
 
+def _check_sizes(train_size: int, test_size: int) -> None:
+    for key, size in (("train_size", train_size), ("test_size", test_size)):
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"{key}={size!r} must be an integer >= 1 (a split needs questions)")
+
+
 class ArithmeticTask:
     """`a+b` / `a-b` with operands below 10**digits; answer in <answer></answer> or \\boxed{}."""
 
@@ -65,6 +71,7 @@ class ArithmeticTask:
     ) -> None:
         if digits < 1:
             raise ValueError(f"digits={digits} must be >= 1")
+        _check_sizes(train_size, test_size)
         self.name = "arithmetic"
         self.seed, self.digits = seed, digits
         self._sizes = {"test": test_size, "train": train_size}
@@ -111,6 +118,7 @@ class ToolCallTask:
     ) -> None:
         if not 1 <= n_tools <= len(_VERBS):
             raise ValueError(f"n_tools={n_tools} must be in [1, {len(_VERBS)}]")
+        _check_sizes(train_size, test_size)
         self.name = "tool_call"
         self.seed, self.n_tools = seed, n_tools
         self._sizes = {"test": test_size, "train": train_size}

@@ -265,5 +265,6 @@ def _toolalpaca_records(api: dict[str, Any], loc: str, prefix: str) -> list[dict
     return records
 
 
-register_task("tooluse", lambda **kw: ToolUseTask("sdpo", **kw))
-register_task("toolalpaca", lambda **kw: ToolUseTask("toolalpaca", **kw))
+_PARAMS = ("feedback_style",)
+register_task("tooluse", lambda **kw: ToolUseTask("sdpo", **kw), params=_PARAMS)
+register_task("toolalpaca", lambda **kw: ToolUseTask("toolalpaca", **kw), params=_PARAMS)
