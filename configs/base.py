@@ -124,6 +124,11 @@ def get_config(arg: str | None = None, *, run_name: str = "sdpo") -> ml_collecti
     # row's slot with a waiting one (continuous batching); 0 = every row at once.
     c.rollout.slots = 0
     c.rollout.kv_cache_dtype = ""  # "" = the compute dtype | "bfloat16" (half the KV memory)
+    # vLLM workers: every request is bounded by timeout_s (0 = auto: 5x the slowest rollout so
+    # far, at least 120 s), and a worker that sends neither answer nor heartbeat for 30 s is
+    # stopped as stalled; restart_on_failure restarts a stalled/crashed worker once, then fails.
+    c.rollout.timeout_s = 0.0
+    c.rollout.restart_on_failure = False
     # vLLM workers (rollout.engine="vllm"). dtype "auto" = model.compute_dtype (bf16 on GPU/TPU
     # presets, fp32 on CPU); one worker per tensor_parallel_size GPUs of placement.rollout_gpus;
     # gpu_memory_utilization = vLLM's share of each of its GPUs; sleep_between_rollouts (vLLM

@@ -10,6 +10,7 @@ Multi-host: run one copy per host; it joins the job the environment describes
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 
@@ -83,5 +84,29 @@ def _place_trainer(cfg) -> None:
         print(f"[jaxsd] placement: {line}", flush=True)
 
 
+def check_override_keys(argv: list[str]) -> None:
+    """Exit naming a `--config.<key>` override whose key does not exist, with a "did you
+    mean" at any depth (config_flags suggests only close spellings of top-level keys)."""
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if spec is None:
+        return
+    path, has_arg, arg = spec.partition(":")
+    try:
+        module_spec = importlib.util.spec_from_file_location("_jaxsd_config", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        cfg = module.get_config(arg) if has_arg else module.get_config()
+    except Exception:  # config_flags reports a config file that does not load
+        return
+    from jaxsd.algorithms.validate import unknown_key_error
+
+    for flag in argv:
+        if flag.startswith("--config."):
+            message = unknown_key_error(cfg, flag[len("--config.") :].split("=", 1)[0])
+            if message:
+                raise SystemExit(f"train.py: {message}")
+
+
 if __name__ == "__main__":
+    check_override_keys(sys.argv)
     sys.exit(app.run(main))

@@ -10,7 +10,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from jaxsd import algorithms
-from jaxsd.algorithms.validate import validate_config
+from jaxsd.algorithms.validate import check_prompt_lengths, unknown_key_error, validate_config
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 METHOD_FILES = (
@@ -119,6 +119,22 @@ INVALID = [
     ("loss.rollout_is", 1, "loss.rollout_is"),
     ("loss.rollout_is_threshold", 0.0, "loss.rollout_is_threshold"),
     ("loss.loss_agg_norm", -4.0, "loss.loss_agg_norm"),
+    ("optim.b1", 1.0, "optim.b1"),
+    ("optim.b2", float("nan"), "optim.b2"),
+    ("optim.eps", 0.0, "optim.eps"),
+    ("optim.lr", float("inf"), "optim.lr"),
+    ("seed", -1, "seed"),
+    ("keep_checkpoints", 0, "keep_checkpoints"),
+    ("resume_step", 0, "resume_step"),
+    ("rollout.eval_n", 0, "rollout.eval_n"),
+    ("rollout.eval_top_p", 0.0, "rollout.eval_top_p"),
+    ("rollout.timeout_s", -1.0, "rollout.timeout_s"),
+    ("loss.teacher_ema", 0.0, "loss.teacher_ema"),
+    ("paced_offline_n", 0, "paced_offline_n"),
+    ("task.max_prompt_len", 0, "task.max_prompt_len"),
+    ("task.kwargs.train_size", 0, "task.kwargs.*train_size=0"),
+    ("task.name", "gsm8k", "task.kwargs.digits is not a parameter of task 'gsm8k'"),
+    ("task.name", "gsm9k", "task.name"),
 ]
 
 
@@ -133,7 +149,7 @@ def test_invalid_values_fail_naming_the_key(key, value, named):
         node = cfg[section] if section else cfg
         with node.ignore_type():
             node[field] = value
-    with pytest.raises(ValueError, match=named.replace(".", r"\.")):
+    with pytest.raises(ValueError, match=named.replace(".", r"\.").replace(r"\.*", ".*")):
         validate_config(cfg, vocab_size=1024, num_devices=8)
 
 
@@ -210,3 +226,35 @@ def test_loss_switches_reach_the_step_config():
     from jaxsd.train.step import POLICY_LOSSES
 
     assert validate.POLICY_LOSSES == POLICY_LOSSES
+
+
+def test_unknown_nested_keys_get_a_did_you_mean():
+    cfg = load("sdpo")
+    message = unknown_key_error(cfg, "optim.learning_rate")
+    assert "optim.learning_rate does not exist; did you mean optim.lr?" in message
+    assert "optim has: b1, b2, eps" in message
+    assert "did you mean rollout.eval_top_p?" in unknown_key_error(cfg, "rollout.eval_topp")
+    assert unknown_key_error(cfg, "optim.lr") is None and unknown_key_error(cfg, "task") is None
+
+
+def test_prompt_lengths_leave_room_beyond_the_chat_template(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from jaxsd.tasks import chat_token_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    template = len(chat_token_ids(tokenizer, [{"role": "user", "content": ""}], 10**6))
+    cfg = load("sdpo")
+    check_prompt_lengths(cfg, template)
+    cfg.task.max_reprompt_len = template
+    with pytest.raises(ValueError, match=rf"task.max_reprompt_len={template} .* takes {template}"):
+        check_prompt_lengths(cfg, template)
+
+
+def test_train_script_names_an_unknown_nested_override(run_repo_script):
+    result = run_repo_script(
+        "scripts/train.py", f"--config={CONFIG_DIR / 'sdpo.py'}:smoke",
+        "--config.optim.learning_rate=1e-3", timeout=120,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "optim.learning_rate does not exist; did you mean optim.lr?" in result.stderr

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from jaxsd import algorithms
@@ -156,6 +157,65 @@ def _check_vllm_rollout(cfg: Any) -> None:
     placement_from_config(cfg)  # PlacementError (a ValueError) names the keys
 
 
+def _check_task(cfg: Any) -> None:
+    """task.name is registered and task.kwargs are its parameters with values it accepts."""
+    from jaxsd.tasks import get_task, task_names
+    from jaxsd.tasks.base import check_task_kwargs
+
+    name = _get(cfg, "task.name")
+    if name not in task_names():
+        raise ValueError(f"config task.name={name!r} is unknown; use one of {task_names()}")
+    kwargs = dict(_get(cfg, "task.kwargs")) if "kwargs" in _get(cfg, "task") else {}
+    check_task_kwargs(name, kwargs)
+    try:
+        get_task(name, **kwargs)  # constructors only check their arguments; nothing loads
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"config task.kwargs for task {name!r}: {err}") from err
+
+
+def check_prompt_lengths(cfg: Any, template_tokens: int) -> None:
+    """The prompt budgets must leave room for a question beyond the chat template's own
+    `template_tokens` (role markers, generation prompt), or every prompt is cut to nothing."""
+    for key in ("task.max_prompt_len", "task.max_reprompt_len"):
+        value = _get(cfg, key)
+        if value <= template_tokens:
+            raise ValueError(
+                f"config {key}={value} is invalid: the chat template alone takes "
+                f"{template_tokens} tokens, leaving no room for the question; use at least "
+                f"{template_tokens + 16}"
+            )
+
+
+def suggest_key(request: str, keys: Iterable[str]) -> str | None:
+    """The existing key a mistyped `request` most likely meant: a close spelling, or the key
+    that abbreviates it (`learning_rate` -> `lr`)."""
+    keys = [str(k) for k in keys]
+    close = difflib.get_close_matches(request, keys, n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    initials = "".join(word[0] for word in request.split("_") if word)
+    return next((k for k in keys if len(initials) > 1 and k == initials), None)
+
+
+def unknown_key_error(cfg: Any, dotted: str) -> str | None:
+    """For a `--config.<dotted>` override: None when the key exists, else a message naming
+    the first missing part, the closest existing key and the keys of that section."""
+    node, path = cfg, []
+    for part in dotted.split("."):
+        if not hasattr(node, "keys"):
+            return None  # below a leaf: the flag parser names that itself
+        if part not in node:
+            where = ".".join(path) or "the config"
+            guess = suggest_key(part, node.keys())
+            hint = f"; did you mean {'.'.join([*path, guess])}?" if guess else ""
+            return (
+                f"config key {'.'.join([*path, part])} does not exist{hint} ({where} has: "
+                f"{', '.join(sorted(str(k) for k in node.keys()))})"
+            )
+        node, path = node[part], [*path, part]
+    return None
+
+
 def validate_config(
     cfg: Any, *, vocab_size: int | None = None, num_devices: int | None = None
 ) -> None:
@@ -163,7 +223,7 @@ def validate_config(
     for key in REQUIRED_KEYS:
         _get(cfg, key)
     _check(cfg, "total_steps", lambda v: _int(v) and v >= 1, "use an integer >= 1")
-    _check(cfg, "seed", _int, "use an integer")
+    _check(cfg, "seed", lambda v: _int(v) and v >= 0, "use an integer >= 0")
     _check(cfg, "run_dir", lambda v: isinstance(v, str) and v != "", "use a folder path")
     _check(cfg, "resume", lambda v: isinstance(v, bool), "use True or False")
     for key in ("eval_every", "checkpoint_every"):
@@ -212,7 +272,7 @@ def validate_config(
         ),
         "loss.clip_high": (lambda v: _number(v) and v >= 0, "use clip_high >= 0"),
         "loss.dual_clip": (lambda v: v is None or (_number(v) and v > 1), "use None or c > 1"),
-        "loss.teacher_ema": (lambda v: _number(v) and 0 <= v <= 1, "use 0 <= λ <= 1"),
+        "loss.teacher_ema": (lambda v: _number(v) and 0 < v <= 1, "use 0 < λ <= 1"),
         "loss.kl_coef": (lambda v: _number(v) and v >= 0, "use a coefficient >= 0"),
         "loss.kl_estimator": (lambda v: v in KL_ESTIMATORS, f"use one of {KL_ESTIMATORS}"),
         "loss.chunk_size": (lambda v: _int(v) and v >= 1, "use an integer >= 1"),
@@ -221,6 +281,16 @@ def validate_config(
         "optim.grad_clip": (lambda v: _number(v) and v > 0, "use a global-norm clip > 0"),
         "optim.warmup_steps": (lambda v: _int(v) and v >= 0, "use an integer >= 0"),
         "optim.schedule": (lambda v: v in SCHEDULES, f"use one of {SCHEDULES}"),
+        "optim.b1": (lambda v: _number(v) and 0 <= v < 1, "use 0 <= b1 < 1 (Adam: 0.9)"),
+        "optim.b2": (lambda v: _number(v) and 0 <= v < 1, "use 0 <= b2 < 1 (Adam: 0.999)"),
+        "optim.eps": (lambda v: _number(v) and v > 0, "use eps > 0 (Adam: 1e-8); 0 divides 0/0"),
+        "rollout.eval_n": (lambda v: _int(v) and v >= 1, "use an integer >= 1"),
+        "rollout.eval_top_p": (lambda v: _number(v) and 0 < v <= 1, "use 0 < eval_top_p <= 1"),
+        "rollout.eval_temperature": (lambda v: _number(v) and v >= 0, "use >= 0 (0 = greedy)"),
+        "rollout.eval_questions": (lambda v: _int(v) and v >= 0, "use >= 0 (0 = whole split)"),
+        "rollout.timeout_s": (lambda v: _number(v) and v >= 0, "use seconds >= 0 (0 = auto)"),
+        "rollout.restart_on_failure": (lambda v: isinstance(v, bool), "use True or False"),
+        "task.max_reprompt_len": (lambda v: _int(v) and v >= 1, "use an integer >= 1"),
         "model.param_dtype": (lambda v: v in MODEL_DTYPES, f"use one of {MODEL_DTYPES}"),
         "model.compute_dtype": (lambda v: v in MODEL_DTYPES, f"use one of {MODEL_DTYPES}"),
         "model.attention": (lambda v: v in ATTENTION_IMPLS, f"use one of {ATTENTION_IMPLS}"),
@@ -239,6 +309,15 @@ def validate_config(
         section, field = key.split(".")
         if field in _get(cfg, section):
             _check(cfg, key, ok, rule)
+    top_level = {
+        "keep_checkpoints": (lambda v: _int(v) and v >= 1, "keep >= 1 (resume needs one)"),
+        "resume_step": (lambda v: v is None or (_int(v) and v >= 1), "use None or a step >= 1"),
+        "paced_offline_n": (lambda v: _int(v) and v >= 1, "use >= 1 rollouts per question"),
+    }
+    for key, (ok, rule) in top_level.items():
+        if key in cfg:
+            _check(cfg, key, ok, rule)
+    _check_task(cfg)
     _check(cfg, "optim.lr", lambda v: _number(v) and v > 0, "the learning rate must be > 0")
     model = _get(cfg, "model")
     if "lora" in model:

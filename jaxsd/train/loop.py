@@ -30,7 +30,12 @@ from jax.experimental import multihost_utils
 
 from jaxsd import algorithms
 from jaxsd import metrics as metrics_lib
-from jaxsd.algorithms.validate import lora_targets, mesh_shape, validate_config
+from jaxsd.algorithms.validate import (
+    check_prompt_lengths,
+    lora_targets,
+    mesh_shape,
+    validate_config,
+)
 from jaxsd.eval import eval_metrics_for_log, evaluate, stop_token_ids
 from jaxsd.models import from_pretrained, to_hf_state_dict
 from jaxsd.models.lora import LoraConfig, merge_lora, trainable_filter
@@ -236,6 +241,11 @@ def _max_len(cfg: Any) -> int:
     return cfg.task.max_reprompt_len + cfg.rollout.max_new_tokens + cfg.task.max_prompt_len
 
 
+def template_tokens(tokenizer: Any) -> int:
+    """Tokens the chat template adds around an empty user message (with the generation prompt)."""
+    return len(chat_token_ids(tokenizer, [{"role": "user", "content": ""}], 1 << 30))
+
+
 def build_run(cfg: Any) -> Run:
     """Validate the config and build model, task, algorithm, mesh, state, step and engine."""
     validate_config(cfg, num_devices=jax.device_count())
@@ -244,14 +254,15 @@ def build_run(cfg: Any) -> Run:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # Prompt budgets and the task's data are checked before the model loads (minutes for an 8B).
+    check_prompt_lengths(cfg, template_tokens(tokenizer))
+    data_dir = cfg.task.data_dir or None
+    train_records, train_stats = _fitting_prompts(cfg, tokenizer, task, "train", data_dir)
+    test_records, test_stats = _fitting_prompts(cfg, tokenizer, task, "test", data_dir)
     dtype = jnp.dtype(cfg.model.param_dtype)
     compute_dtype = jnp.dtype(cfg.model.compute_dtype)
     model, model_config = from_pretrained(model_dir, dtype=dtype, compute_dtype=compute_dtype)
     validate_config(cfg, vocab_size=model_config.vocab_size, num_devices=jax.device_count())
-
-    data_dir = cfg.task.data_dir or None
-    train_records, train_stats = _fitting_prompts(cfg, tokenizer, task, "train", data_dir)
-    test_records, test_stats = _fitting_prompts(cfg, tokenizer, task, "test", data_dir)
 
     algorithm = algorithms.from_config(cfg.algorithm)
     step_cfg = step_config(cfg, algorithm.step_switches())
@@ -336,6 +347,11 @@ def _fitting_prompts(
 ) -> tuple[list[dict], dict[str, float]]:
     """The split's records whose chat prompt fits task.max_prompt_len (data.drop_overlong)."""
     records = task.load(split, data_dir=data_dir)
+    if not records:
+        raise ValueError(
+            f"task {cfg.task.name!r} has no {split} records (task.kwargs, task.data_dir); "
+            "training needs at least one question per split"
+        )
     max_len = cfg.task.max_prompt_len
     lengths = [len(chat_token_ids(tokenizer, task.messages(r), sys.maxsize)) for r in records]
     mode = cfg.task.get("overlong_prompts", "filter")
