@@ -194,7 +194,7 @@ class _FakeWorker:
     def __init__(self, step=0):
         self.weights_step, self.calls, self.closed = step, [], False
 
-    def submit(self, prompts, n, sampling):
+    def submit(self, prompts, n, sampling, timeout_s=None):
         self.calls.append(len(prompts))
         tokens = [np.array([p[0], j], np.int32) for p in prompts for j in range(n)]
         result = RolloutResult(

@@ -4,8 +4,11 @@ The client starts the worker (its own process group, output to `<log_dir>/<name>
 for it to report ready, then sends one request at a time over `multiprocessing.connection`
 with a random authkey. Every wait polls both the channel and the process, so a worker that
 dies or stalls gives a clear error (name, pid, exit status, last log lines) within the
-timeout instead of a hang. A timed-out worker is killed, since its late answer would be
-mistaken for the next one; `restart()` starts a fresh one.
+timeout instead of a hang. While a request runs the worker sends a heartbeat every second; no
+answer and no heartbeat for `heartbeat_timeout_s` means the worker is stalled (stopped,
+frozen), which is reported long before the request's own deadline. A timed-out worker is
+killed, since its late answer would be mistaken for the next one; `restart()` starts a fresh
+one.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class VllmWorkerConfig:
     start_timeout_s: float = 600.0
     request_timeout_s: float = 600.0
     load_timeout_s: float = 600.0
+    heartbeat_timeout_s: float = 30.0  # no answer and no heartbeat this long = stalled
     dtype: str = "float32"
     max_model_len: int = 2048
     seed: int = 0
@@ -76,7 +80,12 @@ class VllmWorkerConfig:
             )
         if self.reload_mode not in ("in_place", "restart"):
             raise ValueError(f"reload_mode={self.reload_mode!r}; use 'in_place' or 'restart'")
-        for key in ("start_timeout_s", "request_timeout_s", "load_timeout_s"):
+        for key in (
+            "start_timeout_s",
+            "request_timeout_s",
+            "load_timeout_s",
+            "heartbeat_timeout_s",
+        ):
             if not getattr(self, key) > 0:
                 raise ValueError(f"{key}={getattr(self, key)} must be > 0 seconds")
 
@@ -292,7 +301,7 @@ class VllmEngine:
         return self._pending
 
     def _finish_generate(self, what: str, deadline: float) -> RolloutResult:
-        msg = self._receive(what, deadline, RolloutTimeoutError)
+        msg = self._receive(what, deadline, RolloutTimeoutError, stall_s=self._stall_s)
         self._pending = None
         step = msg["weights_step"]
         expected_ok = step >= self._step if self.config.follow_latest else step == self._step
@@ -319,7 +328,8 @@ class VllmEngine:
         """
         what = f"loading weights step {step}"
         self._send({"type": "load_weights", "step": int(step), "in_place": in_place}, what)
-        msg = self._receive(what, time.monotonic() + self.config.load_timeout_s)
+        deadline = time.monotonic() + self.config.load_timeout_s
+        msg = self._receive(what, deadline, stall_s=self._stall_s)
         self._step = msg["weights_step"]
         self.last_load = msg
         if not msg["ok"]:
@@ -330,7 +340,7 @@ class VllmEngine:
         """The worker's weights step (checks the worker answers)."""
         self._send({"type": "ping"}, "answering a ping")
         deadline = time.monotonic() + self.config.request_timeout_s
-        return self._receive("answering a ping", deadline)["weights_step"]
+        return self._receive("answering a ping", deadline, stall_s=self._stall_s)["weights_step"]
 
     # -- channel -----------------------------------------------------------------------------
     def _send(self, msg: dict[str, Any], what: str) -> None:
@@ -349,24 +359,42 @@ class VllmEngine:
             self._check_alive(what)
             raise
 
+    @property
+    def _stall_s(self) -> float:
+        return self.config.heartbeat_timeout_s
+
     def _receive(
-        self, what: str, deadline: float, timeout_error: type[RolloutWorkerError] | None = None
+        self,
+        what: str,
+        deadline: float,
+        timeout_error: type[RolloutWorkerError] | None = None,
+        *,
+        stall_s: float | None = None,
     ) -> dict[str, Any]:
+        """The next reply, skipping heartbeats; `stall_s`: the longest silence allowed."""
         timeout_error = timeout_error or RolloutTimeoutError
+        last_heard = time.monotonic()
         while True:
-            remaining = deadline - time.monotonic()
+            now = time.monotonic()
+            remaining = deadline - now
             if remaining <= 0:
                 if timeout_error is WorkerStartupError:
                     self._fail_start()
                 self._kill()
                 raise timeout_error(
                     f"rollout worker '{self.config.name}' did not finish {what} within its "
-                    f"timeout; it was stopped - call restart() (or raise the timeout in "
-                    f"VllmWorkerConfig). Last lines of {self.log_path}:\n{self._log_tail()}"
+                    f"timeout; it was stopped - call restart() (trainer: raise "
+                    f"rollout.timeout_s, or set rollout.restart_on_failure=True). Last lines of "
+                    f"{self.log_path}:\n{self._log_tail()}"
                 )
+            if stall_s is not None and now - last_heard > stall_s:
+                self._fail_stalled(what, now - last_heard)
             try:
                 if self._conn.poll(min(0.25, remaining)):
                     msg = self._conn.recv()
+                    last_heard = time.monotonic()
+                    if msg.get("type") == "heartbeat":
+                        continue
                     break
             except (EOFError, OSError):
                 self._check_alive(what, wait_s=10.0)
@@ -390,6 +418,17 @@ class VllmEngine:
         raise WorkerCrashedError(
             f"rollout worker '{self.config.name}' (pid {pid}) exited while {what}: "
             f"{describe_exit(code)}. Last lines of {self.log_path}:\n{self._log_tail()}"
+        )
+
+    def _fail_stalled(self, what: str, silent_s: float) -> None:
+        pid = self._proc.pid
+        self._kill()
+        raise RolloutTimeoutError(
+            f"rollout worker '{self.config.name}' (pid {pid}) sent no answer and no heartbeat "
+            f"for {silent_s:.1f} s while {what} (heartbeat_timeout_s="
+            f"{self.config.heartbeat_timeout_s}): it is stalled (stopped or frozen); it was "
+            "stopped - call restart() (trainer: rollout.restart_on_failure=True restarts it "
+            f"once). Last lines of {self.log_path}:\n{self._log_tail()}"
         )
 
     def _fail_start(self) -> None:

@@ -13,6 +13,10 @@ variable `JAXSD_ROLLOUT_AUTHKEY` as hex): the worker listens on 127.0.0.1, write
   HF folder exported from the checkpoint (mode="restart").
 - `{"type": "shutdown"}` -> `{"type": "bye"}`, then the process exits.
 
+While a request runs, the worker sends `{"type": "heartbeat", "weights_step"}` every
+`heartbeat_s` seconds from a thread of its own, so the client can tell a busy worker from a
+stalled one (stopped, frozen) long before the request's deadline.
+
 Every reply carries `weights_step`. A request that raises gets `{"type": "error", "message"}`
 and the worker keeps serving. The worker exits when the trainer closes the connection or
 exits (parent-death watch), taking its process group (vLLM's engine-core children) along.
@@ -110,6 +114,7 @@ class WorkerOptions:
     enforce_eager: bool = True
     tensor_parallel_size: int = 1
     sleep_between_rollouts: bool = False  # vLLM sleep mode around each generate (GPU only)
+    heartbeat_s: float = 1.0  # period of the heartbeats sent while a request runs
 
 
 def log(name: str, msg: str) -> None:
@@ -384,6 +389,32 @@ def watch_parent(name: str, parent_pid: int, period_s: float = 1.0) -> None:
     threading.Thread(target=run, name="parent-watch", daemon=True).start()
 
 
+class Heartbeat:
+    """While active, a daemon thread sends `{"type": "heartbeat"}` every `period_s` seconds."""
+
+    def __init__(self, send: Any, server: RolloutServer, period_s: float):
+        self._send, self._server, self._period = send, server, period_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Heartbeat:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._period):
+            try:
+                self._send({"type": "heartbeat", "weights_step": self._server.step})
+            except (OSError, ValueError):  # the trainer went away; the main loop notices
+                return
+
+
 def _write_address(path: str, address: tuple[str, int]) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
@@ -404,7 +435,13 @@ def serve(opts: WorkerOptions) -> int:
         conn = listener.accept()
     log(opts.name, f"trainer connected; building the engine for {opts.model_dir}")
     server = RolloutServer(opts)
-    conn.send({"type": "ready", "weights_step": server.step, "pid": os.getpid()})
+    send_lock = threading.Lock()  # the heartbeat thread and replies share the channel
+
+    def send(msg: dict[str, Any]) -> None:
+        with send_lock:
+            conn.send(msg)
+
+    send({"type": "ready", "weights_step": server.step, "pid": os.getpid()})
     while True:
         try:
             msg = conn.recv()
@@ -412,12 +449,13 @@ def serve(opts: WorkerOptions) -> int:
             log(opts.name, "trainer closed the connection; stopping")
             break
         try:
-            reply = server.handle(msg)
+            with Heartbeat(send, server, opts.heartbeat_s):
+                reply = server.handle(msg)
         except Exception:  # a bad request must not take the worker down
             message = traceback.format_exc()
             log(opts.name, f"request {msg.get('type')!r} failed:\n{message}")
             reply = {"type": "error", "message": message, "weights_step": server.step}
-        conn.send(reply)
+        send(reply)
         if msg.get("type") == "shutdown":
             break
     server.close()

@@ -23,9 +23,11 @@ class SubmittingEngine(Protocol):
     weights_step: int
 
     def submit(self, prompt_token_ids: Sequence[Sequence[int]], n: int,
-               sampling: SamplingConfig) -> Any: ...  # fmt: skip
+               sampling: SamplingConfig, *, timeout_s: float | None = None) -> Any: ...  # fmt: skip
 
     def load_weights(self, step: int) -> int: ...
+
+    def restart(self) -> None: ...
 
     def close(self) -> None: ...
 
@@ -73,11 +75,16 @@ class WorkerPool:
         return all(getattr(w, "follow_latest", False) for w in self.workers)
 
     def generate(
-        self, prompt_token_ids: Sequence[Sequence[int]], n: int, sampling: SamplingConfig
+        self,
+        prompt_token_ids: Sequence[Sequence[int]],
+        n: int,
+        sampling: SamplingConfig,
+        *,
+        timeout_s: float | None = None,
     ) -> RolloutResult:
         shares = split_evenly(len(prompt_token_ids), len(self.workers))
         pending = [
-            worker.submit([prompt_token_ids[i] for i in share], n, sampling)
+            worker.submit([prompt_token_ids[i] for i in share], n, sampling, timeout_s=timeout_s)
             for worker, share in zip(self.workers, shares, strict=False)
         ]
         return join_results([p.result() for p in pending], shares)
@@ -86,6 +93,11 @@ class WorkerPool:
         with concurrent.futures.ThreadPoolExecutor(len(self.workers)) as pool:
             served = list(pool.map(lambda w: w.load_weights(step), self.workers))
         return min(served)
+
+    def restart(self) -> None:
+        """Restart every worker (after one stalled or crashed; the others hold stale requests)."""
+        for worker in self.workers:
+            worker.restart()
 
     def close(self) -> None:
         for worker in self.workers:

@@ -93,6 +93,8 @@ class Run:
     start_step: int = 0
     data_stats: dict[str, float] = dataclasses.field(default_factory=dict)  # data/* metrics
     teacher_forward: Any = None  # jitted lone teacher forward (profile_teacher_forward), or None
+    slowest_rollout_s: float = 0.0  # sets the automatic rollout timeout (rollout_timeout_s)
+    worker_restarts: int = 0
 
 
 # ----------------------------------------------------------------------------- building
@@ -380,7 +382,7 @@ def collect_groups(
         seed=data.sampling_seed(cfg.seed, step, purpose=purpose),
     )
     t0 = time.perf_counter()
-    result = run.engine.generate(prompt_ids, n, sampling)
+    result = generate_rollouts(run, prompt_ids, n, sampling)
     rollout_s = time.perf_counter() - t0
     staleness = run.sync.check(result, step) if run.sync is not None else 0
     if run.sync is None and result.weights_step != step:
@@ -420,6 +422,54 @@ def collect_groups(
         "rollout/frac_truncated": float(np.mean([f == "length" for f in result.finish_reasons])),
     }
     return groups, stats
+
+
+# The automatic rollout timeout: a multiple of the slowest rollout so far, with a floor (the
+# first request after start or a weights load may pay for compilation or a cold cache).
+ROLLOUT_TIMEOUT_MULTIPLE, ROLLOUT_TIMEOUT_FLOOR_S = 5.0, 120.0
+
+
+def rollout_timeout_s(configured: float, slowest_s: float) -> float | None:
+    """`rollout.timeout_s` when set; else 5x the slowest rollout, at least 120 s; None (the
+    worker's own start-up-sized default) before any rollout was measured."""
+    if configured > 0:
+        return float(configured)
+    if slowest_s <= 0:
+        return None
+    return max(ROLLOUT_TIMEOUT_FLOOR_S, ROLLOUT_TIMEOUT_MULTIPLE * slowest_s)
+
+
+def generate_rollouts(run: Run, prompt_ids: list, n: int, sampling: SamplingConfig) -> Any:
+    """`engine.generate` bounded in time for the worker engine; with
+    `rollout.restart_on_failure`, a stalled or crashed worker is restarted once and the request
+    sent again (the restarted worker reloads the weights it served)."""
+    if run.sync is None:  # the embedded engine runs in this process: nothing to wait for
+        return run.engine.generate(prompt_ids, n, sampling)
+    from jaxsd.rollout.engine import RolloutTimeoutError, WorkerCrashedError
+
+    timeout = rollout_timeout_s(run.cfg.rollout.get("timeout_s", 0.0), run.slowest_rollout_s)
+    t0 = time.perf_counter()
+    try:
+        result = run.engine.generate(prompt_ids, n, sampling, timeout_s=timeout)
+    except (RolloutTimeoutError, WorkerCrashedError) as err:
+        if not run.cfg.rollout.get("restart_on_failure", False) or run.worker_restarts:
+            raise
+        run.worker_restarts += 1
+        print(f"[jaxsd] {str(err).splitlines()[0]}\n[jaxsd] restarting the rollout worker "
+              "once (rollout.restart_on_failure)", flush=True)  # fmt: skip
+        _restart_worker(run.engine)
+        t0 = time.perf_counter()
+        result = run.engine.generate(prompt_ids, n, sampling, timeout_s=timeout)
+    run.slowest_rollout_s = max(run.slowest_rollout_s, time.perf_counter() - t0)
+    return result
+
+
+def _restart_worker(engine: Any) -> None:
+    """Start a fresh worker and bring it back to the weights step the old one served."""
+    served = engine.weights_step
+    engine.restart()
+    if engine.weights_step != served:
+        engine.load_weights(served)
 
 
 def plans_to_samples(run: Run, groups: Sequence, plans: Sequence) -> list[TrainSample]:
@@ -650,7 +700,7 @@ def evaluate_now(run: Run, step: int) -> dict[str, float]:
             stop_token_ids=tuple(run.stop_ids),
             seed=seed,
         )
-        result = run.engine.generate(ids, n, sampling)
+        result = generate_rollouts(run, ids, n, sampling)
         texts = run.tokenizer.batch_decode(
             [t.tolist() for t in result.token_ids], skip_special_tokens=True
         )
