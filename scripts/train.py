@@ -60,15 +60,21 @@ def main(argv: list[str]) -> int:
     from jaxsd.train.loop import train
     from jaxsd.train.report import print_summary
     from jaxsd.train.run_config import ConfigMismatchError
+    from jaxsd.train.run_lock import RunDirLockedError
 
     try:
         summary = train(_CONFIG.value, config_source=_source())
     except ConfigMismatchError as err:
         print(f"[jaxsd] refusing to resume: {err}", file=sys.stderr)
         return 2
+    except RunDirLockedError as err:
+        print(f"[jaxsd] refusing to start: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # before the loop took over Ctrl-C, or a second Ctrl-C
         print("\n[jaxsd] interrupted; nothing saved beyond the last checkpoint", file=sys.stderr)
         return 130
+    except Exception as err:
+        exit_on_error(err)
     print_summary(summary)
     print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}))
     return 130 if summary.get("interrupted") else 0  # 128 + SIGINT, as shells report Ctrl-C
@@ -82,6 +88,35 @@ def _place_trainer(cfg) -> None:
 
     for line in apply_trainer_env(placement_from_config(cfg), os.environ):
         print(f"[jaxsd] placement: {line}", flush=True)
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The innermost exception of a chain (`raise ... from`, or raised while handling)."""
+    seen = {id(err)}
+    while (inner := err.__cause__ or err.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        err = inner
+    return err
+
+
+def exit_on_error(err: Exception) -> None:
+    """Print the traceback, then the root cause as the last line, and leave at once.
+
+    After a failed async save, Orbax's unfinished coroutines and threads print pages of
+    "Event loop is closed" / "sys.meta_path is None" while the interpreter shuts down,
+    burying the real error; the loop has already closed the checkpointer, the metrics and the
+    engine, so nothing is lost by skipping that shutdown.
+    """
+    import os
+    import traceback
+
+    traceback.print_exc()
+    cause = root_cause(err)
+    first_line = (str(cause).strip().splitlines() or [""])[0]
+    print(f"train.py: stopped by {type(cause).__name__}: {first_line}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def check_override_keys(argv: list[str]) -> None:

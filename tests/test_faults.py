@@ -114,3 +114,31 @@ def test_a_second_run_on_a_locked_folder_refuses_at_once(tmp_path):
     with lock_run_dir(run_dir):
         with pytest.raises(RunDirLockedError, match=f"pid {os.getpid()}"):
             lock_run_dir(run_dir)
+
+
+DISK_FULL = """
+import resource, runpy, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), like ENOSPC
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # the checkpoint needs ~8 MB
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_failed_checkpoint_write_ends_with_the_root_cause(tmp_path):
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(repo))
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # its entries would hit the file size limit
+    cmd = [sys.executable, "-c", DISK_FULL, str(repo / "scripts" / "train.py"),
+           f"--config={repo / 'configs' / 'sdpo.py'}:smoke", f"--config.run_dir={tmp_path}",
+           "--config.total_steps=1", "--config.eval_every=0"]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 1
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("train.py: stopped by ") and "File too large" in lines[-1]
+    assert "sys.meta_path is None" not in done.stderr
+    tail = done.stderr[done.stderr.rindex("Traceback (most recent call last)") :]
+    assert "Event loop is closed" not in tail
+    # nothing half-written counts as a checkpoint, and the folder is free for a rerun
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    lock_run_dir(tmp_path).release()
