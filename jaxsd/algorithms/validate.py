@@ -158,18 +158,18 @@ def _check_vllm_rollout(cfg: Any) -> None:
 
 
 def _check_task(cfg: Any) -> None:
-    """task.name is registered and task.kwargs are its parameters with values it accepts."""
-    from jaxsd.tasks import get_task, task_names
-    from jaxsd.tasks.base import check_task_kwargs
+    """The task builds from the config: a known name (after `task.module` registered its own),
+    kwargs that are its parameters, with values its constructor accepts. Nothing loads."""
+    from jaxsd.tasks.custom import task_from_config
 
     name = _get(cfg, "task.name")
-    if name not in task_names():
-        raise ValueError(f"config task.name={name!r} is unknown; use one of {task_names()}")
-    kwargs = dict(_get(cfg, "task.kwargs")) if "kwargs" in _get(cfg, "task") else {}
-    check_task_kwargs(name, kwargs)
     try:
-        get_task(name, **kwargs)  # constructors only check their arguments; nothing loads
+        task_from_config(_get(cfg, "task"))
+    except KeyError as err:  # an unknown task name
+        raise ValueError(f"config task.name: {err.args[0]}") from err
     except (TypeError, ValueError) as err:
+        if str(err).startswith("config "):  # already names its key
+            raise
         raise ValueError(f"config task.kwargs for task {name!r}: {err}") from err
 
 

@@ -113,7 +113,7 @@ def check_task_kwargs(name: str, kwargs: dict[str, Any], key: str = "task.kwargs
 def get_task(name: str, **kwargs: Any) -> Task:
     """Build the task registered as `name` (or `file:<path>`, jaxsd.tasks.custom); kwargs go
     to its constructor and must be parameters of it (ValueError naming the one that is not)."""
-    check_task_kwargs(name, kwargs, key="kwargs")
+    check_task_kwargs(name, kwargs)
     if name.startswith("file:"):
         from jaxsd.tasks.custom import FileTask
 
