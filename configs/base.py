@@ -62,7 +62,6 @@ def get_config(arg: str | None = None, *, run_name: str = "sdpo") -> ml_collecti
     c.eval_every = 10  # steps between evaluations (0 = never)
     c.checkpoint_every = 10  # steps between checkpoints (0 = only at the end)
     c.keep_checkpoints = 3
-    c.log_every = 1
     # Time the teacher's forward alone each step (`time/teacher_forward_s`): an extra pass, as
     # the train step fuses its own copy with the rest.
     c.profile_teacher_forward = False
@@ -88,11 +87,17 @@ def get_config(arg: str | None = None, *, run_name: str = "sdpo") -> ml_collecti
     c.model.lora = ml_collections.ConfigDict(
         dict(rank=0, alpha=16.0, targets="q,k,v,o,gate,up,down")
     )
-    c.model.enable_thinking = False  # chat template switch (Qwen3)
+    # Chat template switch `enable_thinking` (Qwen3: False appends an empty <think></think>,
+    # True lets the model think). None passes nothing: the template's default, which is what
+    # assets/tiny_base was fine-tuned with (and for Qwen3 means thinking on).
+    c.model.enable_thinking = ml_collections.config_dict.placeholder(bool)
 
     # Task (jaxsd.tasks registry name) and how many questions each step samples.
     c.task = ml_collections.ConfigDict()
     c.task.name = "arithmetic"
+    # Evaluation sets "task:split,..." (e.g. "aime:2024,aime:2025,hmmt:test"); "" = the
+    # training task's test split. eval/<metric> averages the sets.
+    c.task.eval_sets = ""
     # assets/tiny_base's splits: test = the first 40 problems, train = the next 150 (its SFT saw
     # both, noisily, like pre-training; RL trains on train and evaluates on test).
     c.task.kwargs = ml_collections.ConfigDict(dict(digits=1, train_size=150, test_size=40))
@@ -119,6 +124,8 @@ def get_config(arg: str | None = None, *, run_name: str = "sdpo") -> ml_collecti
     c.rollout.eval_n = 16  # mean@16, maj@16, best@16 (METHODS §9)
     c.rollout.eval_temperature = 0.6
     c.rollout.eval_top_p = 0.95
+    c.rollout.eval_top_k = 0  # 0 = off
+    c.rollout.eval_min_p = 0.0  # 0 = off
     c.rollout.eval_questions = 0  # test questions per evaluation (0 = whole split)
     # Embedded engine only. slots > 0: decode that many rows at a time and refill a finished
     # row's slot with a waiting one (continuous batching); 0 = every row at once.
@@ -222,8 +229,13 @@ def get_config(arg: str | None = None, *, run_name: str = "sdpo") -> ml_collecti
         c.model.param_dtype = "float32"
         c.model.compute_dtype = "bfloat16"
         c.model.remat = True
-        c.task.name = "sciknoweval"
-        c.task.kwargs = ml_collections.ConfigDict()
+        c.model.enable_thinking = False  # the papers train Qwen3 with "Thinking: False"
+        # SciKnowEval per domain, as the papers report it: train and evaluate one domain
+        # (--config.task.name=sciknoweval_{biology,chemistry,material,physics}).
+        c.task.name = "sciknoweval_chemistry"
+        # The papers' verifier feedback: SDPO's multiple-choice reward gives none, so p = 0
+        # questions have no teacher context ("rich" = our wording of what was wrong).
+        c.task.kwargs = ml_collections.ConfigDict(dict(feedback_style="sdpo"))
         c.task.questions_per_step = 32
         c.task.max_prompt_len = 2048
         c.task.max_reprompt_len = 10240

@@ -1,4 +1,7 @@
-"""DRIFT (METHODS §7): SDPO warm-up, then negatives -> SDPO, positives -> rhythm GRPO."""
+"""DRIFT (METHODS §7): SDPO warm-up, then negatives -> SDPO, positives -> rhythm GRPO.
+
+Ablation without difficulty routing (every question routed as medium):
+`--config.algorithm.difficulty_routing=False`."""
 
 import pathlib
 import sys

@@ -19,19 +19,30 @@ import numpy as np
 from jaxsd.tasks.base import verify_all
 from jaxsd.tasks.reprompt import SUCCESS_THRESHOLD
 
-# METHODS §9 sampling: n = 16 samples per question at temperature 0.6, top-p 0.95.
+# METHODS §9 sampling: n = 16 samples per question at temperature 0.6, top-p 0.95 (no top-k,
+# no min-p; SSOPD's preset adds Qwen3's thinking-mode top-k 20).
 EVAL_N = 16
 EVAL_TEMPERATURE = 0.6
 EVAL_TOP_P = 0.95
+EVAL_TOP_K = 0
+EVAL_MIN_P = 0.0
 
 Messages = list[dict[str, str]]
 
 
 class GenerateFn(Protocol):
-    """`generate_fn(prompts, n=..., temperature=..., top_p=..., seed=...) -> [P][n] texts`."""
+    """`generate_fn(prompts, n=, temperature=, top_p=, top_k=, min_p=, seed=) -> [P][n] texts`."""
 
     def __call__(
-        self, prompts: Sequence[Messages], *, n: int, temperature: float, top_p: float, seed: int
+        self,
+        prompts: Sequence[Messages],
+        *,
+        n: int,
+        temperature: float,
+        top_p: float,
+        top_k: int,
+        min_p: float,
+        seed: int,
     ) -> Sequence[Sequence[str]]: ...
 
 
@@ -136,6 +147,8 @@ def evaluate(
     n: int = EVAL_N,
     temperature: float = EVAL_TEMPERATURE,
     top_p: float = EVAL_TOP_P,
+    top_k: int = EVAL_TOP_K,
+    min_p: float = EVAL_MIN_P,
     seed: int = 0,
     success_threshold: float = SUCCESS_THRESHOLD,
     keep_responses: bool = False,
@@ -147,7 +160,9 @@ def evaluate(
         raise ValueError(f"no records to evaluate for task {getattr(task, 'name', task)!r}")
     prompts = [task.messages(r) for r in records]
     start = time.perf_counter()
-    responses = generate_fn(prompts, n=n, temperature=temperature, top_p=top_p, seed=seed)
+    responses = generate_fn(
+        prompts, n=n, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed
+    )
     gen_seconds = time.perf_counter() - start
     if len(responses) != len(records):
         raise ValueError(f"generate_fn returned {len(responses)} groups for {len(records)} prompts")
@@ -169,6 +184,8 @@ def evaluate(
         task=getattr(task, "name", type(task).__name__),
         temperature=temperature,
         top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
         seed=seed,
         generate_seconds=gen_seconds,
     )
@@ -208,28 +225,44 @@ def embedded_generate_fn(
     stop_ids: Sequence[int],
     max_prompt_tokens: int = 2048,
     prompts_per_batch: int = 8,
+    enable_thinking: bool | None = None,
 ) -> GenerateFn:
-    """A `generate_fn` over the embedded JAX sampler (jaxsd.models.sampler.generate)."""
-    from jaxsd.models.sampler import generate
+    """A `generate_fn` over the embedded JAX sampler (jaxsd.models.sampler.generate).
+
+    `enable_thinking` goes to the chat template (None: the template's default).
+    """
+    from jaxsd.models import sampler
     from jaxsd.tasks.reprompt import chat_token_ids
 
     if prompts_per_batch < 1:
         raise ValueError(f"prompts_per_batch={prompts_per_batch} must be >= 1")
 
     def generate_fn(
-        prompts: Sequence[Messages], *, n: int, temperature: float, top_p: float, seed: int
+        prompts: Sequence[Messages],
+        *,
+        n: int,
+        temperature: float,
+        top_p: float,
+        top_k: int = EVAL_TOP_K,
+        min_p: float = EVAL_MIN_P,
+        seed: int,
     ) -> list[list[str]]:
         groups: list[list[str]] = []
         for start in range(0, len(prompts), prompts_per_batch):
             chunk = prompts[start : start + prompts_per_batch]
-            ids = [chat_token_ids(tokenizer, m, max_prompt_tokens) for m in chunk]
-            out = generate(
+            ids = [
+                chat_token_ids(tokenizer, m, max_prompt_tokens, enable_thinking=enable_thinking)
+                for m in chunk
+            ]
+            out = sampler.generate(
                 model,
                 ids,
                 n=n,
                 max_new_tokens=max_new_tokens,
                 temperature=temperature,
                 top_p=top_p,
+                top_k=top_k,
+                min_p=min_p,
                 stop_token_ids=stop_ids,
                 # Distinct streams per chunk; the same (seed, prompts) always gives the same text.
                 seed=seed * 1_000_003 + start,
@@ -259,6 +292,8 @@ def evaluate_model(
     out: str | os.PathLike | None = None,
     temperature: float = EVAL_TEMPERATURE,
     top_p: float = EVAL_TOP_P,
+    top_k: int = EVAL_TOP_K,
+    min_p: float = EVAL_MIN_P,
     max_new_tokens: int = 2048,
     max_prompt_tokens: int = 2048,
     prompts_per_batch: int = 8,
@@ -269,12 +304,15 @@ def evaluate_model(
     step: int | None = None,
     task_module: str = "",
     reward: str = "",
+    enable_thinking: bool | None = None,
 ) -> dict[str, Any]:
     """Load a model and a task split, `evaluate` with the embedded sampler, write `out`.
 
     `model` is an HF folder or a jaxsd run folder (its checkpoint `step`, default the latest);
     `task_kwargs` are the task's settings (e.g. {"digits": 2}); `task_module` / `reward` are
-    the config's task.module / task.reward (custom tasks).
+    the config's task.module / task.reward (custom tasks); `enable_thinking` goes to the chat
+    template (Qwen3: False = no thinking; None = a run folder's own setting, else the
+    template's default).
     """
     from transformers import AutoTokenizer
 
@@ -292,6 +330,8 @@ def evaluate_model(
         loaded = load_run_model(model, step)
         net, tokenizer_dir = loaded["model"], loaded["model_dir"]
         model_name = f"{os.fspath(model)}@step{loaded['step']}"
+        if enable_thinking is None:  # the run's own chat-template switch
+            enable_thinking = loaded["cfg"].model.get("enable_thinking")
     else:
         if step is not None:
             raise ValueError(f"step={step} needs a run folder; {model} is an HF folder")
@@ -306,6 +346,7 @@ def evaluate_model(
         stop_ids=stop_token_ids(tokenizer_dir, tokenizer),
         max_prompt_tokens=max_prompt_tokens,
         prompts_per_batch=prompts_per_batch,
+        enable_thinking=enable_thinking,
     )
     result = evaluate(
         generate_fn,
@@ -314,11 +355,17 @@ def evaluate_model(
         n=n,
         temperature=temperature,
         top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
         seed=seed,
         keep_responses=keep_responses,
     )
     result["report"].update(
-        model=model_name, split=split, task_kwargs=task_kwargs or {}, **data_stats
+        model=model_name,
+        split=split,
+        task_kwargs=task_kwargs or {},
+        enable_thinking=enable_thinking,
+        **data_stats,
     )
     if out is not None:
         os.makedirs(os.path.dirname(os.path.abspath(os.fspath(out))), exist_ok=True)

@@ -74,12 +74,12 @@ def load_run_model(run_dir: str | os.PathLike, step: int | None = None) -> dict[
     """
     import orbax.checkpoint as ocp
 
-    from jaxsd.train.loop import lora_config, resolve_model_dir
+    from jaxsd.train.loop import lora_config, model_settings, resolve_model_dir
 
     step = _pick_step(run_dir, step)
     cfg = run_config(run_dir, step)
     cfg.run_dir = os.fspath(run_dir)  # a tiny on-the-fly base model lives in the run folder
-    model_dir = resolve_model_dir(cfg)
+    model_dir = resolve_model_dir(model_settings(cfg), cfg.run_dir)
     lora = lora_config(cfg)
     model, config = from_pretrained(
         model_dir, dtype=jnp.dtype(cfg.model.param_dtype), lora=lora, seed=cfg.seed

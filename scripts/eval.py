@@ -11,7 +11,16 @@
 import argparse
 import json
 
-from jaxsd.eval import EVAL_N, EVAL_TEMPERATURE, EVAL_TOP_P, evaluate_model
+from jaxsd.eval import (
+    EVAL_MIN_P,
+    EVAL_N,
+    EVAL_TEMPERATURE,
+    EVAL_TOP_K,
+    EVAL_TOP_P,
+    evaluate_model,
+)
+
+THINKING = {"true": True, "false": False, "default": None}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -33,6 +42,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=None, help="JSON file for the report and per-record rows")
     parser.add_argument("--temperature", type=float, default=EVAL_TEMPERATURE)
     parser.add_argument("--top_p", type=float, default=EVAL_TOP_P)
+    parser.add_argument("--top_k", type=int, default=EVAL_TOP_K, help="0 = off")
+    parser.add_argument("--min_p", type=float, default=EVAL_MIN_P, help="0 = off")
+    parser.add_argument(
+        "--enable_thinking",
+        choices=sorted(THINKING),
+        default="default",
+        help="chat template switch (Qwen3: false = no thinking; default = the template's own)",
+    )
     parser.add_argument("--max_new_tokens", type=int, default=2048)
     parser.add_argument("--max_prompt_tokens", type=int, default=2048)
     parser.add_argument("--prompts_per_batch", type=int, default=8)
@@ -40,7 +57,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data_dir", default=None, help="dataset root (default shared/data)")
     parser.add_argument("--keep_responses", action="store_true", help="store texts in --out")
     args = parser.parse_args(argv)
-    result = evaluate_model(**vars(args))
+    kwargs = vars(args)
+    kwargs["enable_thinking"] = THINKING[kwargs["enable_thinking"]]
+    result = evaluate_model(**kwargs)
     print(json.dumps(result["report"], indent=2))
     return result
 

@@ -64,7 +64,8 @@ def test_every_preset_loads_validates_and_has_the_shared_keys(configs, method):
 
 def test_algorithm_defaults_are_methods_defaults_except_documented_overrides(configs):
     defaults = {n: algorithms.get_algorithm(n) for n in algorithms.REGISTRY}
-    overrides = {("grpo_no_norm", "normalize"): False}
+    # SSOPD's paper preset thinks, so y+'s reasoning stays in its privileged context.
+    overrides = {("grpo_no_norm", "normalize"): False, ("ssopd", "keep_thinking"): True}
     for method in METHOD_FILES:
         cfg = configs[(method, "qwen3_8b")].algorithm
         algo = defaults[cfg.name]
@@ -86,8 +87,38 @@ def test_qwen3_8b_preset_is_table_a2(configs, method):
     assert (c.optim.weight_decay, c.optim.grad_clip) == (0.01, 1.0)
     assert (c.loss.top_k, c.loss.alpha, c.loss.teacher_ema) == (100, 0.5, 0.05)
     assert (c.task.max_prompt_len, c.rollout.temperature) == (2048, 1.0)
-    want_response = 8192 if method.startswith("grpo") else 2048
+    want_response = 8192 if method.startswith("grpo") or method == "ssopd" else 2048
     assert c.rollout.max_new_tokens == want_response
+    if method == "ssopd":
+        return  # its own paper's setting: test_ssopd_preset_follows_its_paper
+    # Table A.2's runs: Qwen3 without thinking, SciKnowEval one domain at a time, the papers'
+    # feedback (SDPO's multiple-choice verifier gives none).
+    assert c.model.enable_thinking is False
+    assert c.task.name == "sciknoweval_chemistry"
+    assert dict(c.task.kwargs) == {"feedback_style": "sdpo"}
+    assert (c.task.eval_sets, c.rollout.eval_n, c.rollout.eval_top_k) == ("", 16, 0)
+
+
+def test_ssopd_preset_follows_its_paper(configs):
+    c = configs[("ssopd", "qwen3_8b")]
+    assert c.task.name == "math_aime"
+    assert c.task.eval_sets == "aime:2024,aime:2025,hmmt:test"
+    assert c.model.enable_thinking is True and c.algorithm.keep_thinking is True
+    assert c.model.lora.rank > 0 and c.model.lora.targets == "q,k,v,o,gate,up,down"
+    sampling = (c.rollout.eval_n, c.rollout.eval_temperature, c.rollout.eval_top_p)
+    assert sampling == (12, 0.6, 0.95)
+    assert (c.rollout.eval_top_k, c.rollout.eval_min_p) == (20, 0.0)
+    # thinking on with y+'s reasoning stripped is refused, naming the key to set
+    c = load("ssopd", "qwen3_8b")
+    c.algorithm.keep_thinking = False
+    with pytest.raises(ValueError, match="algorithm.keep_thinking=True"):
+        validate_config(c)
+
+
+def test_default_presets_leave_the_chat_template_default():
+    # assets/tiny_base was fine-tuned on prompts rendered without `enable_thinking`
+    for method in METHOD_FILES:
+        assert load(method).model.enable_thinking is None
 
 
 INVALID = [

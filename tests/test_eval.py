@@ -97,8 +97,9 @@ def _scripted_generate(calls):
     """Per prompt `a+b=?`: k-th response is right for k % 4 == 0, off by one for k % 4 in
     {1, 2}, and unparseable for k % 4 == 3."""
 
-    def generate(prompts, *, n, temperature, top_p, seed):
-        calls.append(dict(n=n, temperature=temperature, top_p=top_p, seed=seed))
+    def generate(prompts, *, n, temperature, top_p, top_k, min_p, seed):
+        calls.append(dict(n=n, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p))
+        calls[-1]["seed"] = seed
         groups = []
         for messages in prompts:
             a, op, b = re.fullmatch(r"(\d+)([+-])(\d+)=\?", messages[-1]["content"]).groups()
@@ -122,7 +123,8 @@ def test_evaluate_on_arithmetic_task_matches_script():
     records = task.load("test")
     calls = []
     out = E.evaluate(_scripted_generate(calls), task, records)
-    assert calls == [dict(n=16, temperature=0.6, top_p=0.95, seed=0)]  # METHODS §9 defaults
+    # METHODS §9 defaults: no top-k, no min-p
+    assert calls == [dict(n=16, temperature=0.6, top_p=0.95, top_k=0, min_p=0.0, seed=0)]
     rep = out["report"]
     # 4 of 16 right; the wrong "value+1" appears 8 times and wins the vote; every prompt has one.
     assert rep["mean@16"] == pytest.approx(4 / 16)
@@ -137,7 +139,7 @@ def test_evaluate_rejects_malformed_generation():
     task = get_task("arithmetic", test_size=2, train_size=0)
     records = task.load("test")
 
-    def short(prompts, *, n, temperature, top_p, seed):
+    def short(prompts, *, n, temperature, top_p, top_k, min_p, seed):
         return [["<answer>1</answer>"] * (n - 1) for _ in prompts]
 
     with pytest.raises(ValueError, match="15 responses for prompt 0, not 16"):

@@ -91,6 +91,9 @@ class DRIFT:
     easy_gamma: float = 0.5
     hard_gamma: float = 0.0
     medium_gamma: float = 1.0
+    # False: the paper's "w/o difficulty routing" ablation, every question is routed as medium
+    # (γ = medium_gamma, rhythm gate on), whatever its EMA pass rate.
+    difficulty_routing: bool = True
     buffer_size: int = 3
     buffer_warmup_epochs: int = 1  # k: buffer fallback from epoch k on (epochs count from 0)
     normalize: bool = True
@@ -151,6 +154,8 @@ class DRIFT:
         )
 
     def _routing(self, r: float) -> tuple[float, bool]:
+        if not self.difficulty_routing:
+            return float(self.medium_gamma), True
         gamma, medium = weights_lib.difficulty_weights(
             np.asarray([r]),
             easy_above=self.easy_above,

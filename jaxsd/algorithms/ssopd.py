@@ -19,6 +19,7 @@ from jaxsd.tasks import reprompt
 
 CORRECT_SELECTORS = reprompt.CORRECT_SIDES  # shortest, longest, max-logp, min-logp
 WRONG_SELECTORS = reprompt.WRONG_SIDES  # longest, shortest, min-logp
+WEIGHTINGS = ("frontier", "fixed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +27,10 @@ class SSOPD:
     """GRPO + SSOPD auxiliary term; defaults y⁺ = shortest correct, y⁻ = longest wrong."""
 
     frontier_scale: float = 4.0  # λ
+    # "frontier": ω_i = λ p̂_i (1 − p̂_i); "fixed": ω_i = fixed_weight for every pair (the
+    # paper's fixed-coefficient ablation).
+    weighting: str = "frontier"
+    fixed_weight: float = 1.0
     max_len: int = 256  # L_max
     kl_clip: float = 1.0  # c, applied in the train step (switch `ssopd_clip`)
     correct_selector: str = "shortest"
@@ -33,6 +38,8 @@ class SSOPD:
     normalize: bool = True
     eps: float = 1e-6
     success_threshold: float = 0.5
+    # Keep y⁺'s <think> reasoning in the privileged context (on with model.enable_thinking).
+    keep_thinking: bool = False
     name: str = "ssopd"
 
     def __post_init__(self) -> None:
@@ -46,6 +53,12 @@ class SSOPD:
                 f"algorithm.wrong_selector={self.wrong_selector!r} is unknown; "
                 f"use one of {WRONG_SELECTORS}"
             )
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(
+                f"algorithm.weighting={self.weighting!r} is unknown; use one of {WEIGHTINGS}"
+            )
+        if self.fixed_weight < 0:
+            raise ValueError(f"algorithm.fixed_weight={self.fixed_weight} must be >= 0")
         if self.max_len < 1:
             raise ValueError(f"algorithm.max_len={self.max_len} must be >= 1 (L_max, default 256)")
         if self.frontier_scale < 0 or self.kl_clip <= 0:
@@ -85,6 +98,14 @@ class SSOPD:
             success_threshold=self.success_threshold,
         )
 
+    def pair_weights(self, pass_rates: np.ndarray) -> np.ndarray:
+        """ω_i per group: frontier weights λ p̂ (1 − p̂), or the fixed coefficient (ablation)."""
+        if self.weighting == "fixed":
+            return np.full(len(pass_rates), float(self.fixed_weight))
+        return np.asarray(
+            weights_lib.frontier_weights(pass_rates, scale=self.frontier_scale), np.float64
+        )
+
     def plan(
         self, groups: Sequence[base.Group], state: base.HostState, *, epoch: int
     ) -> tuple[list[base.RolloutPlan], base.HostState, dict[str, float]]:
@@ -92,7 +113,7 @@ class SSOPD:
         base.check_epoch(epoch)
         plans = grpo.grpo_plans(groups, normalize=self.normalize, eps=self.eps)
         p = common.pass_rates(groups, self.success_threshold)
-        omega = np.asarray(weights_lib.frontier_weights(p, scale=self.frontier_scale), np.float64)
+        omega = self.pair_weights(p)
         offset, lengths = 0, []
         for i, group in enumerate(groups):
             pair = self.pair(group)
@@ -104,7 +125,9 @@ class SSOPD:
                 plans[offset + neg] = dataclasses.replace(
                     plans[offset + neg],
                     teacher_messages=reprompt.build_privileged_context(
-                        y_neg.prompt, group.rollouts[pos].response
+                        y_neg.prompt,
+                        group.rollouts[pos].response,
+                        keep_thinking=self.keep_thinking,
                     ),
                     ssopd_weight=float(omega[i]),
                     ssopd_len=length,

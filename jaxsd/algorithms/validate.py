@@ -297,6 +297,13 @@ def validate_config(
         "model.remat": (lambda v: isinstance(v, bool), "use True or False"),
         "task.overlong_prompts": (lambda v: v in ("filter", "error"), "use 'filter' or 'error'"),
         "task.max_prompt_len": (lambda v: _int(v) and v >= 1, "use an integer >= 1"),
+        "model.enable_thinking": (
+            lambda v: v is None or isinstance(v, bool),
+            "use True, False or None (None = the chat template's default)",
+        ),
+        "rollout.eval_top_k": (lambda v: _int(v) and v >= 0, "use an integer >= 0 (0 = off)"),
+        "rollout.eval_min_p": (lambda v: _number(v) and 0 <= v <= 1, "use 0 <= min_p <= 1"),
+        "task.eval_sets": (lambda v: isinstance(v, str), "use 'task:split,...' or ''"),
     }
     loss = _get(cfg, "loss")
     if loss.get("policy_loss") == "cispo":
@@ -322,6 +329,13 @@ def validate_config(
     model = _get(cfg, "model")
     if "lora" in model:
         _check_lora(cfg)
+    algorithm = _get(cfg, "algorithm")
+    if model.get("enable_thinking") is True and not algorithm.get("keep_thinking", True):
+        raise ValueError(
+            f"config model.enable_thinking=True with algorithm.name={name!r} and "
+            "algorithm.keep_thinking=False would strip y+'s <think> reasoning from SSOPD's "
+            "privileged context; set --config.algorithm.keep_thinking=True"
+        )
     if model.get("attention") == "cudnn" and model.get("compute_dtype", "float32") == "float32":
         raise ValueError(
             "config model.attention='cudnn' needs model.compute_dtype 'bfloat16' (cuDNN flash "

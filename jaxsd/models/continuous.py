@@ -67,6 +67,7 @@ def generate_slots(
     temperature: jax.Array,
     top_k: jax.Array,
     top_p: jax.Array,
+    min_p: jax.Array,
     stop_ids_K: jax.Array,
     num_rows: jax.Array,
     *,
@@ -139,7 +140,7 @@ def generate_slots(
         live_S = slot["row"] >= 0
         row_S = jnp.maximum(slot["row"], 0)
         tok_S, logp_S, slogp_S = sample_step(
-            row_keys_R[row_S], slot["made"], slot["logits"], temperature, top_k, top_p
+            row_keys_R[row_S], slot["made"], slot["logits"], temperature, top_k, top_p, min_p
         )
         # free slots write to row r: out of range, dropped
         dst_S, made_S = jnp.where(live_S, slot["row"], r), slot["made"]

@@ -2,8 +2,8 @@
 
 One `jax.jit` runs the prefill and the whole decode loop (`lax.while_loop`, which exits
 early once every row has stopped). Prompts are left-padded to a length bucket and the
-batch to a batch-size bucket, and every sampling knob (temperature, top-k, top-p, stop
-ids, seed) is an array argument, so a run compiles once per (batch bucket, length bucket,
+batch to a batch-size bucket, and every sampling knob (temperature, top-k, top-p, min-p,
+stop ids, seed) is an array argument, so a run compiles once per (batch bucket, length bucket,
 max_new_tokens, n) and never per call. Each prompt is prefilled once; its n sample rows start
 from copies of its KV cache.
 
@@ -118,18 +118,34 @@ def filter_logits(logits_BxV: jax.Array, top_k: jax.Array, top_p: jax.Array) -> 
     return jnp.where(key_BxV >= cutoff_Bx1, logits_BxV, -jnp.inf)
 
 
+def min_p_filter(logits_BxV: jax.Array, min_p: jax.Array) -> jax.Array:
+    """Min-p (Nguyen et al. 2024; HF `MinPLogitsWarper`, vLLM `min_p`): keep the tokens whose
+    probability is at least min_p times the most likely one's; -inf = out. min_p 0 keeps all.
+
+    p_v >= min_p · p_max  <=>  logit_v >= max logit + log(min_p): no softmax needed, and the
+    cut does not depend on a renormalisation by earlier filters (they never drop the max).
+    """
+    cutoff_Bx1 = jnp.max(logits_BxV, axis=-1, keepdims=True) + jnp.log(min_p)
+    return jnp.where(logits_BxV >= cutoff_Bx1, logits_BxV, -jnp.inf)
+
+
 def sampling_logits(
-    logits_BxV: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array
+    logits_BxV: jax.Array,
+    temperature: jax.Array,
+    top_k: jax.Array,
+    top_p: jax.Array,
+    min_p: jax.Array | float = 0.0,
 ) -> jax.Array:
-    """logits / temperature, then top-k, then top-p (the HF / vLLM order); -inf = excluded."""
+    """logits / temperature, then top-k, top-p, min-p (the HF / vLLM order); -inf = excluded."""
     scaled = logits_BxV / jnp.where(temperature > 0, temperature, 1.0)
     # The filter's bisections are the costly part; skip them when no filter is on.
-    return jax.lax.cond(
+    filtered = jax.lax.cond(
         (top_k > 0) | (top_p < 1.0),
         lambda x: filter_logits(x, top_k, top_p),
         lambda x: x,
         scaled,
     )
+    return min_p_filter(filtered, jnp.asarray(min_p, filtered.dtype))
 
 
 def gumbel_max_sample(keys_B: jax.Array, logits_BxV: jax.Array) -> jax.Array:
@@ -153,6 +169,7 @@ def sample_token(
     temperature: jax.Array,
     top_k: jax.Array,
     top_p: jax.Array,
+    min_p: jax.Array | float = 0.0,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The one sampling point: filter, draw with `keys_B`, and score.
 
@@ -160,7 +177,7 @@ def sample_token(
     through `sampling_logits`; both the padded and the slot sampler call this.
     """
     logits_BxV = logits_BxV.astype(jnp.float32)
-    filtered_BxV = sampling_logits(logits_BxV, temperature, top_k, top_p)
+    filtered_BxV = sampling_logits(logits_BxV, temperature, top_k, top_p, min_p)
     sampled_B = gumbel_max_sample(keys_B, filtered_BxV)
     greedy_B = jnp.argmax(logits_BxV, axis=-1)
     tokens_B = jnp.where(temperature > 0, sampled_B, greedy_B).astype(jnp.int32)
@@ -178,12 +195,13 @@ def sample_step(
     temperature: jax.Array,
     top_k: jax.Array,
     top_p: jax.Array,
+    min_p: jax.Array | float = 0.0,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Token `step` ([] or per row [B]) of each row: its draws use fold_in(row key, step), so
     a row's samples depend only on (seed, row, step), never on which batch slot runs it."""
     steps_B = jnp.broadcast_to(step, row_keys_B.shape)
     keys_B = jax.vmap(jax.random.fold_in)(row_keys_B, steps_B)
-    return sample_token(keys_B, logits_BxV, temperature, top_k, top_p)
+    return sample_token(keys_B, logits_BxV, temperature, top_k, top_p, min_p)
 
 
 def _gather(x_BxV: jax.Array, idx_B: jax.Array) -> jax.Array:
@@ -230,6 +248,7 @@ def _generate_padded(
     temperature: jax.Array,
     top_k: jax.Array,
     top_p: jax.Array,
+    min_p: jax.Array,
     stop_ids_K: jax.Array,
     num_rows: jax.Array,
     *,
@@ -258,7 +277,7 @@ def _generate_padded(
     mask_BxS = _rows_of_slots(mask_UxS, n, b)
     prompt_len_B = jnp.sum(_rows_of_slots(prompt_mask_UxP, n, b), axis=-1).astype(jnp.int32)
     sample = functools.partial(
-        sample_step, row_keys_B, temperature=temperature, top_k=top_k, top_p=top_p
+        sample_step, row_keys_B, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p
     )
 
     def cond(carry):
@@ -304,6 +323,7 @@ def _validate(
     temperature: float,
     top_p: float,
     top_k: int,
+    min_p: float = 0.0,
 ) -> None:
     if not prompt_ids:
         raise ValueError("prompt_ids is empty; pass at least one prompt (a list of token ids)")
@@ -329,6 +349,8 @@ def _validate(
         raise ValueError(f"top_p={top_p} must be in (0, 1]")
     if not 0 <= top_k <= vocab_size:
         raise ValueError(f"top_k={top_k} must be in [0, vocab size {vocab_size}] (0 = off)")
+    if not 0 <= min_p <= 1:
+        raise ValueError(f"min_p={min_p} must be in [0, 1] (0 = off)")
 
 
 def generate(
@@ -340,6 +362,7 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int = 0,
+    min_p: float = 0.0,
     stop_token_ids: Sequence[int] = (),
     seed: int = 0,
     length_buckets: Sequence[int] | None = DEFAULT_LENGTH_BUCKETS,
@@ -360,7 +383,7 @@ def generate(
     cfg = model.config
     _validate(
         prompt_ids, cfg.vocab_size, cfg.max_position_embeddings, n, max_new_tokens,
-        temperature, top_p, top_k,
+        temperature, top_p, top_k, min_p,
     )  # fmt: skip
     if slots is not None and slots < 1:
         raise ValueError(f"slots={slots} must be >= 1 (rows decoded at once) or None")
@@ -401,6 +424,7 @@ def generate(
         jnp.float32(temperature),
         jnp.int32(top_k),
         jnp.float32(top_p),
+        jnp.float32(min_p),
         jnp.asarray(stop_ids_K),
         jnp.int32(num_rows),
         max_new_tokens=max_new_tokens,

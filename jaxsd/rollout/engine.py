@@ -47,7 +47,7 @@ class StaleWeightsError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-    """How to sample. temperature 0 = greedy; top_k 0 and top_p 1 = no filtering.
+    """How to sample. temperature 0 = greedy; top_k 0, top_p 1 and min_p 0 = no filtering.
 
     Generation stops at `max_new_tokens` or right after a token in `stop_token_ids` (that
     token is kept as the last one). The model's EOS is *not* implied: pass it here.
@@ -56,6 +56,7 @@ class SamplingConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
     max_new_tokens: int = 256
     stop_token_ids: tuple[int, ...] = ()
     seed: int = 0
@@ -68,6 +69,8 @@ class SamplingConfig:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1] (1 = off)")
         if self.top_k < 0:
             raise ValueError(f"top_k={self.top_k} must be >= 0 (0 = off)")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p={self.min_p} must be in [0, 1] (0 = off)")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
         if any(t < 0 for t in self.stop_token_ids):

@@ -86,6 +86,7 @@ class JaxEngine:
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             top_k=sampling.top_k,
+            min_p=sampling.min_p,
             stop_token_ids=sampling.stop_token_ids,
             seed=sampling.seed,
             length_buckets=self._length_buckets,

@@ -208,6 +208,7 @@ def sampling_params(sampling: SamplingConfig, n: int, prompt_index: int):
         temperature=sampling.temperature,
         top_p=sampling.top_p,
         top_k=sampling.top_k,
+        min_p=sampling.min_p,
         max_tokens=sampling.max_new_tokens,
         stop_token_ids=list(sampling.stop_token_ids),
         ignore_eos=True,  # stop only on the caller's stop ids, as the JAX sampler does

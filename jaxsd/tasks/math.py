@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from fractions import Fraction
 from typing import Any
@@ -159,6 +160,15 @@ _SOURCES: dict[str, dict[str, tuple[str, str, str, str | None]]] = {
     },
     "hmmt": {"test": ("matharena/derived/hmmt_feb_2025.jsonl", "problem", "answer", "id")},
 }
+# Splits known to hold a few rows without a gold answer (rllm's MATH train: 2 of 7474), which
+# no verifier can score: they are left out with a warning naming them; elsewhere it is an error.
+_UNANSWERED_ROWS_OK = {("math500", "train")}
+# Mixtures: task name -> split -> the (task, split) parts, concatenated. math_aime is SSOPD's
+# offline training set (MATH train + AIME 1983-2023; the paper's OpenThoughts math subset is
+# not in the shared data); its test split is AIME 2024.
+_MIXES: dict[str, dict[str, tuple[tuple[str, str], ...]]] = {
+    "math_aime": {"train": (("math500", "train"), ("aime", "train")), "test": (("aime", "test"),)},
+}
 
 
 class MathTask:
@@ -175,8 +185,10 @@ class MathTask:
         """`equivalence`: "normalise" (string/number match, GSM8K's default) or "math_verify"
         (then symbolic, the default of the others), each answer within `verify_timeout_s` on
         `verify_workers` processes."""
-        if name not in _SOURCES:
-            raise ValueError(f"unknown math task {name!r}; use one of {sorted(_SOURCES)}")
+        if name not in _SOURCES and name not in _MIXES:
+            raise ValueError(
+                f"unknown math task {name!r}; use one of {sorted(_SOURCES) + sorted(_MIXES)}"
+            )
         check_feedback_style(feedback_style)
         equivalence = equivalence or ("normalise" if name == "gsm8k" else "math_verify")
         if equivalence not in EQUIVALENCES:
@@ -193,18 +205,27 @@ class MathTask:
         self.verify_workers = int(verify_workers)
 
     def load(self, split: str, data_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
-        """Validated records of `split` (see `_SOURCES` for the files)."""
-        if split not in _SOURCES[self.name]:
+        """Validated records of `split` (see `_SOURCES` for the files, `_MIXES` for mixtures)."""
+        splits = _MIXES.get(self.name) or _SOURCES[self.name]
+        if split not in splits:
             raise ValueError(
-                f"{self.name}: split {split!r} does not exist; use one of "
-                f"{sorted(_SOURCES[self.name])}"
+                f"{self.name}: split {split!r} does not exist; use one of {sorted(splits)}"
             )
+        if self.name in _MIXES:
+            return [
+                record
+                for part, part_split in _MIXES[self.name][split]
+                for record in MathTask(part, self.feedback_style).load(part_split, data_dir)
+            ]
         rel, problem_key, answer_key, id_key = _SOURCES[self.name][split]
         path = resolve_data_file(data_dir, rel)
-        records = []
+        records, unanswered = [], []
         for i, row in enumerate(load_json_rows(path)):
             loc = where(path, i)
             problem = require(row, problem_key, str, loc)
+            if row.get(answer_key) is None and (self.name, split) in _UNANSWERED_ROWS_OK:
+                unanswered.append(i)
+                continue
             answer = require(row, answer_key, str, loc)
             if self.name == "gsm8k":
                 final = gsm8k_final(answer)
@@ -220,6 +241,12 @@ class MathTask:
                     "answer": answer,
                     "problem": problem,
                 }
+            )
+        if unanswered:
+            warnings.warn(
+                f"{path}: {len(unanswered)} rows have no {answer_key!r} and are left out of "
+                f"{self.name}/{split} (row indices {unanswered[:10]})",
+                stacklevel=2,
             )
         return records
 
@@ -263,5 +290,5 @@ class MathTask:
         return Verdict(reward=float(correct), feedback=feedback, extracted=extracted)
 
 
-for _name in _SOURCES:
+for _name in (*_SOURCES, *_MIXES):
     register_task(_name, lambda _n=_name, **kw: MathTask(_n, **kw), params=("feedback_style",))

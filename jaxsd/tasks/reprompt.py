@@ -132,12 +132,24 @@ def build_group_reprompts(
 
 
 def chat_token_ids(
-    tokenizer: Any, messages: Sequence[dict[str, str]], max_tokens: int = MAX_REPROMPT_TOKENS
+    tokenizer: Any,
+    messages: Sequence[dict[str, str]],
+    max_tokens: int = MAX_REPROMPT_TOKENS,
+    *,
+    enable_thinking: bool | None = None,
 ) -> list[int]:
-    """Token ids of the HF chat template with the generation prompt, truncated right."""
+    """Token ids of the HF chat template with the generation prompt, truncated right.
+
+    `enable_thinking` goes to the template (Qwen3's: False appends an empty
+    `<think>\n\n</think>\n\n` after the generation prompt, True lets the model think);
+    None passes nothing, i.e. the template's own default (Qwen3: thinking on).
+    """
     if max_tokens < 1:
         raise ValueError(f"max_tokens={max_tokens} must be >= 1")
-    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    extra = {} if enable_thinking is None else {"enable_thinking": bool(enable_thinking)}
+    text = tokenizer.apply_chat_template(
+        list(messages), tokenize=False, add_generation_prompt=True, **extra
+    )
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return list(ids[:max_tokens])
 
@@ -176,13 +188,18 @@ def select_ssopd_pair(
 
 
 def build_privileged_context(
-    prompt_messages: Sequence[dict[str, str]], correct_response: str
+    prompt_messages: Sequence[dict[str, str]],
+    correct_response: str,
+    *,
+    keep_thinking: bool = False,
 ) -> list[dict[str, str]]:
     """SSOPD teacher messages (METHODS §6): the prompt with y⁺ as privileged context.
 
     The paper leaves the wording open; our default reuses SDPO's solution section so both
     self-teachers read the same phrasing. The teacher then scores y⁻ after these messages.
+    `keep_thinking` keeps y⁺'s `<think>` reasoning: SSOPD trains reasoning models in thinking
+    mode, where the reasoning is most of what y⁺ shows the teacher.
     """
     return build_reprompt(
-        prompt_messages, solution=correct_response, feedback=None, remove_thinking=True
+        prompt_messages, solution=correct_response, feedback=None, remove_thinking=not keep_thinking
     ).messages

@@ -7,16 +7,19 @@ from __future__ import annotations
 import functools
 import json
 import os
+import pathlib
 import re
 from collections import Counter
 from typing import Any
 
 from jaxsd.tasks.base import (
+    DATA_DIR_ENV,
     RecordError,
     Verdict,
     chat,
     check_feedback_style,
     clip_text,
+    default_data_dir,
     load_json_rows,
     register_task,
     require,
@@ -42,6 +45,19 @@ _ACTION_RE = re.compile(r"Action:\s*(\w+)")
 _INPUT_TAG = "Action Input:"
 _SPACES_RE = re.compile(r"\s*")
 _MAX_LISTED = 10
+
+# Training splits: not in the shared data (only the evaluation files are); file and public source.
+TRAIN_FILES = {
+    "sdpo": (
+        "sdpo_tooluse/train.json",
+        "https://github.com/lasgroup/SDPO (datasets/tooluse/train.json, SDPO's training rows "
+        "built from ToolAlpaca)",
+    ),
+    "toolalpaca": (
+        "toolalpaca/train_data.json",
+        "https://github.com/tangqiaoyu/ToolAlpaca (data/train_data.json)",
+    ),
+}
 
 
 def parse_actions(text: str) -> list[str]:
@@ -202,17 +218,34 @@ class ToolUseTask:
         self.name = "tooluse" if source == "sdpo" else "toolalpaca"
 
     def load(self, split: str, data_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
-        """Validated records of `split`."""
+        """Validated records of `split` ("train" needs a file that is not shipped offline)."""
+        if split == "train":
+            self._require_train_file(data_dir)
         if self.source == "sdpo":
             path = resolve_data_file(data_dir, f"sdpo_tooluse/{split}.json")
             return [_sdpo_record(row, where(path, i)) for i, row in enumerate(load_json_rows(path))]
-        if split not in ("eval_simulated", "eval_real"):
-            raise ValueError(f"toolalpaca: split {split!r}; use 'eval_simulated' or 'eval_real'")
-        path = resolve_data_file(data_dir, f"toolalpaca/{split}.json")
+        if split not in ("train", "eval_simulated", "eval_real"):
+            raise ValueError(
+                f"toolalpaca: split {split!r}; use 'train', 'eval_simulated' or 'eval_real'"
+            )
+        rel = TRAIN_FILES["toolalpaca"][0] if split == "train" else f"toolalpaca/{split}.json"
+        path = resolve_data_file(data_dir, rel)
         records = []
         for i, api in enumerate(load_json_rows(path)):
             records.extend(_toolalpaca_records(api, where(path, i), f"toolalpaca/{split}/{i}"))
         return records
+
+    def _require_train_file(self, data_dir: str | os.PathLike | None) -> None:
+        """Fail, naming the file and where to get it, when the training split is absent."""
+        rel, source = TRAIN_FILES[self.source]
+        root = pathlib.Path(data_dir) if data_dir is not None else default_data_dir()
+        if not (root / rel).is_file():
+            raise FileNotFoundError(
+                f"{self.name}: split 'train' needs {root / rel}, which does not exist: the "
+                f"tool-use training split is not part of the offline data (only its evaluation "
+                f"files are). Download it from {source}, save it as {root / rel}, or point "
+                f"${DATA_DIR_ENV} (or --config.task.data_dir) at a folder holding {rel}."
+            )
 
     def messages(self, record: dict[str, Any]) -> list[dict[str, str]]:
         """SDPO's chat for tool use: no system message, the whole prompt as the user turn."""

@@ -3,8 +3,12 @@
     rollout (engine) -> verify (task) -> plan (algorithm, host) -> train step (jit)
       -> publish weights -> periodic eval -> checkpoint
 
-`build_run(cfg)` turns a config into the parts; `train(cfg)` drives them and returns a
-summary. Everything a restart needs is in the checkpoint: the train state (params, teacher,
+`run_settings(cfg)` reads every config key into typed settings (cheap: no model, no
+compile); `build_run(cfg)` turns those settings into the parts; `train(cfg)` drives them and
+returns a summary. The loop reads the config only through the settings, so a key that does not
+change `run_settings` changes nothing (tests/test_config_keys.py walks every key).
+
+Everything a restart needs is in the checkpoint: the train state (params, teacher,
 optimizer, step, RNG) and the host state (the algorithm's state; the data position is the
 step itself, see `jaxsd.train.data`).
 """
@@ -40,6 +44,8 @@ from jaxsd.eval import eval_metrics_for_log, evaluate, stop_token_ids
 from jaxsd.models import from_pretrained, to_hf_state_dict
 from jaxsd.models.lora import LoraConfig, merge_lora, trainable_filter
 from jaxsd.rollout.engine import SamplingConfig
+from jaxsd.rollout.placement import Placement, placement_from_config
+from jaxsd.tasks import Task, get_task
 from jaxsd.tasks.base import verify_all
 from jaxsd.tasks.custom import task_from_config
 from jaxsd.tasks.reprompt import chat_token_ids
@@ -65,17 +71,286 @@ _EVAL_PURPOSE, _OFFLINE_PURPOSE = 1, 2
 _SWITCHES = ("use_distillation", "use_surrogate", "use_ssopd", "use_rhythm", "teacher_mode")
 
 
+# ----------------------------------------------------------------------------- settings
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+    """`model.*`: which weights, in which numerics, trained how."""
+
+    path: str
+    tiny: tuple[tuple[str, Any], ...]  # make_tiny_model kwargs when path == ""
+    param_dtype: str
+    compute_dtype: str
+    remat: bool
+    attention: str
+    lora: LoraConfig | None
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptSettings:
+    """How chats become token ids: lengths and the chat template's thinking switch."""
+
+    max_prompt_len: int
+    max_reprompt_len: int
+    enable_thinking: bool | None  # None: the template's default (not passed)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+    """`task.*`: the training task, its data and the evaluation sets."""
+
+    task_name: str
+    task_kwargs: tuple[tuple[str, Any], ...]
+    module: str  # `task.module`: imported first (it may register tasks)
+    reward: str  # `task.reward`: a file: task's verifier
+    data_dir: str | None
+    questions_per_step: int
+    shuffle: bool
+    overlong_prompts: str  # "filter" | "error"
+    eval_sets: tuple[tuple[str, str], ...]  # (task name, split); () = the task's test split
+
+    def task(self) -> Task:
+        """The training task (`jaxsd.tasks.custom.task_from_config` on these settings)."""
+        return task_from_config(
+            {
+                "name": self.task_name,
+                "kwargs": dict(self.task_kwargs),
+                "module": self.module,
+                "reward": self.reward,
+            }
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSettings:
+    """Training rollouts: G samples per question and how they are drawn."""
+
+    n: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """Held-out evaluation (METHODS §9): k samples per question and their sampling."""
+
+    n: int
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    questions: int  # per evaluation set; 0 = all
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSettings:
+    """`optim.*` plus the step count the schedule spans."""
+
+    lr: float
+    schedule: str
+    warmup_steps: int
+    total_steps: int
+    weight_decay: float
+    b1: float
+    b2: float
+    eps: float
+    grad_clip: float
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSettings:
+    """Which rollout engine, and what vLLM workers need besides the model folder."""
+
+    kind: str
+    max_model_len: int
+    run_dir: str
+    weights_dir: str  # `rollout.weights_dir`: "auto" | "run" | a folder
+    log_dir: str
+    seed: int
+    dtype: str  # the workers' dtype ("auto" resolved to model.compute_dtype)
+    tensor_parallel_size: int
+    placement: Placement | None  # GPU sets and memory shares; None without a vllm section
+    slots: int  # embedded engine: continuous-batching decode rows (0 = all rows at once)
+    timeout_s: float  # worker engine: request bound (0 = automatic)
+    restart_on_failure: bool  # worker engine: restart a stalled/crashed worker once
+    kv_cache_dtype: str  # embedded engine: "" = the compute dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSettings:
+    """Steps, evaluation/checkpoint cadence, run folder, resume, PACED's offline pass, where
+    metrics go."""
+
+    total_steps: int
+    seed: int
+    run_dir: str
+    resume: bool
+    eval_every: int
+    checkpoint_every: int
+    keep_checkpoints: int
+    paced_offline_n: int | None
+    log_backends: tuple[str, ...]  # `log.backends`, validated
+    log_project: str  # W&B project / MLflow experiment
+    profile_teacher_forward: bool  # time the teacher's forward alone each step (extra pass)
+    resume_step: int | None  # continue from this checkpoint (newer ones set aside)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """Everything a config decides, as built objects; `build_run` uses nothing else."""
+
+    algorithm: Any
+    step: StepConfig
+    optim: OptimSettings
+    mesh: tuple[int, int, int]  # (data, fsdp, tensor), -1 resolved when devices are known
+    model: ModelSettings
+    prompts: PromptSettings
+    data: DataSettings
+    rollout: RolloutSettings
+    evaluation: EvalSettings
+    engine: EngineSettings
+    loop: LoopSettings
+
+
+def parse_eval_sets(spec: str) -> tuple[tuple[str, str], ...]:
+    """`task.eval_sets` "aime:2024,hmmt:test" -> (("aime", "2024"), ("hmmt", "test"))."""
+    sets = []
+    for item in (x.strip() for x in spec.split(",")):
+        if not item:
+            continue
+        name, sep, split = item.partition(":")
+        if not sep or not name or not split:
+            raise ValueError(
+                f"config task.eval_sets={spec!r}: {item!r} is not 'task:split' (e.g. "
+                "'aime:2024,aime:2025,hmmt:test'; '' = the training task's test split)"
+            )
+        sets.append((name, split))
+    return tuple(sets)
+
+
+def model_settings(cfg: Any) -> ModelSettings:
+    """`model.*` of a config (also what `jaxsd.export` rebuilds a run's model from)."""
+    return ModelSettings(
+        path=cfg.model.path,
+        tiny=tuple(sorted(dict(cfg.model.tiny).items())),
+        param_dtype=cfg.model.param_dtype,
+        compute_dtype=cfg.model.compute_dtype,
+        remat=cfg.model.get("remat", False),
+        attention=cfg.model.get("attention", "jaxsd"),
+        lora=lora_config(cfg),
+    )
+
+
+def _engine_settings(cfg: Any) -> EngineSettings:
+    vllm = cfg.rollout.get("vllm")
+    dtype = "auto" if vllm is None else vllm.dtype
+    return EngineSettings(
+        kind=cfg.rollout.engine,
+        max_model_len=_max_len(cfg),
+        run_dir=str(cfg.run_dir),
+        weights_dir=cfg.rollout.get("weights_dir", "run"),
+        log_dir=str(pathlib.Path(cfg.run_dir) / "logs"),
+        seed=cfg.seed,
+        dtype=cfg.model.compute_dtype if dtype == "auto" else dtype,
+        tensor_parallel_size=1 if vllm is None else vllm.tensor_parallel_size,
+        placement=None if vllm is None else placement_from_config(cfg),
+        slots=cfg.rollout.get("slots", 0),
+        timeout_s=cfg.rollout.get("timeout_s", 0.0),
+        restart_on_failure=cfg.rollout.get("restart_on_failure", False),
+        kv_cache_dtype=cfg.rollout.get("kv_cache_dtype", ""),
+    )
+
+
+def run_settings(cfg: Any, num_devices: int | None = None) -> RunSettings:
+    """Validate `cfg` and read every key the run uses; builds no model and compiles nothing."""
+    validate_config(cfg, num_devices=num_devices)
+    algorithm = algorithms.from_config(cfg.algorithm)
+    task_kwargs = tuple(sorted(dict(cfg.task.kwargs).items()))
+    task_from_config(cfg.task)  # a bad task name, kwargs, reward or module fails before loading
+    eval_sets = parse_eval_sets(cfg.task.get("eval_sets", ""))
+    for name, _ in eval_sets:
+        get_task(name)
+    shape = mesh_shape(cfg, num_devices)
+    run_dir = str(cfg.run_dir)
+    return RunSettings(
+        algorithm=algorithm,
+        step=step_config(cfg, algorithm.step_switches()),
+        optim=OptimSettings(
+            lr=cfg.optim.lr,
+            schedule=cfg.optim.schedule,
+            warmup_steps=cfg.optim.warmup_steps,
+            total_steps=cfg.total_steps,
+            weight_decay=cfg.optim.weight_decay,
+            b1=cfg.optim.b1,
+            b2=cfg.optim.b2,
+            eps=cfg.optim.eps,
+            grad_clip=cfg.optim.grad_clip,
+        ),
+        mesh=(shape["data"], shape["fsdp"], shape["tensor"]),
+        model=model_settings(cfg),
+        prompts=PromptSettings(
+            max_prompt_len=cfg.task.max_prompt_len,
+            max_reprompt_len=cfg.task.max_reprompt_len,
+            enable_thinking=cfg.model.get("enable_thinking"),
+        ),
+        data=DataSettings(
+            task_name=cfg.task.name,
+            task_kwargs=task_kwargs,
+            module=cfg.task.get("module", ""),
+            reward=cfg.task.get("reward", ""),
+            data_dir=cfg.task.data_dir or None,
+            questions_per_step=cfg.task.questions_per_step,
+            shuffle=cfg.task.shuffle,
+            overlong_prompts=cfg.task.get("overlong_prompts", "filter"),
+            eval_sets=eval_sets,
+        ),
+        rollout=RolloutSettings(
+            n=cfg.rollout.n,
+            temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+        ),
+        evaluation=EvalSettings(
+            n=cfg.rollout.eval_n,
+            temperature=cfg.rollout.eval_temperature,
+            top_p=cfg.rollout.eval_top_p,
+            top_k=cfg.rollout.get("eval_top_k", 0),
+            min_p=cfg.rollout.get("eval_min_p", 0.0),
+            questions=cfg.rollout.eval_questions,
+        ),
+        engine=_engine_settings(cfg),
+        loop=LoopSettings(
+            total_steps=cfg.total_steps,
+            seed=cfg.seed,
+            run_dir=run_dir,
+            resume=cfg.resume,
+            eval_every=cfg.eval_every,
+            checkpoint_every=cfg.checkpoint_every,
+            keep_checkpoints=cfg.keep_checkpoints,
+            paced_offline_n=cfg.get("paced_offline_n"),
+            log_backends=observe.backends(cfg),
+            log_project=cfg.log.project if cfg.get("log") else "jaxsd",
+            profile_teacher_forward=bool(cfg.get("profile_teacher_forward", False)),
+            resume_step=cfg.get("resume_step"),
+        ),
+    )
+
+
 @dataclasses.dataclass
 class Run:
     """Everything built from a config; `train` mutates `state` and `host_state`."""
 
     cfg: Any
+    settings: RunSettings
     model_dir: pathlib.Path
     tokenizer: Any
     model: nnx.Module  # the rollout engine's copy of the policy (JAX engine)
     task: Any
     train_records: list[dict]
     test_records: list[dict]
+    eval_sets: list[tuple[str, Task, list[dict]]]  # (report name, task, records)
     algorithm: Any
     step_cfg: StepConfig
     mesh: jax.sharding.Mesh
@@ -100,29 +375,29 @@ class Run:
 # ----------------------------------------------------------------------------- building
 
 
-def resolve_model_dir(cfg: Any) -> pathlib.Path:
+def resolve_model_dir(model: ModelSettings, run_dir: str) -> pathlib.Path:
     """A local HF folder for `model.path`: made on the fly (""), a path, or a hub download."""
-    if cfg.model.path == "":
-        folder = pathlib.Path(cfg.run_dir) / "tiny_model"
+    if model.path == "":
+        folder = pathlib.Path(run_dir) / "tiny_model"
         if not (folder / "config.json").is_file():
             from jaxsd.models.tiny import make_tiny_model
 
-            make_tiny_model(folder, **dict(cfg.model.tiny))
+            make_tiny_model(folder, **dict(model.tiny))
         return folder
-    for candidate in (pathlib.Path(cfg.model.path), REPO_ROOT / cfg.model.path):
+    for candidate in (pathlib.Path(model.path), REPO_ROOT / model.path):
         if (candidate / "config.json").is_file():
             return candidate
-    if pathlib.Path(cfg.model.path).exists():
+    if pathlib.Path(model.path).exists():
         raise FileNotFoundError(
-            f"model.path={cfg.model.path!r} has no config.json; pass an HF model folder"
+            f"model.path={model.path!r} has no config.json; pass an HF model folder"
         )
     try:
         from huggingface_hub import snapshot_download
 
-        return pathlib.Path(snapshot_download(cfg.model.path))
+        return pathlib.Path(snapshot_download(model.path))
     except Exception as err:
         raise FileNotFoundError(
-            f"model.path={cfg.model.path!r} is neither a local HF folder nor downloadable from "
+            f"model.path={model.path!r} is neither a local HF folder nor downloadable from "
             f"the Hugging Face hub ({type(err).__name__}); download it elsewhere and pass the "
             "local folder"
         ) from err
@@ -182,47 +457,45 @@ def engine_params_fn(graphdef: nnx.GraphDef, lora: LoraConfig | None) -> Any:
     return lambda state: merged(state.params, state.frozen)
 
 
-def _make_engine(cfg: Any, model: nnx.Module, model_dir: pathlib.Path):
-    if cfg.rollout.engine == "jax":
+def _make_engine(settings: EngineSettings, model: nnx.Module, model_dir: pathlib.Path):
+    if settings.kind == "jax":
         from jaxsd.rollout.jax_engine import JaxEngine
 
         engine = JaxEngine(
             model,
             weights_step=0,
             length_buckets=LENGTH_BUCKETS,
-            slots=cfg.rollout.slots or None,
-            kv_dtype=cfg.rollout.kv_cache_dtype or None,
+            slots=settings.slots or None,
+            kv_dtype=settings.kv_cache_dtype or None,
         )
         return engine, None
-    from jaxsd.rollout.placement import placement_from_config
     from jaxsd.rollout.sync import SyncConfig, WeightSync
     from jaxsd.rollout.vllm_engine import VllmEngine, VllmWorkerConfig
     from jaxsd.rollout.weights import resolve_weights_dir
     from jaxsd.rollout.worker_pool import WorkerPool
 
-    placement = placement_from_config(cfg)
+    placement = settings.placement
     keep = SyncConfig.keep
     weights_dir, in_ram = resolve_weights_dir(
-        cfg.rollout.weights_dir,
-        pathlib.Path(cfg.run_dir).resolve(),  # Orbax needs absolute paths
+        settings.weights_dir,
+        pathlib.Path(settings.run_dir).resolve(),  # Orbax needs absolute paths
         bytes_per_step=_param_bytes(model),
         keep=keep,
         num_processes=jax.process_count(),
     )
     print(f"weights steps publish to {weights_dir}" + (" (RAM)" if in_ram else ""), flush=True)
     sync_config = SyncConfig(weights_dir=weights_dir, keep=keep, scratch=in_ram)
-    vllm = cfg.rollout.vllm
     workers = [
         VllmEngine(
             VllmWorkerConfig(
                 model_dir=str(model_dir),
                 weights_dir=str(weights_dir),
                 name=f"rollout-{i}",
-                seed=cfg.seed + i,
-                max_model_len=_max_len(cfg),
-                log_dir=str(pathlib.Path(cfg.run_dir) / "logs"),
-                dtype=cfg.model.compute_dtype if vllm.dtype == "auto" else vllm.dtype,
-                tensor_parallel_size=vllm.tensor_parallel_size,
+                seed=settings.seed + i,
+                max_model_len=settings.max_model_len,
+                log_dir=settings.log_dir,
+                dtype=settings.dtype,
+                tensor_parallel_size=settings.tensor_parallel_size,
                 gpu_memory_utilization=placement.gpu_memory_utilization,
                 sleep_between_rollouts=placement.sleep_between_rollouts,
                 env=placement.worker_env(i),
@@ -248,58 +521,79 @@ def template_tokens(tokenizer: Any) -> int:
     return len(chat_token_ids(tokenizer, [{"role": "user", "content": ""}], 1 << 30))
 
 
+def load_data(data: DataSettings) -> tuple[Task, list[dict], list[dict], list[tuple]]:
+    """The training task, its train and test records, and the evaluation sets.
+
+    Runs first in `build_run`: a missing data file fails before any model load or compile.
+    """
+    task = data.task()
+    train_records = task.load("train", data_dir=data.data_dir)
+    test_records = task.load("test", data_dir=data.data_dir)
+    eval_sets = [(task.name, task, test_records)]
+    if data.eval_sets:
+        eval_sets = []
+        for name, split in data.eval_sets:
+            eval_task = get_task(name)
+            records = eval_task.load(split, data_dir=data.data_dir)
+            eval_sets.append((f"{eval_task.name}_{split}", eval_task, records))
+    return task, train_records, test_records, eval_sets
+
+
 def build_run(cfg: Any) -> Run:
     """Validate the config and build model, task, algorithm, mesh, state, step and engine."""
-    validate_config(cfg, num_devices=jax.device_count())
-    task = task_from_config(cfg.task)  # a bad task name, reward or module fails before loading
-    model_dir = resolve_model_dir(cfg)
+    settings = run_settings(cfg, num_devices=jax.device_count())
+    # The data first: a missing file fails before any model load or compile.
+    task, train_records, test_records, eval_sets = load_data(settings.data)
+    model_dir = resolve_model_dir(settings.model, settings.loop.run_dir)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     # Prompt budgets and the task's data are checked before the model loads (minutes for an 8B).
     check_prompt_lengths(cfg, template_tokens(tokenizer))
-    data_dir = cfg.task.data_dir or None
-    train_records, train_stats = _fitting_prompts(cfg, tokenizer, task, "train", data_dir)
-    test_records, test_stats = _fitting_prompts(cfg, tokenizer, task, "test", data_dir)
-    dtype = jnp.dtype(cfg.model.param_dtype)
-    compute_dtype = jnp.dtype(cfg.model.compute_dtype)
+    train_records, train_stats = _fitting_prompts(settings, tokenizer, task, train_records, "train")
+    test_records, test_stats = _fitting_prompts(settings, tokenizer, task, test_records, "test")
+    if not settings.data.eval_sets:
+        eval_sets = [(task.name, task, test_records)]
+    dtype = jnp.dtype(settings.model.param_dtype)
+    compute_dtype = jnp.dtype(settings.model.compute_dtype)
     model, model_config = from_pretrained(model_dir, dtype=dtype, compute_dtype=compute_dtype)
     validate_config(cfg, vocab_size=model_config.vocab_size, num_devices=jax.device_count())
 
-    algorithm = algorithms.from_config(cfg.algorithm)
-    step_cfg = step_config(cfg, algorithm.step_switches())
+    algorithm = settings.algorithm
+    step_cfg = settings.step
+    optim = settings.optim
     schedule = make_schedule(
-        cfg.optim.lr,
-        warmup_steps=cfg.optim.warmup_steps,
-        kind=cfg.optim.schedule,
-        total_steps=cfg.total_steps,
+        optim.lr,
+        warmup_steps=optim.warmup_steps,
+        kind=optim.schedule,
+        total_steps=optim.total_steps,
     )
     tx = make_optimizer(
         schedule,
-        weight_decay=cfg.optim.weight_decay,
-        b1=cfg.optim.b1,
-        b2=cfg.optim.b2,
-        eps=cfg.optim.eps,
-        clip_norm=cfg.optim.grad_clip,
+        weight_decay=optim.weight_decay,
+        b1=optim.b1,
+        b2=optim.b2,
+        eps=optim.eps,
+        clip_norm=optim.grad_clip,
     )
-    shape = mesh_shape(cfg, jax.device_count())
-    mesh = make_mesh((shape["data"], shape["fsdp"], shape["tensor"]))
+    mesh = make_mesh(settings.mesh)
     # The trainer owns its own copy of the weights; `model` stays the engine's copy.
-    lora = lora_config(cfg)
+    lora = settings.model.lora
+    seed = settings.loop.seed
     train_model, _ = from_pretrained(
         model_dir,
         dtype=dtype,
         compute_dtype=compute_dtype,
         lora=lora,
-        seed=cfg.seed,
-        attention=cfg.model.get("attention", "jaxsd"),
-        remat=cfg.model.get("remat", False),
+        seed=seed,
+        attention=settings.model.attention,
+        remat=settings.model.remat,
     )
     graphdef, state, shardings = train_state_from_model(
         train_model,
         tx,
         mesh=mesh,
-        seed=cfg.seed,
+        seed=seed,
         teacher_mode=step_cfg.teacher_mode,
         trainable=trainable_filter(lora),
     )
@@ -312,15 +606,17 @@ def build_run(cfg: Any) -> Run:
         batch_shardings=b_shardings,
         schedule=schedule,
     )
-    engine, sync = _make_engine(cfg, model, model_dir)
+    engine, sync = _make_engine(settings.engine, model, model_dir)
     return Run(
         cfg=cfg,
+        settings=settings,
         model_dir=model_dir,
         tokenizer=tokenizer,
         model=model,
         task=task,
         train_records=train_records,
         test_records=test_records,
+        eval_sets=eval_sets,
         algorithm=algorithm,
         step_cfg=step_cfg,
         mesh=mesh,
@@ -334,52 +630,70 @@ def build_run(cfg: Any) -> Run:
         engine_params=engine_params_fn(graphdef, lora),
         stop_ids=stop_token_ids(model_dir, tokenizer),
         vocab_size=model_config.vocab_size,
-        host_state=algorithm.init_state(cfg.seed),
+        host_state=algorithm.init_state(seed),
         data_stats={**train_stats, **test_stats},
         teacher_forward=(
             make_teacher_forward(graphdef)
-            if cfg.get("profile_teacher_forward") and step_cfg.needs_teacher
+            if settings.loop.profile_teacher_forward and step_cfg.needs_teacher
             else None
         ),
     )
 
 
 def _fitting_prompts(
-    cfg: Any, tokenizer: Any, task: Any, split: str, data_dir: str | None
+    settings: RunSettings, tokenizer: Any, task: Any, records: list[dict], split: str
 ) -> tuple[list[dict], dict[str, float]]:
     """The split's records whose chat prompt fits task.max_prompt_len (data.drop_overlong)."""
-    records = task.load(split, data_dir=data_dir)
     if not records:
         raise ValueError(
-            f"task {cfg.task.name!r} has no {split} records (task.kwargs, task.data_dir); "
-            "training needs at least one question per split"
+            f"task {settings.data.task_name!r} has no {split} records (task.kwargs, "
+            "task.data_dir); training needs at least one question per split"
         )
-    max_len = cfg.task.max_prompt_len
-    lengths = [len(chat_token_ids(tokenizer, task.messages(r), sys.maxsize)) for r in records]
-    mode = cfg.task.get("overlong_prompts", "filter")
-    return data.drop_overlong(records, lengths, max_len=max_len, mode=mode, what=split)
+    prompts = settings.prompts
+    lengths = [
+        len(
+            chat_token_ids(
+                tokenizer, task.messages(r), sys.maxsize, enable_thinking=prompts.enable_thinking
+            )
+        )
+        for r in records
+    ]
+    return data.drop_overlong(
+        records,
+        lengths,
+        max_len=prompts.max_prompt_len,
+        mode=settings.data.overlong_prompts,
+        what=split,
+    )
 
 
 # ----------------------------------------------------------------------------- one step
 
 
-def _prompt_ids(run: Run, record: dict) -> list[int]:
-    return chat_token_ids(run.tokenizer, run.task.messages(record), run.cfg.task.max_prompt_len)
+def prompt_token_ids(run: Run, messages: Sequence[dict[str, str]], *, teacher: bool = False):
+    """Chat token ids of a student prompt (or, `teacher`, a teacher reprompt) of this run."""
+    prompts = run.settings.prompts
+    return chat_token_ids(
+        run.tokenizer,
+        messages,
+        prompts.max_reprompt_len if teacher else prompts.max_prompt_len,
+        enable_thinking=prompts.enable_thinking,
+    )
 
 
 def collect_groups(
     run: Run, records: Sequence[dict], step: int, *, n: int | None = None, purpose: int = 0
 ) -> tuple[list, dict[str, float]]:
     """Sample n (default G) rollouts per question with the current weights and verify them."""
-    cfg = run.cfg
-    n = cfg.rollout.n if n is None else n
-    prompt_ids = [_prompt_ids(run, r) for r in records]
+    rollout = run.settings.rollout
+    n = rollout.n if n is None else n
+    prompt_ids = [prompt_token_ids(run, run.task.messages(r)) for r in records]
     sampling = SamplingConfig(
-        temperature=cfg.rollout.temperature,
-        top_p=cfg.rollout.top_p,
-        max_new_tokens=cfg.rollout.max_new_tokens,
+        temperature=rollout.temperature,
+        top_p=rollout.top_p,
+        max_new_tokens=rollout.max_new_tokens,
         stop_token_ids=tuple(run.stop_ids),
-        seed=data.sampling_seed(cfg.seed, step, purpose=purpose),
+        seed=data.sampling_seed(run.settings.loop.seed, step, purpose=purpose),
     )
     t0 = time.perf_counter()
     result = generate_rollouts(run, prompt_ids, n, sampling)
@@ -447,12 +761,12 @@ def generate_rollouts(run: Run, prompt_ids: list, n: int, sampling: SamplingConf
         return run.engine.generate(prompt_ids, n, sampling)
     from jaxsd.rollout.engine import RolloutTimeoutError, WorkerCrashedError
 
-    timeout = rollout_timeout_s(run.cfg.rollout.get("timeout_s", 0.0), run.slowest_rollout_s)
+    timeout = rollout_timeout_s(run.settings.engine.timeout_s, run.slowest_rollout_s)
     t0 = time.perf_counter()
     try:
         result = run.engine.generate(prompt_ids, n, sampling, timeout_s=timeout)
     except (RolloutTimeoutError, WorkerCrashedError) as err:
-        if not run.cfg.rollout.get("restart_on_failure", False) or run.worker_restarts:
+        if not run.settings.engine.restart_on_failure or run.worker_restarts:
             raise
         run.worker_restarts += 1
         print(f"[jaxsd] {str(err).splitlines()[0]}\n[jaxsd] restarting the rollout worker "
@@ -480,14 +794,10 @@ def plans_to_samples(run: Run, groups: Sequence, plans: Sequence) -> list[TrainS
     prompt_cache: dict[str, list[int]] = {}
     for rollout, plan in zip(rollouts, plans, strict=True):
         if rollout.question_id not in prompt_cache:
-            prompt_cache[rollout.question_id] = chat_token_ids(
-                run.tokenizer, rollout.prompt, run.cfg.task.max_prompt_len
-            )
+            prompt_cache[rollout.question_id] = prompt_token_ids(run, rollout.prompt)
         teacher_ids = None
         if plan.teacher_messages is not None:
-            teacher_ids = chat_token_ids(
-                run.tokenizer, plan.teacher_messages, run.cfg.task.max_reprompt_len
-            )
+            teacher_ids = prompt_token_ids(run, plan.teacher_messages, teacher=True)
         samples.append(
             TrainSample(
                 prompt_ids=prompt_cache[rollout.question_id],
@@ -537,17 +847,20 @@ def _local(x: jax.Array) -> jax.Array:
     return jnp.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def _questions(run: Run, step: int) -> tuple[Sequence[int], int]:
+    return data.questions_for_step(
+        step,
+        questions_per_step=run.settings.data.questions_per_step,
+        num_records=len(run.train_records),
+        seed=run.settings.loop.seed,
+        shuffle=run.settings.data.shuffle,
+    )
+
+
 def train_one_step(run: Run, step: int) -> dict[str, Any]:
     """Rollout -> verify -> plan -> train step -> publish, for 0-based step `step`."""
-    cfg = run.cfg
     t_start = time.perf_counter()
-    indices, epoch = data.questions_for_step(
-        step,
-        questions_per_step=cfg.task.questions_per_step,
-        num_records=len(run.train_records),
-        seed=cfg.seed,
-        shuffle=cfg.task.shuffle,
-    )
+    indices, epoch = _questions(run, step)
     records = [run.train_records[i] for i in indices]
     groups, stats = collect_groups(run, records, step)
     _maybe_inject_crash(step)
@@ -562,7 +875,6 @@ def update_on_groups(run: Run, groups: Sequence, step: int, epoch: int) -> dict[
     The second half of `train_one_step`; test-time self-distillation (jaxsd.test_time) calls it
     on the groups of its one question.
     """
-    cfg = run.cfg
     plans, run.host_state, algo_metrics = run.algorithm.plan(groups, run.host_state, epoch=epoch)
     samples, lengths = process_rows(plans_to_samples(run, groups, plans))
     local = build_batch(
@@ -596,7 +908,9 @@ def update_on_groups(run: Run, groups: Sequence, step: int, epoch: int) -> dict[
             "perf/batch_shape": list(local.student_tokens.shape) + [local.response_tokens.shape[1]],
         }
     )
-    stats[metrics_lib.PASS_RATE_HIST] = metrics_lib.pass_rate_histogram(pass_rates, cfg.rollout.n)
+    stats[metrics_lib.PASS_RATE_HIST] = metrics_lib.pass_rate_histogram(
+        pass_rates, run.settings.rollout.n
+    )
     stats[observe.SAMPLES] = observe.sample_rows(groups, plans)
     return stats
 
@@ -668,12 +982,12 @@ def offline_pass(run: Run) -> Any:
     """PACED (METHODS §5): pass rates of every training question, estimated once, frozen."""
     from jaxsd.algorithms import paced
 
-    q = run.cfg.task.questions_per_step
+    q = run.settings.data.questions_per_step
     groups = []
     for start in range(0, len(run.train_records), q):
         chunk, _ = collect_groups(
             run, run.train_records[start : start + q], 0,
-            n=run.cfg.paced_offline_n, purpose=_OFFLINE_PURPOSE,
+            n=run.settings.loop.paced_offline_n, purpose=_OFFLINE_PURPOSE,
         )  # fmt: skip
         groups.extend(chunk)
     rates = paced.estimate_pass_rates(groups, success_threshold=run.algorithm.success_threshold)
@@ -686,17 +1000,18 @@ def offline_pass(run: Run) -> Any:
 
 
 def evaluate_now(run: Run, step: int) -> dict[str, float]:
-    """mean@k / maj@k / best@k on the test split with the engine's current weights (§9)."""
-    cfg = run.cfg
-    limit = cfg.rollout.eval_questions or len(run.test_records)
-    records = run.test_records[:limit]
+    """mean@k / maj@k / best@k on each evaluation set with the engine's current weights (§9);
+    `eval/<metric>` averages the sets (SSOPD's macro Avg@12 over AIME 24/25 and HMMT 25)."""
+    ev = run.settings.evaluation
 
-    def generate_fn(prompts, *, n, temperature, top_p, seed):
-        ids = [chat_token_ids(run.tokenizer, m, cfg.task.max_prompt_len) for m in prompts]
+    def generate_fn(prompts, *, n, temperature, top_p, top_k, min_p, seed):
+        ids = [prompt_token_ids(run, m) for m in prompts]
         sampling = SamplingConfig(
             temperature=temperature,
             top_p=top_p,
-            max_new_tokens=cfg.rollout.max_new_tokens,
+            top_k=top_k,
+            min_p=min_p,
+            max_new_tokens=run.settings.rollout.max_new_tokens,
             stop_token_ids=tuple(run.stop_ids),
             seed=seed,
         )
@@ -706,16 +1021,21 @@ def evaluate_now(run: Run, step: int) -> dict[str, float]:
         )
         return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
 
-    report = evaluate(
-        generate_fn,
-        run.task,
-        records,
-        n=cfg.rollout.eval_n,
-        temperature=cfg.rollout.eval_temperature,
-        top_p=cfg.rollout.eval_top_p,
-        seed=data.sampling_seed(cfg.seed, 0, purpose=_EVAL_PURPOSE),
-    )
-    return eval_metrics_for_log({run.task.name: report["report"]})
+    reports = {}
+    for name, task, records in run.eval_sets:
+        report = evaluate(
+            generate_fn,
+            task,
+            records[: ev.questions or len(records)],
+            n=ev.n,
+            temperature=ev.temperature,
+            top_p=ev.top_p,
+            top_k=ev.top_k,
+            min_p=ev.min_p,
+            seed=data.sampling_seed(run.settings.loop.seed, 0, purpose=_EVAL_PURPOSE),
+        )
+        reports[name] = report["report"]
+    return eval_metrics_for_log(reports)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -733,8 +1053,8 @@ def maybe_resume(run: Run, checkpointer: Checkpointer) -> int:
     Returns the step to start from. With `resume_step=N`, steps newer than N are moved to
     `<run_dir>/superseded_checkpoints/` (kept, not deleted) so that the run can save them anew.
     """
-    chosen = run.cfg.get("resume_step")
-    if not run.cfg.resume or checkpointer.latest_step() is None:
+    chosen = run.settings.loop.resume_step
+    if not run.settings.loop.resume or checkpointer.latest_step() is None:
         if chosen is not None:
             raise ValueError(
                 f"config resume_step={chosen} needs resume=True and a checkpoint in "
@@ -804,12 +1124,13 @@ def _train(cfg: Any, *, config_source: str | None) -> dict[str, Any]:
     t0 = time.perf_counter()
     is_main = jax.process_index() == 0
     cfg = run_config.prepare_run_dir(cfg, is_main_process=is_main)
-    log_backends = observe.backends(cfg)  # a typo fails here, before anything loads
+    observe.backends(cfg)  # a typo fails here, before anything loads
     run = build_run(cfg)
-    run_dir = pathlib.Path(cfg.run_dir)
-    checkpointer = Checkpointer(run_dir, max_to_keep=cfg.keep_checkpoints)
+    loop = run.settings.loop
+    run_dir = pathlib.Path(loop.run_dir)
+    checkpointer = Checkpointer(run_dir, max_to_keep=loop.keep_checkpoints)
     try:
-        if not cfg.resume and checkpointer.latest_step() is not None:
+        if not loop.resume and checkpointer.latest_step() is not None:
             raise FileExistsError(
                 f"run_dir={cfg.run_dir!r} already holds checkpoints and resume=False; pass "
                 "--config.resume=True to continue it or pick a new --config.run_dir"
@@ -825,15 +1146,15 @@ def _train(cfg: Any, *, config_source: str | None) -> dict[str, Any]:
         metrics_path.unlink()
     if start == 0:
         _publish(run, 0)
-        if run.cfg.algorithm.name == "paced":
+        if run.algorithm.name == "paced":
             run.host_state = offline_pass(run)
     writer = metrics_lib.MetricsWriter(
         run_dir,
         is_main_process=is_main,
         resume_step=start if start else None,
-        backends=log_backends,
+        backends=loop.log_backends,
         config=run_config.config_dict(cfg),
-        project=cfg.log.project if cfg.get("log") else "jaxsd",
+        project=loop.log_project,
     )
     if is_main:
         print(observe.banner(run, config_source=config_source, start_step=start), flush=True)
@@ -842,7 +1163,7 @@ def _train(cfg: Any, *, config_source: str | None) -> dict[str, Any]:
         "start_step": start,
         "step_switches": {k: getattr(run.step_cfg, k) for k in _SWITCHES},
     }
-    progress = metrics_lib.Progress(cfg.total_steps, initial_step=start, is_main_process=is_main)
+    progress = metrics_lib.Progress(loop.total_steps, initial_step=start, is_main_process=is_main)
     done, stop = start, GracefulStop()
     summary.update(run.data_stats)
     failed = True
@@ -850,17 +1171,17 @@ def _train(cfg: Any, *, config_source: str | None) -> dict[str, Any]:
         stop.install()
         if start == 0:
             first = dict(run.data_stats)
-            if cfg.eval_every:
+            if loop.eval_every:
                 summary["eval_start"] = evaluate_now(run, 0)
                 first.update(summary["eval_start"])
             writer.write(0, first)
-        for step in range(start, cfg.total_steps):
+        for step in range(start, loop.total_steps):
             if stop.requested:  # nothing new since the last checkpoint (or the start)
                 break
             row = train_one_step(run, step)
             done = step + 1
             samples = row.pop(observe.SAMPLES)
-            if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.total_steps):
+            if loop.eval_every and (done % loop.eval_every == 0 or done == loop.total_steps):
                 t_eval = time.perf_counter()
                 row.update(evaluate_now(run, done))
                 row["time/eval_s"] = time.perf_counter() - t_eval
@@ -872,8 +1193,8 @@ def _train(cfg: Any, *, config_source: str | None) -> dict[str, Any]:
             progress.update(done, row)
             summary.setdefault("losses", []).append(row["loss"])  # every process: same values
             if (
-                (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
-                or done == cfg.total_steps
+                (loop.checkpoint_every and done % loop.checkpoint_every == 0)
+                or done == loop.total_steps
                 or stop.requested
             ):
                 checkpointer.save(done, run.state, _host_state(run, done))

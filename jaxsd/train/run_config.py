@@ -32,7 +32,6 @@ RUNTIME_KEYS = (
     "checkpoint_every",
     "keep_checkpoints",
     "resume_step",  # which checkpoint to continue from
-    "log_every",
     "log",  # tracker backends (jsonl, tensorboard, wandb, mlflow) and their names
     # Where the processes run and hand weights over, not what they compute (a resumed run may
     # move to another node layout); vLLM's dtype and tensor parallelism change numerics, so
