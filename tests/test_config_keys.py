@@ -124,6 +124,7 @@ ALTERNATIVES: dict[str, Callable[[Any], list[Any]]] = {
     "loss.policy_loss": _swap(("ppo", "gspo")),
     "loss.loss_agg_norm": lambda v: [1024.0] if v is None else [v * 2],
     "rollout.kv_cache_dtype": lambda v: ["bfloat16" if v != "bfloat16" else ""],
+    "resume_step": lambda v: [3] if v is None else [None],
 }
 
 
