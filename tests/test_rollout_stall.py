@@ -98,11 +98,12 @@ def test_a_stopped_worker_is_reported_within_the_heartbeat_timeout(engine):
 
 
 def test_the_trainer_restarts_a_stalled_worker_once_when_asked(engine):
-    cfg = types.SimpleNamespace(
-        rollout={"timeout_s": 0.0, "restart_on_failure": True}  # dict: has .get like a config
+    # the run's settings as loop.run_settings builds them from rollout.{timeout_s,restart_...}
+    settings = types.SimpleNamespace(
+        engine=types.SimpleNamespace(timeout_s=0.0, restart_on_failure=True)
     )
-    run = types.SimpleNamespace(cfg=cfg, engine=engine, sync=object(), slowest_rollout_s=0.0,
-                                worker_restarts=0)  # fmt: skip
+    run = types.SimpleNamespace(settings=settings, engine=engine, sync=object(),
+                                slowest_rollout_s=0.0, worker_restarts=0)  # fmt: skip
     loop.generate_rollouts(run, [[1, 2]], 2, QUICK)
     assert 0.1 <= run.slowest_rollout_s < 5
     # auto timeout: 5x the slowest rollout with a 120 s floor; a set timeout_s wins
