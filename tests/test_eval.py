@@ -119,7 +119,7 @@ def _scripted_generate(calls):
 
 
 def test_evaluate_on_arithmetic_task_matches_script():
-    task = get_task("arithmetic", test_size=5, train_size=0)
+    task = get_task("arithmetic", test_size=5, train_size=1)
     records = task.load("test")
     calls = []
     out = E.evaluate(_scripted_generate(calls), task, records)
@@ -136,7 +136,7 @@ def test_evaluate_on_arithmetic_task_matches_script():
 
 
 def test_evaluate_rejects_malformed_generation():
-    task = get_task("arithmetic", test_size=2, train_size=0)
+    task = get_task("arithmetic", test_size=2, train_size=1)
     records = task.load("test")
 
     def short(prompts, *, n, temperature, top_p, top_k, min_p, seed):

@@ -183,3 +183,16 @@ def test_an_answer_that_hangs_sympy_times_out_and_the_pool_recovers():
         EquivalencePool(timeout_s=0)
     with pytest.raises(ValueError, match="equivalence"):
         get_task("aime", equivalence="sympy")
+
+
+def test_every_math_task_accepts_each_of_its_constructors_keyword_arguments():
+    from jaxsd.tasks.base import check_task_kwargs, task_names
+
+    kwargs = {"feedback_style": "sdpo", "equivalence": "normalise", "verify_timeout_s": 1.0,
+              "verify_workers": 1}  # fmt: skip
+    math_tasks = [n for n in task_names() if n in ("gsm8k", "math500", "aime", "hmmt", "math_aime")]
+    assert {"gsm8k", "math500", "math_aime"} <= set(math_tasks)
+    for name in math_tasks:
+        check_task_kwargs(name, kwargs)
+        with pytest.raises(ValueError, match="task.kwargs.digits"):
+            check_task_kwargs(name, {"digits": 1})

@@ -7,6 +7,7 @@ with a hard per-answer timeout (jaxsd.tasks.equivalence), so no answer can hang 
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import re
 import warnings
@@ -290,5 +291,7 @@ class MathTask:
         return Verdict(reward=float(correct), feedback=feedback, extracted=extracted)
 
 
+# The factory's **kw hides MathTask's own keyword arguments from task-kwargs validation.
+_MATH_TASK_PARAMS = tuple(p for p in inspect.signature(MathTask).parameters if p != "name")
 for _name in (*_SOURCES, *_MIXES):
-    register_task(_name, lambda _n=_name, **kw: MathTask(_n, **kw), params=("feedback_style",))
+    register_task(_name, lambda _n=_name, **kw: MathTask(_n, **kw), params=_MATH_TASK_PARAMS)
