@@ -27,6 +27,7 @@ ALL = [
     "humaneval",
     "livecodebench",
     "math500",
+    "math_aime",
     "mbpp",
     "sciknoweval",
     "sciknoweval_biology",
@@ -100,7 +101,8 @@ def test_json_array_files_name_the_element_and_read_like_json_lines(tmp_path):
 
 def test_task_kwargs_are_checked_against_the_task_parameters():
     assert task_parameters("arithmetic") == ("seed", "digits", "train_size", "test_size")
-    assert task_parameters("gsm8k") == ("feedback_style",)
+    assert task_parameters("gsm8k") == (
+        "feedback_style", "equivalence", "verify_timeout_s", "verify_workers")  # fmt: skip
     with pytest.raises(ValueError, match=r"kwargs.digits is not a parameter of task 'gsm8k'"):
         get_task("gsm8k", digits=1)
     with pytest.raises(ValueError, match=r"train_size=0 must be an integer >= 1"):
