@@ -4,7 +4,6 @@ keeps y+'s reasoning when thinking is on. The reference is transformers' own ren
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 import runpy
 import types
@@ -19,6 +18,7 @@ from jaxsd.rollout.engine import RolloutResult
 from jaxsd.tasks import get_task
 from jaxsd.tasks.reprompt import SOLUTION_TEMPLATE, chat_token_ids
 from jaxsd.train import loop
+from tests.test_loop import load_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 QWEN3_TEMPLATE = (REPO / "tests" / "data" / "qwen3_chat_template.jinja").read_text().rstrip("\n")
@@ -27,15 +27,6 @@ MESSAGES = [
     {"role": "system", "content": "Answer with a letter."},
     {"role": "user", "content": "Which gas is inert? A) He B) O2"},
 ]
-
-
-def load_config(method: str, preset: str):
-    spec = importlib.util.spec_from_file_location(
-        f"cfg_{method}", REPO / "configs" / f"{method}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(preset)
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,6 @@ where its training split is not shipped."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import pathlib
 
 import numpy as np
 import pytest
@@ -15,18 +13,9 @@ import pytest
 from jaxsd import algorithms
 from jaxsd.tasks import default_data_dir, get_task
 from jaxsd.train import loop
+from tests.test_loop import load_config
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 SCIENCE_METHODS = ("sc_sdpo", "sdpo", "paced", "hard_filter", "srpo", "drift")
-
-
-def load_config(method: str, preset: str):
-    spec = importlib.util.spec_from_file_location(
-        f"cfg_{method}", REPO / "configs" / f"{method}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(preset)
 
 
 def rollouts(record, responses, task):
