@@ -523,8 +523,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--layers must be >= 1, got {a.layers}")
     if a.lora_rank < 0:
         p.error(f"--lora-rank must be >= 0 (0: train every weight), got {a.lora_rank}")
-    from jaxsd.algorithms.validate import lora_targets
     from jaxsd.models.lora import LORA_TARGETS
+    from jaxsd.train.validate import lora_targets
 
     a.lora_targets = lora_targets(a.lora_targets)
     if not a.lora_targets or not set(a.lora_targets) <= set(LORA_TARGETS):

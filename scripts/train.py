@@ -133,7 +133,7 @@ def check_override_keys(argv: list[str]) -> None:
         cfg = module.get_config(arg) if has_arg else module.get_config()
     except Exception:  # config_flags reports a config file that does not load
         return
-    from jaxsd.algorithms.validate import unknown_key_error
+    from jaxsd.train.validate import unknown_key_error
 
     for flag in argv:
         if flag.startswith("--config."):

@@ -10,7 +10,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from jaxsd import algorithms
-from jaxsd.algorithms.validate import check_prompt_lengths, unknown_key_error, validate_config
+from jaxsd.train.validate import check_prompt_lengths, unknown_key_error, validate_config
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 METHOD_FILES = (
@@ -253,10 +253,6 @@ def test_loss_switches_reach_the_step_config():
     cfg.algorithm.entropy_beta = -1.0
     with pytest.raises(ValueError, match="algorithm.entropy_beta"):
         validate_config(cfg, vocab_size=1024, num_devices=1)
-    from jaxsd.algorithms import validate
-    from jaxsd.train.step import POLICY_LOSSES
-
-    assert validate.POLICY_LOSSES == POLICY_LOSSES
 
 
 def test_unknown_nested_keys_get_a_did_you_mean():

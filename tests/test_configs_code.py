@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jaxsd.algorithms.validate import validate_config
 from jaxsd.metrics import read_metrics
 from jaxsd.tasks import get_task
+from jaxsd.train.validate import validate_config
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from configs import base
-from jaxsd.algorithms.validate import validate_config
 from jaxsd.rollout import vllm_server
 from jaxsd.rollout.engine import RolloutResult, RolloutWorkerError, SamplingConfig
 from jaxsd.rollout.placement import (
@@ -27,6 +26,7 @@ from jaxsd.rollout.vllm_engine import VllmWorkerConfig, worker_command
 from jaxsd.rollout.vllm_server import WorkerOptions, llm_kwargs, parse_options
 from jaxsd.rollout.weights import WeightsDirError, resolve_weights_dir
 from jaxsd.rollout.worker_pool import WorkerPool, split_evenly
+from jaxsd.train.validate import validate_config
 
 
 def _placement(**overrides):

@@ -122,7 +122,7 @@ def test_smoke_runs_end_to_end(load, tmp_path):
 
 @pytest.mark.parametrize("preset", [None, "smoke", "qwen3_8b"])
 def test_presets_validate(load, preset):
-    from jaxsd.algorithms.validate import validate_config
+    from jaxsd.train.validate import validate_config
 
     cfg = load(preset)
     devices, vocab = (8, 151936) if preset == "qwen3_8b" else (1, 1024)

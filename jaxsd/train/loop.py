@@ -34,12 +34,6 @@ from jax.experimental import multihost_utils
 
 from jaxsd import algorithms
 from jaxsd import metrics as metrics_lib
-from jaxsd.algorithms.validate import (
-    check_prompt_lengths,
-    lora_targets,
-    mesh_shape,
-    validate_config,
-)
 from jaxsd.eval import eval_metrics_for_log, evaluate, stop_token_ids
 from jaxsd.models import from_pretrained, to_hf_state_dict
 from jaxsd.models.lora import LoraConfig, merge_lora, trainable_filter
@@ -64,6 +58,12 @@ from jaxsd.train.optimizer import make_optimizer, make_schedule
 from jaxsd.train.run_lock import lock_run_dir
 from jaxsd.train.state import train_state_from_model
 from jaxsd.train.step import STATE_FINITE_PREFIX, StepConfig, make_teacher_forward, make_train_step
+from jaxsd.train.validate import (
+    check_prompt_lengths,
+    lora_targets,
+    mesh_shape,
+    validate_config,
+)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 LENGTH_BUCKETS = tuple(2**i for i in range(4, 16))  # 16 ... 32768 tokens

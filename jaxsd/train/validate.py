@@ -8,22 +8,16 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from jaxsd import algorithms
+from jaxsd.losses.aggregate import AGG_MODES as LOSS_AGG_MODES
+from jaxsd.models.config import ATTENTION_IMPLS
+from jaxsd.models.lora import LORA_TARGETS
+from jaxsd.train.mesh import resolve_mesh_shape
+from jaxsd.train.step import POLICY_LOSSES
 
 ENGINES = ("jax", "vllm")
-LOSS_AGG_MODES = (
-    "token-mean",
-    "seq-mean-token-sum",
-    "seq-mean-token-mean",
-    "seq-mean-token-sum-norm",
-)
-SCHEDULES = ("constant", "cosine", "linear")
-POLICY_LOSSES = ("ppo", "gspo", "cispo")  # = jaxsd.train.step.POLICY_LOSSES
-KL_ESTIMATORS = ("k1", "k2", "k3")
+SCHEDULES = ("constant", "cosine", "linear")  # jaxsd.train.optimizer.make_schedule
+KL_ESTIMATORS = ("k1", "k2", "k3")  # jaxsd.losses.policy.kl_penalty
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
-# The layout keeps algorithms/ free of models/ imports; tests check these equal
-# jaxsd.models.config's tuples.
-ATTENTION_IMPLS = ("jaxsd", "xla", "cudnn")
-LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # = jaxsd.models.lora.LORA_TARGETS
 REQUIRED_KEYS = (
     "total_steps",
     "seed",
@@ -125,22 +119,18 @@ def mesh_shape(cfg: Any, num_devices: int | None = None) -> dict[str, int]:
     free = [a for a, s in shape.items() if s == -1]
     if len(free) > 1:
         raise ValueError(f"config mesh has -1 on {free}; at most one axis may be -1")
-    fixed = math.prod(s for s in shape.values() if s != -1)
     if num_devices is None:
         return shape
-    if free:
-        if num_devices % fixed:
-            raise ValueError(
-                f"config mesh.{free[0]}=-1 cannot fill {num_devices} devices: the other axes "
-                f"multiply to {fixed}; pick sizes that divide {num_devices}"
-            )
-        shape[free[0]] = num_devices // fixed
-    elif fixed != num_devices:
+    fixed = math.prod(s for s in shape.values() if s != -1)
+    try:
+        resolved = resolve_mesh_shape(tuple(shape.values()), num_devices)
+    except ValueError:
+        fill = f"mesh.{free[0]}=-1 cannot fill" if free else "mesh data×fsdp×tensor ="
         raise ValueError(
-            f"config mesh data×fsdp×tensor = {fixed} but {num_devices} devices are visible; "
-            "set mesh sizes whose product is the device count (or one axis to -1)"
-        )
-    return shape
+            f"config {fill} {num_devices} devices: the {'other ' if free else ''}axes multiply "
+            f"to {fixed}; set sizes whose product is the device count (or one axis to -1)"
+        ) from None
+    return dict(zip(shape, resolved, strict=True))
 
 
 def _check_vllm_rollout(cfg: Any) -> None:
