@@ -74,7 +74,8 @@ def load_run_model(run_dir: str | os.PathLike, step: int | None = None) -> dict[
     """
     import orbax.checkpoint as ocp
 
-    from jaxsd.train.loop import lora_config, model_settings, resolve_model_dir
+    from jaxsd.train.build import resolve_model_dir
+    from jaxsd.train.settings import lora_config, model_settings
 
     step = _pick_step(run_dir, step)
     cfg = run_config(run_dir, step)

@@ -11,8 +11,9 @@ Questions may be selected as those the base model fails at best-of-`budget` (`se
 "base_failures"`); the selection uses its own samples, and the base curve is measured on fresh
 ones, so it is not zero by construction.
 
-Reuses the training loop's pieces: `build_run`, `collect_groups` (sample + verify) and
-`update_on_groups` (plan + train step + publish); the weights are reset between questions.
+Reuses the training loop's pieces: `build`, the rollout worker's `collect` (sample + verify)
+and `loop.learn_on_groups` (plan + train step + update weights); the weights are reset between
+questions.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsd.train import loop, run_config
+from jaxsd.train.build import Run, build
 
 _SELECT_PURPOSE, _BASE_PURPOSE, _ROUND_PURPOSE = 3, 4, 1000
 SELECTIONS = ("all", "base_failures")
@@ -55,7 +57,7 @@ def first_success(rewards: Sequence[float], threshold: float) -> int | None:
     return int(hits[0]) + 1 if hits.size else None
 
 
-def _records(run: loop.Run, tt: Any) -> list[dict]:
+def _records(run: Run, tt: Any) -> list[dict]:
     """The questions: a JSON-lines file of task records, ids of a split, or a split's head."""
     if tt.questions_file:
         path = pathlib.Path(tt.questions_file)
@@ -66,8 +68,8 @@ def _records(run: loop.Run, tt: Any) -> list[dict]:
                     raise ValueError(f"test_time.questions_file {path} record {i}: no {key!r}")
             row.setdefault("system", None)
         return rows
-    data_dir = run.cfg.task.data_dir or None
-    records = [r for split in tt.split.split(",") for r in run.task.load(split.strip(), data_dir)]
+    data_dir, task = run.cfg.task.data_dir or None, run.data.task
+    records = [r for split in tt.split.split(",") for r in task.load(split.strip(), data_dir)]
     if tt.ids:
         wanted = [i.strip() for i in tt.ids.split(",") if i.strip()]
         by_id = {str(r["id"]): r for r in records}
@@ -78,33 +80,31 @@ def _records(run: loop.Run, tt: Any) -> list[dict]:
     return records[: tt.num_questions or len(records)]
 
 
-def _base_rewards(run: loop.Run, records: list[dict], n: int, purpose: int) -> np.ndarray:
+def _base_rewards(run: Run, records: list[dict], n: int, purpose: int) -> np.ndarray:
     """[Q, n] rewards of the unchanged model (weights step 0), in chunks of questions."""
     out = []
     per_call = max(1, run.cfg.test_time.base_questions_per_call)
     for start in range(0, len(records), per_call):
-        groups, _ = loop.collect_groups(
-            run, records[start : start + per_call], 0, n=n, purpose=purpose
-        )
+        groups, _ = run.worker.collect(records[start : start + per_call], 0, n=n, purpose=purpose)
         out.extend(np.asarray(g.rewards, np.float64) for g in groups)
     return np.stack(out)
 
 
-def _solve(run: loop.Run, record: dict, q: int, initial: Any, threshold: float) -> dict:
+def _solve(run: Run, record: dict, q: int, initial: Any, threshold: float) -> dict:
     """Rounds of k samples and SDPO updates on one question, from the initial weights."""
     tt = run.cfg.test_time
-    run.state = jax.tree.map(jnp.copy, initial)
+    run.learner.state = jax.tree.map(jnp.copy, initial)
     run.host_state = run.algorithm.init_state(run.cfg.seed)
-    loop._publish(run, 0)
+    run.worker.update_weights(run.learner.state, 0)
     rounds = tt.budget // tt.k
     losses = []
     for r in range(rounds):
-        groups, _ = loop.collect_groups(run, [record], r, n=tt.k, purpose=_ROUND_PURPOSE + q)
+        groups, _ = run.worker.collect([record], r, n=tt.k, purpose=_ROUND_PURPOSE + q)
         hit = first_success(groups[0].rewards, threshold)
         if hit is not None:
             return {"first_success": r * tt.k + hit, "rounds": r + 1, "losses": losses}
         if r + 1 < rounds:  # no update after the last round: nothing would sample from it
-            stats = loop.update_on_groups(run, groups, r, epoch=0)
+            stats = loop.learn_on_groups(run, groups, r, epoch=0)
             losses.append(float(stats.get("loss", float("nan"))) if stats else float("nan"))
     return {"first_success": None, "rounds": rounds, "losses": losses}
 
@@ -124,11 +124,11 @@ def run_test_time(cfg: Any) -> dict[str, Any]:
         )
     t0 = time.perf_counter()
     cfg = run_config.resolve_run_dir(cfg)  # `{hash}` in run_dir -> the config's hash
-    run = loop.build_run(cfg)
+    run = build(cfg)
     threshold = getattr(run.algorithm, "success_threshold", 0.5)
     try:
-        initial = jax.tree.map(jnp.copy, run.state)
-        loop._publish(run, 0)
+        initial = jax.tree.map(jnp.copy, run.learner.state)
+        run.worker.update_weights(run.learner.state, 0)
         records = _records(run, tt)
         candidates = len(records)
         if tt.select == "base_failures":
@@ -156,7 +156,7 @@ def run_test_time(cfg: Any) -> dict[str, Any]:
             print(f"[jaxsd] test-time {q + 1}/{len(records)} {record['id']}: first success "
                   f"{result['first_success']}, base {c}/{tt.budget}", flush=True)  # fmt: skip
     finally:
-        run.engine.close()
+        run.close()
     summary = summarize(per_question, tt.budget, tt.k)
     summary.update(candidates=candidates, select=tt.select, wall_s=time.perf_counter() - t0,
                    run_dir=str(cfg.run_dir))  # fmt: skip

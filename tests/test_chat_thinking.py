@@ -17,7 +17,9 @@ from jaxsd.models.sampler import SampleOutput
 from jaxsd.rollout.engine import RolloutResult
 from jaxsd.tasks import get_task
 from jaxsd.tasks.reprompt import SOLUTION_TEMPLATE, chat_token_ids
-from jaxsd.train import loop
+from jaxsd.train.learner import plans_to_samples
+from jaxsd.train.rollout_worker import ChatPrompts, EmbeddedWeights, RolloutWorker
+from jaxsd.train.settings import run_settings
 from tests.test_loop import load_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -80,12 +82,16 @@ class RecordingEngine:
 
 def fake_run(cfg, tok, engine, records):
     """The parts of a Run that prompt building reads, from the config's real settings."""
-    settings = loop.run_settings(cfg)
+    settings = run_settings(cfg)
     task = get_task(settings.data.task_name, **dict(settings.data.task_kwargs))
-    return types.SimpleNamespace(
-        cfg=cfg, settings=settings, tokenizer=tok, task=task, engine=engine, sync=None,
-        stop_ids=[tok.eos_token_id], eval_sets=[(task.name, task, records)],
+    worker = RolloutWorker(
+        engine=engine, weights=EmbeddedWeights(engine, None),
+        prompts=ChatPrompts(tok, settings.prompts), task=task, stop_ids=(tok.eos_token_id,),
+        rollout=settings.rollout, engine_settings=settings.engine, seed=settings.loop.seed,
     )  # fmt: skip
+    return types.SimpleNamespace(
+        settings=settings, task=task, worker=worker, eval_sets=[(task.name, task, records)]
+    )
 
 
 RECORD = {
@@ -108,17 +114,17 @@ def test_paper_preset_prompts_student_teacher_and_eval_without_thinking(qwen3_to
         run.task.messages(RECORD), tokenize=False, add_generation_prompt=True, enable_thinking=False
     )
 
-    groups, _ = loop.collect_groups(run, [RECORD], 0)  # student rollouts
+    groups, _ = run.worker.collect([RECORD], 0)  # student rollouts
     assert decode(tok, engine.calls[-1][0][0]) == want_prompt
     plans, _, _ = run.settings.algorithm.plan(groups, run.settings.algorithm.init_state(0), epoch=0)
-    samples = loop.plans_to_samples(run, groups, plans)
+    samples = plans_to_samples(run.worker.prompts, groups, plans)
     teacher = [s.teacher_prompt_ids for s in samples if s.teacher_prompt_ids is not None]
     assert teacher, "the wrong rollouts have a correct sibling, so they carry a reprompt"
     for ids in teacher:
         assert decode(tok, ids).endswith(NO_THINK)
     assert all(decode(tok, s.prompt_ids) == want_prompt for s in samples)
 
-    loop.evaluate_now(run, 0)  # held-out evaluation
+    run.worker.evaluate(run.eval_sets, run.settings.evaluation)  # held-out evaluation
     prompts, n, sampling = engine.calls[-1]
     assert decode(tok, prompts[0]) == want_prompt and n == cfg.rollout.eval_n
     assert (sampling.top_k, sampling.min_p) == (cfg.rollout.eval_top_k, cfg.rollout.eval_min_p)
@@ -131,7 +137,7 @@ def test_ssopd_preset_thinks_and_its_teacher_keeps_the_reasoning(qwen3_tokenizer
     right = "<think>\nadd two and two\n</think>\n\n\\boxed{4}"
     engine = RecordingEngine(tok, [right, "\\boxed{5} because five is nice"])
     run = fake_run(cfg, tok, engine, [record])
-    groups, _ = loop.collect_groups(run, [record], 0)
+    groups, _ = run.worker.collect([record], 0)
     want_prompt = tok.apply_chat_template(
         [{"role": "user", "content": "What is 2+2?"}], tokenize=False, add_generation_prompt=True
     )
@@ -143,7 +149,7 @@ def test_ssopd_preset_thinks_and_its_teacher_keeps_the_reasoning(qwen3_tokenizer
     assert SOLUTION_TEMPLATE.format(successful_previous_attempt=y_plus) in teacher[0][-1]["content"]
     assert "add two and two" in teacher[0][-1]["content"]
 
-    loop.evaluate_now(run, 0)
+    run.worker.evaluate(run.eval_sets, run.settings.evaluation)
     prompts, n, sampling = engine.calls[-1]
     assert n == 12 and (sampling.temperature, sampling.top_p) == (0.6, 0.95)
     assert (sampling.top_k, sampling.min_p) == (20, 0.0)

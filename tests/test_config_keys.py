@@ -1,10 +1,10 @@
 """No dead config keys: every leaf key of every preset of every config changes the run.
 
 For each key, the test sets another valid value and checks that `run_settings(cfg)` (what
-`build_run` and the loop use, and nothing else: step config, algorithm, optimizer, mesh,
+`build` and the loop use, and nothing else: step config, algorithm, optimizer, mesh,
 model, prompts, data, sampling, engine, loop) changes. Cheap: no model is built, nothing
 compiles. A new key that fails here is read by nothing: read it in
-`jaxsd/train/loop.py::run_settings`, delete it, or (run-time only) list it below.
+`jaxsd/train/settings.py::run_settings`, delete it, or (run-time only) list it below.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import ml_collections
 import pytest
 
 from jaxsd import algorithms
-from jaxsd.train.loop import run_settings
+from jaxsd.train.settings import run_settings
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted(
@@ -217,7 +217,8 @@ def test_every_key_of_every_preset_reaches_the_run(method):
             if settings == before:
                 pytest.fail(
                     f"config key {key!r} of configs/{method}.py:{preset or 'default'} changed "
-                    f"{value!r} -> {new!r} but jaxsd.train.loop.run_settings(cfg) did not: nothing "
+                    f"{value!r} -> {new!r} but jaxsd.train.settings.run_settings(cfg) did not: "
+                    "nothing "
                     "the run builds reads it. Read it in run_settings (into the settings the loop "
                     "uses: StepConfig via step_config, the algorithm, EngineSettings, "
                     "LoopSettings, ...), delete it from configs/, or, if it matters only at run "

@@ -224,7 +224,7 @@ def test_command_line_overrides_through_config_flags():
 
 @pytest.mark.parametrize("method", METHOD_FILES)
 def test_rollout_is_is_on_for_vllm_presets_only_and_reaches_the_step(configs, method):
-    from jaxsd.train.loop import step_config
+    from jaxsd.train.settings import step_config
 
     for preset in PRESETS:
         cfg = configs[(method, preset)]
@@ -237,7 +237,7 @@ def test_rollout_is_is_on_for_vllm_presets_only_and_reaches_the_step(configs, me
 
 
 def test_loss_switches_reach_the_step_config():
-    from jaxsd.train.loop import step_config
+    from jaxsd.train.settings import step_config
 
     cfg = load("srpo")
     cfg.loss.policy_loss, cfg.loss.clip_low = "cispo", 1.0

@@ -17,8 +17,8 @@ from jaxsd.models import from_pretrained
 from jaxsd.models.lora import trainable_filter
 from jaxsd.train import run_config
 from jaxsd.train.checkpoint import Checkpointer
-from jaxsd.train.loop import lora_config
 from jaxsd.train.mesh import make_mesh
+from jaxsd.train.settings import lora_config
 from jaxsd.train.state import train_state_from_model
 from tests.test_loop import load_config
 

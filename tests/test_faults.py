@@ -49,10 +49,12 @@ def nan_updates_from(count: int, *, on: bool) -> optax.GradientTransformation:
 
 
 def test_a_non_finite_update_is_never_saved_and_resume_step_goes_back(tmp_path, monkeypatch):
-    make = loop.make_optimizer
+    from jaxsd.train import build
+
+    make = build.make_optimizer
     poisoned = {"on": True}
     monkeypatch.setattr(
-        loop,
+        build,
         "make_optimizer",
         lambda *a, **k: optax.chain(make(*a, **k), nan_updates_from(2, on=poisoned["on"])),
     )

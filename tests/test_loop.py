@@ -113,17 +113,19 @@ def test_model_runtime_keys_reach_the_trained_and_sampling_models(tmp_path):
     """config.model.compute_dtype / remat / attention are what the step and engine run with."""
     from flax import nnx
 
-    from jaxsd.train.loop import build_run
+    from jaxsd.train.build import build
 
     cfg = load_config("sdpo")
     cfg.run_dir = str(tmp_path / "run")
     cfg.model.compute_dtype = "bfloat16"
     cfg.model.remat = True
     cfg.model.attention = "xla"
-    run = build_run(cfg)
-    trained = nnx.merge(run.graphdef, run.state.params).config
+    run = build(cfg)
+    trained = nnx.merge(run.learner.graphdef, run.learner.state.params).config
     assert (trained.compute_dtype, trained.remat, trained.attention) == ("bfloat16", True, "xla")
-    assert (trained.param_dtype, run.model.config.compute_dtype) == ("float32", "bfloat16")
+    engine_model = run.worker.engine.model
+    assert (trained.param_dtype, engine_model.config.compute_dtype) == ("float32", "bfloat16")
+    run.close()
 
 
 def test_a_bf16_remat_xla_attention_run_trains(tmp_path):
@@ -178,7 +180,7 @@ def test_config_validation_knows_the_models_dtypes():
 
 def test_loss_topk_block_reaches_the_step_and_is_validated():
     from jaxsd import algorithms
-    from jaxsd.train.loop import step_config
+    from jaxsd.train.settings import step_config
     from jaxsd.train.validate import validate_config
 
     cfg = load_config("sdpo")
@@ -202,29 +204,32 @@ def test_lora_run_trains_only_adapters_and_serves_the_merged_weights(tmp_path):
     """model.lora.rank > 0 with SSOPD (fixed teacher = the base, adapters off, METHODS §1):
     two steps leave every base weight bit-identical and move only the adapters; the engine
     serves W + (alpha / r) A B (numpy), also after a resume from the checkpoint."""
+    from jaxsd.train.build import build
     from jaxsd.train.checkpoint import Checkpointer
-    from jaxsd.train.loop import _host_state, _publish, build_run, maybe_resume, train_one_step
+    from jaxsd.train.loop import host_state_json, start_or_resume, train_one_step
+    from jaxsd.train.rollout_worker import PublishedWeights
 
     cfg = load_config("ssopd")
     cfg.run_dir = str(tmp_path / "run")
     cfg.model.lora.update(rank=4, alpha=8.0, targets="q, v,up")
-    run = build_run(cfg)
-    base_before = _flat(run.state.frozen)
-    assert set(_flat(run.state.params)) == {
+    run = build(cfg)
+    run.worker.update_weights(run.learner.state, 0)
+    base_before = _flat(run.learner.state.frozen)
+    assert set(_flat(run.learner.state.params)) == {
         f"layers/{i}/{m}/{p}_proj/lora_{ab}"
-        for i in range(run.model.config.num_layers)
+        for i in range(run.worker.engine.model.config.num_layers)
         for m, p in (("self_attn", "q"), ("self_attn", "v"), ("mlp", "up"))
         for ab in "ab"
     }
     grad_norms = [train_one_step(run, step)["grad_norm"] for step in range(2)]
     assert min(grad_norms) > 0
 
-    adapters, base = _flat(run.state.params), _flat(run.state.frozen)
+    adapters, base = _flat(run.learner.state.params), _flat(run.learner.state.frozen)
     assert base.keys() == base_before.keys()
     for name, value in base.items():
         np.testing.assert_array_equal(value, base_before[name], err_msg=name)
     assert all(np.abs(v).max() > 0 for k, v in adapters.items() if k.endswith("lora_b"))
-    teacher = _flat(run.state.teacher)  # fixed teacher: the base, i.e. zero adapters
+    teacher = _flat(run.learner.state.teacher)  # fixed teacher: the base, i.e. zero adapters
     assert all(not v.any() for v in teacher.values())
 
     def expected_engine_weights():
@@ -243,15 +248,16 @@ def test_lora_run_trains_only_adapters_and_serves_the_merged_weights(tmp_path):
         for name, value in want.items():
             np.testing.assert_allclose(served[name], value, rtol=1e-6, atol=1e-7, err_msg=name)
 
-    check_engine(run.model)  # the embedded engine serves the trainer's copy, merged
+    check_engine(run.worker.engine.model)  # the embedded engine serves the trainer's copy, merged
 
     class RecordingSync:  # the vLLM path: what would be published to the weights folder
         def after_step(self, step, hf_state_dict):
             self.published = (step, hf_state_dict())
 
-    run.sync = RecordingSync()
-    _publish(run, 2)
-    step, tensors = run.sync.published
+    sync = RecordingSync()
+    vllm_path = PublishedWeights(run.worker.engine.model, sync, run.worker.weights.engine_params)
+    vllm_path.publish(run.learner.state, 2)
+    step, tensors = sync.published
     want = expected_engine_weights()
     assert step == 2
     np.testing.assert_allclose(
@@ -265,11 +271,14 @@ def test_lora_run_trains_only_adapters_and_serves_the_merged_weights(tmp_path):
         base["layers/0/self_attn/k_proj/kernel"].T,
     )
     with Checkpointer(cfg.run_dir) as checkpointer:
-        checkpointer.save(2, run.state, _host_state(run, 2))
-    resumed = build_run(cfg)
+        checkpointer.save(2, run.learner.state, host_state_json(run, 2))
+    run.close()
+    cfg.resume = True
+    resumed = build(cfg)
     with Checkpointer(cfg.run_dir) as checkpointer:
-        assert maybe_resume(resumed, checkpointer) == 2
-    check_engine(resumed.model)
+        assert start_or_resume(resumed, checkpointer) == 2
+    check_engine(resumed.worker.engine.model)
+    resumed.close()
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,8 @@ import pytest
 
 from jaxsd import algorithms
 from jaxsd.tasks import default_data_dir, get_task
-from jaxsd.train import loop
+from jaxsd.train import build
+from jaxsd.train.settings import parse_eval_sets, run_settings
 from tests.test_loop import load_config
 
 SCIENCE_METHODS = ("sc_sdpo", "sdpo", "paced", "hard_filter", "srpo", "drift")
@@ -35,7 +36,7 @@ def rollouts(record, responses, task):
 @pytest.mark.parametrize("method", SCIENCE_METHODS)
 def test_paper_preset_gives_p0_science_questions_no_teacher(method):
     cfg = load_config(method, "qwen3_8b")
-    settings = loop.run_settings(cfg)
+    settings = run_settings(cfg)
     task = get_task(settings.data.task_name, **dict(settings.data.task_kwargs))
     record = task.load("train")[0]
     wrong = [x for x in "ABCD" if x != record["answer"]]
@@ -68,7 +69,7 @@ def test_paper_preset_gives_p0_science_questions_no_teacher(method):
 def test_sciknoweval_trains_and_evaluates_one_domain(domain):
     cfg = load_config("sc_sdpo", "qwen3_8b")
     cfg.task.name = f"sciknoweval_{domain}"  # --config.task.name=sciknoweval_<domain>
-    task, train, test, eval_sets = loop.load_data(loop.run_settings(cfg).data)
+    task, train, test, eval_sets = build.load_data(run_settings(cfg).data)
     assert {r["domain"] for r in train} == {r["domain"] for r in test} == {domain}
     assert [(name, len(records)) for name, _, records in eval_sets] == [(task.name, len(test))]
 
@@ -76,7 +77,7 @@ def test_sciknoweval_trains_and_evaluates_one_domain(domain):
 def test_ssopd_preset_trains_on_math_and_aime_and_evaluates_three_sets():
     cfg = load_config("ssopd", "qwen3_8b")
     with pytest.warns(UserWarning, match="2 rows have no 'answer'"):
-        task, train, test, eval_sets = loop.load_data(loop.run_settings(cfg).data)
+        task, train, test, eval_sets = build.load_data(run_settings(cfg).data)
         math_train = get_task("math500").load("train")
     aime_train = get_task("aime").load("train")
     # MATH train's 7474 rows less the 2 without a gold answer, and AIME 1983-2023
@@ -91,7 +92,7 @@ def test_ssopd_preset_trains_on_math_and_aime_and_evaluates_three_sets():
         assert [r["id"] for r in records] == [r["id"] for r in get_task(name).load(split)]
     assert task.verify("so \\boxed{12}", train[-1]).reward == float(train[-1]["answer"] == "12")
     with pytest.raises(ValueError, match="task.eval_sets"):
-        loop.parse_eval_sets("aime2024")
+        parse_eval_sets("aime2024")
 
 
 def test_ssopd_fixed_coefficient_ablation():
@@ -144,10 +145,10 @@ def test_tool_use_train_split_fails_before_any_model_load(
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the data was checked")
 
-    monkeypatch.setattr(loop, "from_pretrained", no_model)
-    monkeypatch.setattr(loop, "resolve_model_dir", no_model)
+    monkeypatch.setattr(build, "from_pretrained", no_model)
+    monkeypatch.setattr(build, "resolve_model_dir", no_model)
     with pytest.raises(FileNotFoundError) as err:
-        loop.build_run(cfg)
+        build.build(cfg)
     message = str(err.value)
     assert str(tmp_path / expected) in message and source in message
     assert "JAXSD_DATA_DIR" in message

@@ -22,7 +22,7 @@ from jaxsd.rollout import (
     VllmWorkerConfig,
     vllm_engine,
 )
-from jaxsd.train import loop
+from jaxsd.train.rollout_worker import PublishedWeights, RolloutWorker, rollout_timeout_s
 
 FAKE_WORKER = """
 import sys, time
@@ -98,22 +98,21 @@ def test_a_stopped_worker_is_reported_within_the_heartbeat_timeout(engine):
 
 
 def test_the_trainer_restarts_a_stalled_worker_once_when_asked(engine):
-    # the run's settings as loop.run_settings builds them from rollout.{timeout_s,restart_...}
-    settings = types.SimpleNamespace(
-        engine=types.SimpleNamespace(timeout_s=0.0, restart_on_failure=True)
-    )
-    run = types.SimpleNamespace(settings=settings, engine=engine, sync=object(),
-                                slowest_rollout_s=0.0, worker_restarts=0)  # fmt: skip
-    loop.generate_rollouts(run, [[1, 2]], 2, QUICK)
+    # the engine settings as run_settings builds them from rollout.{timeout_s,restart_...}
+    engine_settings = types.SimpleNamespace(timeout_s=0.0, restart_on_failure=True)
+    run = RolloutWorker(engine=engine, weights=PublishedWeights(None, None, None), prompts=None,
+                        task=None, stop_ids=(), rollout=None, engine_settings=engine_settings,
+                        seed=0)  # fmt: skip
+    run.generate([[1, 2]], 2, QUICK)
     assert 0.1 <= run.slowest_rollout_s < 5
     # auto timeout: 5x the slowest rollout with a 120 s floor; a set timeout_s wins
-    assert loop.rollout_timeout_s(0.0, run.slowest_rollout_s) == 120.0
-    assert loop.rollout_timeout_s(0.0, 60.0) == 300.0 and loop.rollout_timeout_s(7.0, 60.0) == 7.0
+    assert rollout_timeout_s(0.0, run.slowest_rollout_s) == 120.0
+    assert rollout_timeout_s(0.0, 60.0) == 300.0 and rollout_timeout_s(7.0, 60.0) == 7.0
     first_pid = engine.pid
     os.kill(first_pid, signal.SIGSTOP)
-    result = loop.generate_rollouts(run, [[1, 2]], 2, QUICK)  # restarted once, then served
-    assert len(result.token_ids) == 2 and run.worker_restarts == 1
+    result = run.generate([[1, 2]], 2, QUICK)  # restarted once, then served
+    assert len(result.token_ids) == 2 and run.restarts == 1
     assert engine.pid != first_pid and engine.alive
     os.kill(engine.pid, signal.SIGSTOP)  # a second failure is reported, not retried forever
     with pytest.raises(RolloutTimeoutError, match="no heartbeat"):
-        loop.generate_rollouts(run, [[1, 2]], 2, QUICK)
+        run.generate([[1, 2]], 2, QUICK)

@@ -157,7 +157,9 @@ def test_overlong_prompts_are_dropped_and_counted_never_cut(tmp_path):
     from transformers import AutoTokenizer
 
     from configs import sdpo
-    from jaxsd.train.loop import _fitting_prompts, run_settings
+    from jaxsd.train.build import fitting_prompts
+    from jaxsd.train.rollout_worker import ChatPrompts
+    from jaxsd.train.settings import run_settings
 
     tokenizer = AutoTokenizer.from_pretrained(REPO / "assets" / "tiny_base")
     rows = [{"prompt": " ".join(["word"] * n), "answer": "1"} for n in (1, 40, 3, 90, 7, 200)]
@@ -169,21 +171,26 @@ def test_overlong_prompts_are_dropped_and_counted_never_cut(tmp_path):
         )
         return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
+    def _fit(settings, tokenizer, task, records, split):
+        return fitting_prompts(
+            settings, ChatPrompts(tokenizer, settings.prompts), task, records, split
+        )
+
     lengths = [length(r) for r in task.load("train")]
     cfg = sdpo.get_config("smoke")
     cfg.task.max_prompt_len = sorted(lengths)[3]  # the 4 shortest fit, 2 do not
     records = task.load("train")
-    kept, stats = _fitting_prompts(run_settings(cfg), tokenizer, task, records, "train")
+    kept, stats = _fit(run_settings(cfg), tokenizer, task, records, "train")
     want = [r["prompt"] for r, n in zip(rows, lengths, strict=True) if n <= sorted(lengths)[3]]
     assert [r["prompt"] for r in kept] == want and len(want) == 4
     assert stats == {"data/train_prompts": 4.0, "data/train_overlong": 2.0}
     cfg.task.overlong_prompts = "error"
     with pytest.raises(ValueError, match="2 of 6 train prompts are longer than task.max_prompt"):
-        _fitting_prompts(run_settings(cfg), tokenizer, task, records, "train")
+        _fit(run_settings(cfg), tokenizer, task, records, "train")
     cfg.task.overlong_prompts = "filter"
     cfg.task.max_prompt_len = 2  # nothing fits: an error, not an empty run
     with pytest.raises(ValueError, match="6 of 6 train prompts"):
-        _fitting_prompts(run_settings(cfg), tokenizer, task, records, "train")
+        _fit(run_settings(cfg), tokenizer, task, records, "train")
 
 
 def test_eval_and_compare_see_file_tasks(tmp_path, tiny_model_dir, repo_module):

@@ -41,19 +41,21 @@ def _fake_round_machinery(monkeypatch, rounds_rewards):
     """Replace sampling/updating with scripted rewards; record what the rounds did."""
     calls = {"collect": [], "update": [], "publish": []}
 
-    def collect(run, records, step, *, n, purpose):
+    def collect(records, step, *, n, purpose):
         calls["collect"].append((step, n, purpose))
         group = SimpleNamespace(rewards=np.asarray(rounds_rewards[step], np.float64))
         return [group], {}
 
-    monkeypatch.setattr(tt_lib.loop, "collect_groups", collect)
-    monkeypatch.setattr(tt_lib.loop, "update_on_groups",
+    monkeypatch.setattr(tt_lib.loop, "learn_on_groups",
                         lambda run, groups, step, epoch: calls["update"].append(step))  # fmt: skip
-    monkeypatch.setattr(tt_lib.loop, "_publish", lambda run, step: calls["publish"].append(step))
+    worker = SimpleNamespace(
+        collect=collect, update_weights=lambda state, step: calls["publish"].append(step)
+    )
     run = SimpleNamespace(
         cfg=SimpleNamespace(seed=0, test_time=SimpleNamespace(k=2, budget=6)),
         algorithm=SimpleNamespace(init_state=lambda seed: "fresh"),
-        state=None,
+        learner=SimpleNamespace(state=None),
+        worker=worker,
     )
     return run, calls
 
@@ -68,7 +70,7 @@ def test_rounds_stop_at_the_first_success_after_one_update_per_failed_round(monk
     assert {c[1] for c in calls["collect"]} == {2} and calls["collect"][0][2] == 1005
     assert calls["publish"] == [0]  # reset to the initial weights first
     assert run.host_state == "fresh"
-    np.testing.assert_array_equal(run.state["w"], initial["w"])
+    np.testing.assert_array_equal(run.learner.state["w"], initial["w"])
 
 
 def test_a_question_never_solved_gets_no_update_after_its_last_round(monkeypatch):

@@ -591,7 +591,7 @@ def test_config_micro_batches_give_the_same_update(mode):
     within 1e-5 relative (fp32 sums in a different order).
     """
     from configs import sdpo
-    from jaxsd.train.loop import step_config
+    from jaxsd.train.settings import step_config
 
     cfg = sdpo.get_config("smoke")
     cfg.optim.micro_batches = 4

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -183,6 +183,9 @@ class HostState:
             ) from err
 
 
+SampleAll = Callable[[], Sequence["Group"]]
+
+
 class Algorithm(Protocol):
     """A method of METHODS.md, host side: verified groups -> per-rollout plans."""
 
@@ -194,6 +197,11 @@ class Algorithm(Protocol):
 
     def step_switches(self) -> dict[str, Any]:
         """Static switches of the train-step factory this method needs."""
+        ...
+
+    def before_training(self, state: HostState, sample_all: SampleAll) -> HostState:
+        """The state for step 0 of a fresh run; `sample_all()` rolls out and verifies every
+        training question once (PACED's offline pass). Most methods need nothing."""
         ...
 
     def plan(

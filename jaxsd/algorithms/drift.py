@@ -133,6 +133,10 @@ class DRIFT:
         """Empty EMA table and buffer; the buffer-draw RNG seeded from `seed`."""
         return base.HostState(rng_state=np.random.PCG64(seed).state)
 
+    def before_training(self, state: base.HostState, sample_all: base.SampleAll) -> base.HostState:
+        """Nothing to prepare."""
+        return state
+
     def step_switches(self) -> dict[str, Any]:
         """Distillation + rhythm-gated surrogate, EMA self-teacher, gate hyper-parameters."""
         return dict(

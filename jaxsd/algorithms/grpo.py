@@ -43,6 +43,10 @@ class GRPO:
         """Stateless."""
         return base.HostState()
 
+    def before_training(self, state: base.HostState, sample_all: base.SampleAll) -> base.HostState:
+        """Nothing to prepare."""
+        return state
+
     def step_switches(self) -> dict[str, Any]:
         """Surrogate only; no teacher forward."""
         return dict(SURROGATE_SWITCHES)

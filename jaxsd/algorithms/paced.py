@@ -48,11 +48,18 @@ def freeze_pass_rates(state: base.HostState, pass_rates: Mapping[str, float]) ->
 class PACED(sdpo.SDPO):
     """SDPO with PACED's frozen, globally normalised question weights.
 
-    `init_state` is empty: the loop calls `freeze_pass_rates` after its offline pass.
+    `init_state` is empty; `before_training` runs the offline pass and freezes its rates.
     """
 
     exponent: float = 1.0
     name: str = "paced"
+
+    def before_training(self, state: base.HostState, sample_all: base.SampleAll) -> base.HostState:
+        """METHODS §5: pass rates of every training question, estimated once, frozen."""
+        rates = estimate_pass_rates(sample_all(), success_threshold=self.success_threshold)
+        print(f"[jaxsd] PACED offline pass: {len(rates)} questions, mean pass rate "
+              f"{np.mean(list(rates.values())):.3f}", flush=True)  # fmt: skip
+        return freeze_pass_rates(state, rates)
 
     def question_weights(self, state: base.HostState) -> dict[str, float]:
         """`w_i` for every question of the dataset (global normalisation), METHODS §5."""

@@ -75,6 +75,10 @@ class SDPO:
         """Stateless: the weights come from this batch (PACED: from its frozen table)."""
         return base.HostState()
 
+    def before_training(self, state: base.HostState, sample_all: base.SampleAll) -> base.HostState:
+        """Nothing to prepare."""
+        return state
+
     def step_switches(self) -> dict[str, Any]:
         """Distillation only, EMA self-teacher."""
         return dict(DISTILL_SWITCHES)

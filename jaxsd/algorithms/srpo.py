@@ -41,6 +41,10 @@ class SRPO:
         """Stateless."""
         return base.HostState()
 
+    def before_training(self, state: base.HostState, sample_all: base.SampleAll) -> base.HostState:
+        """Nothing to prepare."""
+        return state
+
     def step_switches(self) -> dict[str, Any]:
         """Both branches live in one step; EMA self-teacher for the SDPO branch."""
         return dict(

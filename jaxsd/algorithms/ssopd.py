@@ -71,6 +71,10 @@ class SSOPD:
         """Stateless."""
         return base.HostState()
 
+    def before_training(self, state: base.HostState, sample_all: base.SampleAll) -> base.HostState:
+        """Nothing to prepare."""
+        return state
+
     def step_switches(self) -> dict[str, Any]:
         """Surrogate + SSOPD term against the fixed initial teacher."""
         return dict(

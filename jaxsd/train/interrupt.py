@@ -7,10 +7,12 @@ A second SIGINT aborts at once (Python's default: KeyboardInterrupt, no save).
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
 from types import FrameType
+from typing import Any
 
 
 class GracefulStop:
@@ -49,3 +51,27 @@ class GracefulStop:
 
     def __exit__(self, *exc: object) -> None:
         self.restore()
+
+
+def maybe_inject_crash(step: int) -> None:
+    """Crash tests: JAXSD_FAULT_KILL_AT_STEP=n SIGKILLs this process in the middle of step n
+    (1-based), after its rollouts and before its update, as a node failure would."""
+    kill_at = os.environ.get("JAXSD_FAULT_KILL_AT_STEP")
+    if kill_at is not None and int(kill_at) == step + 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def close_on_error(*parts: Any) -> None:
+    """Close Orbax and the engine while an error propagates, without burying it.
+
+    A checkpointer left open keeps Orbax's threads and event loop alive into interpreter
+    shutdown, which then prints pages of "Event loop is closed" after the real error; a
+    failure while closing is reported in one line and the original error stays the last
+    thing printed.
+    """
+    for part in parts:
+        try:
+            part.close()
+        except Exception as err:  # the error in flight is the one to report
+            print(f"[jaxsd] while stopping after an error, {type(part).__name__}.close() "
+                  f"failed too: {type(err).__name__}: {str(err)[:300]}", flush=True)  # fmt: skip

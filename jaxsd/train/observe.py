@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from jaxsd import algorithms
+from jaxsd import metrics as metrics_lib
 from jaxsd.trackers import BACKENDS
 
 SAMPLES = "_samples"  # row key train_one_step returns them under; the loop pops it
@@ -39,7 +40,7 @@ def param_count(state: Any) -> tuple[int, int]:
 def banner(run: Any, *, config_source: str | None, start_step: int) -> str:
     """Lines printed when training starts: where, what, on which devices, fresh or resumed."""
     cfg = run.cfg
-    trainable, total = param_count(run.state)
+    trainable, total = param_count(run.learner.state)
     devices = jax.devices()
     kinds = sorted({d.device_kind for d in devices})
     resumed = f"resumed from step {start_step}" if start_step else "fresh start"
@@ -50,7 +51,7 @@ def banner(run: Any, *, config_source: str | None, start_step: int) -> str:
             f"[jaxsd] run folder: {cfg.run_dir} ({resumed}, {cfg.total_steps} steps)",
             f"[jaxsd] model: {run.model_dir}  parameters {total:,} (trainable {trainable:,})",
             f"[jaxsd] devices: {len(devices)} x {', '.join(kinds)} ({jax.process_count()} "
-            f"process(es)), mesh {dict(run.mesh.shape)}",
+            f"process(es)), mesh {dict(run.learner.mesh.shape)}",
         ]
     )
 
@@ -101,3 +102,13 @@ def sample_rows(groups: Sequence, plans: Sequence, k: int = NUM_SAMPLES) -> list
             }
         )
     return rows
+
+
+def group_metrics(groups: Sequence, plans: Sequence, threshold: float, n: int) -> dict[str, Any]:
+    """Pass-rate statistics and histogram, mean reward and logged samples of one step."""
+    pass_rates = [float(np.mean(g.rewards >= threshold)) for g in groups]
+    stats: dict[str, Any] = metrics_lib.pass_rate_stats(pass_rates)
+    stats[metrics_lib.REWARD] = float(np.mean([r for g in groups for r in g.rewards]))
+    stats[metrics_lib.PASS_RATE_HIST] = metrics_lib.pass_rate_histogram(pass_rates, n)
+    stats[SAMPLES] = sample_rows(groups, plans)
+    return stats

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pathlib
 from collections.abc import Mapping
 from typing import Any
+
+from jaxsd.metrics import read_metrics
 
 _HEADLINE = ("mean@", "maj@", "best@")
 
@@ -38,3 +41,15 @@ def format_summary(summary: Mapping[str, Any]) -> str:
 
 def print_summary(summary: Mapping[str, Any]) -> None:
     print(format_summary(summary), flush=True)
+
+
+def finish_summary(summary: dict[str, Any], run_dir: pathlib.Path) -> dict[str, Any]:
+    """Start vs end evaluation from the whole run's log (a resumed run too) and the plots."""
+    from jaxsd.plots import plot_run
+
+    evals = [r for r in read_metrics(run_dir) if any(k.startswith("eval/") for k in r)]
+    if evals:
+        summary["eval_start"] = {k: v for k, v in evals[0].items() if k.startswith("eval/")}
+        summary["eval_end"] = {k: v for k, v in evals[-1].items() if k.startswith("eval/")}
+    summary["plot"] = plot_run(run_dir)
+    return summary
