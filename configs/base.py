@@ -1,33 +1,129 @@
 """Shared defaults of every method's config; method files override only what differs.
 
-`get_config(arg)` picks a preset:
-- "" / None (default): the embedded CPU run — the shipped tiny Qwen3 `assets/tiny_base`, the
-  offline 1-digit arithmetic task, the embedded JAX sampler, a 1-device mesh, 80 steps.
+The config argument, after the file name's colon, is a comma-separated list in the big_vision
+style: an optional preset name first, then `key=value` settings.
+
+    --config=configs/sc_sdpo.py                        # the default preset
+    --config=configs/sc_sdpo.py:qwen3_8b,steps=50      # a preset and a setting
+    --config=configs/sc_sdpo.py:seed=1,optim.lr=3e-5   # the default preset and two settings
+
+Presets (`PRESETS`):
+- "default" (or nothing): the embedded CPU run — the shipped tiny Qwen3 `assets/tiny_base`,
+  the offline 1-digit arithmetic task, the embedded JAX sampler, a 1-device mesh, 80 steps.
 - "smoke": the tiniest variant (3 steps) that CI runs end to end for every method.
 - "qwen3_8b": the paper's table A.2 (METHODS §10) with vLLM rollouts.
 - "gpu_0p6b": the whole RL step on one H100/H200: a random-init Qwen3-0.6B-shaped model made
   on the fly (no hub), the embedded sampler, 32 questions x 8 rollouts x up to 1024 tokens,
   a few steps with the per-step time split (`bench/gpu_rl_step.sh`).
-Command-line overrides work as usual: `--config.optim.lr=3e-6`.
+
+Settings: any config key by its dotted name (`seed=1`, `optim.lr=3e-5`, `model.remat=true`),
+and the short names in `ALIASES` (`steps` = `total_steps`). A value takes the type of the key's
+default: int, float, bool (`true` / `false`) or str. They are applied last, after the method
+file's own preset changes. A value with a comma, a whole section or None needs the flag form
+`--config.<key>=<value>`, which works as usual and is applied after the argument.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, NamedTuple
 
 import ml_collections
 
 from jaxsd import algorithms
 
 PRESETS = ("default", "smoke", "qwen3_8b", "gpu_0p6b")
+ALIASES = {"steps": "total_steps"}  # short setting names of the config argument
+_BOOLS = {"true": True, "false": False}
 
 
-def parse_preset(arg: str | None) -> str:
-    """`get_config` argument -> preset name ("" and None mean "default")."""
-    preset = arg or "default"
+class ConfigArg(NamedTuple):
+    """`get_config`'s argument, parsed: the preset's name and the settings' raw values."""
+
+    preset: str
+    settings: dict[str, str]  # dotted key (aliases resolved) -> value text
+
+
+def parse_arg(arg: str | None) -> ConfigArg:
+    """Split "[preset][,key=value,...]"; "" and None mean the default preset."""
+    items = [item.strip() for item in (arg or "").split(",")]
+    preset = "default"
+    if "=" not in items[0]:
+        preset = items.pop(0) or "default"
     if preset not in PRESETS:
-        raise ValueError(f"unknown config preset {arg!r}; use one of {PRESETS} (e.g. x.py:smoke)")
-    return preset
+        raise ValueError(
+            f"unknown config preset {preset!r}{'' if arg == preset else f' in {arg!r}'}; "
+            f"use one of {PRESETS}, "
+            "optionally followed by key=value settings (e.g. x.py:smoke or x.py:qwen3_8b,steps=50)"
+        )
+    settings: dict[str, str] = {}
+    for item in items:
+        key, eq, value = (part.strip() for part in item.partition("="))
+        if not eq or not key:
+            raise ValueError(
+                f"config argument {arg!r}: {item!r} is not key=value; the preset's name (one "
+                f"of {PRESETS}) may come first, every other item is key=value, e.g. "
+                "steps=50"
+            )
+        key = ALIASES.get(key, key)
+        if key == "preset":
+            raise ValueError(f"config argument {arg!r}: name the preset first, not as preset=")
+        if key in settings:
+            raise ValueError(f"config argument {arg!r} sets {key} twice")
+        settings[key] = value
+    return ConfigArg(preset, settings)
+
+
+def apply_settings(
+    c: ml_collections.ConfigDict, settings: dict[str, str]
+) -> ml_collections.ConfigDict:
+    """Set each `key=value` of the config argument, typed as the key's default (in place)."""
+    for key, text in settings.items():
+        parent, leaf = _section_of(c, key)
+        parent[leaf] = _typed(key, text, parent.get_type(leaf))
+    return c
+
+
+def _section_of(c: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.ConfigDict, str]:
+    """The section holding the leaf that the dotted `key` names, and the leaf's name."""
+    parts = key.split(".")
+    node = c
+    for depth, part in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict):
+            where = ".".join(parts[:depth])
+            raise ValueError(f"config argument setting {key}: {where} is a value, not a section")
+        if part not in node:
+            from jaxsd.train.validate import unknown_key_error
+
+            raise ValueError(
+                f"config argument setting {key}: {unknown_key_error(c, key)}; settings name any "
+                f"config key, or a short name of {ALIASES}"
+            )
+        if depth < len(parts) - 1:
+            node = node[part]
+    return node, parts[-1]
+
+
+def _typed(key: str, text: str, kind: type) -> Any:
+    """A setting's text as the key's type (int, float, bool or str)."""
+    if kind is bool:
+        if text.lower() not in _BOOLS:
+            raise ValueError(
+                f"config argument setting {key}={text}: {key} is a bool; use true or false"
+            )
+        return _BOOLS[text.lower()]
+    if kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            example = {int: "an int, e.g. 50", float: "a float, e.g. 3e-5"}[kind]
+            raise ValueError(f"config argument setting {key}={text}: {key} is {example}") from None
+    if kind is str:
+        return text
+    raise ValueError(
+        f"config argument setting {key}={text}: {key} is a {kind.__name__}, which the argument "
+        f"cannot set; use --config.{key}=<value>"
+    )
 
 
 def algorithm_config(name: str, **overrides) -> ml_collections.ConfigDict:
@@ -45,8 +141,16 @@ def algorithm_config(name: str, **overrides) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None, *, run_name: str = "sdpo") -> ml_collections.ConfigDict:
-    """Base config of a preset; `algorithm` is SDPO until a method file replaces it."""
-    preset = parse_preset(arg)
+    """The base config of `arg` ("[preset][,key=value,...]"), its settings applied."""
+    arg = parse_arg(arg)
+    return apply_settings(preset_config(arg.preset, run_name=run_name), arg.settings)
+
+
+def preset_config(preset: str, *, run_name: str = "sdpo") -> ml_collections.ConfigDict:
+    """The shared defaults with a preset's changes; `algorithm` is SDPO until a method file
+    replaces it. Method files start here and end with `apply_settings`."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown config preset {preset!r}; use one of {PRESETS}")
     c = ml_collections.ConfigDict()
     c.preset = preset
     c.total_steps = 80  # optimizer steps (the embedded default: ~3 min on a 2-core CPU)

@@ -3,23 +3,16 @@
 Ablation without difficulty routing (every question routed as medium):
 `--config.algorithm.difficulty_routing=False`."""
 
-import pathlib
-import sys
-
-# ml_collections loads config files by path; make the sibling `configs.base` importable.
-_ROOT = str(pathlib.Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from configs import base  # noqa: E402
+from configs import base
 
 
 def get_config(arg=None):
-    """Presets: "" (embedded CPU run), "smoke", "qwen3_8b" (see configs/base.py)."""
-    c = base.get_config(arg, run_name="drift")
+    """`arg`: "[preset][,key=value,...]"; presets and settings: configs/base.py."""
+    arg = base.parse_arg(arg)
+    c = base.preset_config(arg.preset, run_name="drift")
     c.algorithm = base.algorithm_config("drift")
     if c.preset == "smoke":
         c.algorithm.warmup_steps = 1  # reach stage 2 within the 3 smoke steps
     elif c.preset == "default":
         c.algorithm.warmup_steps = 5
-    return c
+    return base.apply_settings(c, arg.settings)

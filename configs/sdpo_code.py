@@ -13,16 +13,9 @@ Presets:
   task.kwargs.path.
 """
 
-import pathlib
-import sys
-
 import ml_collections
 
-_ROOT = str(pathlib.Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from configs import base  # noqa: E402
+from configs import base
 
 
 def sandbox_config(**overrides) -> ml_collections.ConfigDict:
@@ -34,8 +27,9 @@ def sandbox_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def get_config(arg=None):
-    """Presets: "" (embedded CPU run), "smoke", "qwen3_8b" (see the module docstring)."""
-    c = base.get_config(arg, run_name="sdpo_code")
+    """`arg`: "[preset][,key=value,...]"; presets above, settings in configs/base.py."""
+    arg = base.parse_arg(arg)
+    c = base.preset_config(arg.preset, run_name="sdpo_code")
     c.algorithm = base.algorithm_config("sdpo")
     c.task.name = "mbpp"
     # feedback_tokens: budget of the feedback text in the reprompt; workers: programs at once.
@@ -66,4 +60,4 @@ def get_config(arg=None):
         c.loss.alpha = 1.0
         c.loss.top_k = 20
         c.loss.teacher_ema = 0.01
-    return c
+    return base.apply_settings(c, arg.settings)

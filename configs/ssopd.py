@@ -9,20 +9,13 @@ thinking-mode sampling (temperature 0.6, top-p 0.95, top-k 20, min-p 0).
 Ablation: a fixed coefficient instead of frontier weights,
 `--config.algorithm.weighting=fixed --config.algorithm.fixed_weight=1.0`."""
 
-import pathlib
-import sys
-
-# ml_collections loads config files by path; make the sibling `configs.base` importable.
-_ROOT = str(pathlib.Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from configs import base  # noqa: E402
+from configs import base
 
 
 def get_config(arg=None):
-    """Presets: "" (embedded CPU run), "smoke", "qwen3_8b" (see configs/base.py)."""
-    c = base.get_config(arg, run_name="ssopd")
+    """`arg`: "[preset][,key=value,...]"; presets and settings: configs/base.py."""
+    arg = base.parse_arg(arg)
+    c = base.preset_config(arg.preset, run_name="ssopd")
     c.algorithm = base.algorithm_config("ssopd")
     if c.preset == "qwen3_8b":
         c.task.name = "math_aime"  # MATH train (7474) + AIME 1983-2023 (975)
@@ -36,4 +29,4 @@ def get_config(arg=None):
         c.rollout.eval_top_p = 0.95
         c.rollout.eval_top_k = 20
         c.rollout.eval_min_p = 0.0
-    return c
+    return base.apply_settings(c, arg.settings)

@@ -11,16 +11,9 @@ Presets:
 - "qwen3_8b": configs/sdpo_code.py's LiveCodeBench settings with k=8, budget 64 (our default).
 """
 
-import pathlib
-import sys
-
 import ml_collections
 
-_ROOT = str(pathlib.Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from configs import base, sdpo_code  # noqa: E402
+from configs import base, sdpo_code
 
 
 def test_time_config(k: int, budget: int, **overrides) -> ml_collections.ConfigDict:
@@ -40,9 +33,10 @@ def test_time_config(k: int, budget: int, **overrides) -> ml_collections.ConfigD
 
 
 def get_config(arg=None):
-    """Presets: "" (embedded demonstration), "smoke", "qwen3_8b" (see the module docstring)."""
-    preset = base.parse_preset(arg)
-    c = sdpo_code.get_config(arg) if preset == "qwen3_8b" else base.get_config(arg)
+    """`arg`: "[preset][,key=value,...]"; presets above, settings in configs/base.py."""
+    arg = base.parse_arg(arg)
+    preset = arg.preset
+    c = sdpo_code.get_config(preset) if preset == "qwen3_8b" else base.preset_config(preset)
     c.algorithm = base.algorithm_config("sdpo")
     c.run_dir = f"runs/test_time_sdpo_{preset}_{{hash}}"
     c.eval_every = 0
@@ -54,4 +48,4 @@ def get_config(arg=None):
     elif preset == "smoke":
         c.test_time = test_time_config(2, 4, select="all", num_questions=2)
     c.rollout.n = c.test_time.k
-    return c
+    return base.apply_settings(c, arg.settings)

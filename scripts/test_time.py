@@ -13,6 +13,8 @@ import sys
 from absl import app, logging
 from ml_collections import config_flags
 
+import configs
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "test-time config file[:preset]")
 
 
@@ -29,4 +31,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = configs.resolve_argv(sys.argv)  # configs/<file>.py from any working directory
     sys.exit(app.run(main))

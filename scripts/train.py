@@ -1,5 +1,8 @@
 """Train with any method of METHODS.md: `python scripts/train.py --config=configs/<method>.py`.
 
+The config argument picks a preset and settings: `--config=configs/sc_sdpo.py:qwen3_8b,steps=50`
+(configs/base.py). `configs/<method>.py` is found from any working directory.
+
 Overrides: `--config.optim.lr=3e-6 --config.seed=1 --config.rollout.engine=vllm`.
 `--print_config` lists every config key with its value (defaults + overrides) and exits.
 Ctrl-C finishes the step in progress, saves a checkpoint and exits with status 130; the same
@@ -131,6 +134,8 @@ def check_override_keys(argv: list[str]) -> None:
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
         cfg = module.get_config(arg) if has_arg else module.get_config()
+    except ValueError as err:  # a bad preset or setting: the message names it, no traceback
+        raise SystemExit(f"train.py: {err}") from None
     except Exception:  # config_flags reports a config file that does not load
         return
     from jaxsd.train.validate import unknown_key_error
@@ -142,6 +147,20 @@ def check_override_keys(argv: list[str]) -> None:
                 raise SystemExit(f"train.py: {message}")
 
 
+def resolve_config_argv(argv: list[str]) -> list[str]:
+    """`--config=configs/<method>.py` found from any working directory (configs.resolve_path);
+    exit with the fix when the project's `configs` package is not installed."""
+    try:
+        import configs
+    except ModuleNotFoundError:
+        raise SystemExit(
+            "train.py: the `configs` package is not importable; install the project "
+            "(scripts/setup.sh, or `pip install -e .` in the repository)"
+        ) from None
+    return configs.resolve_argv(argv)
+
+
 if __name__ == "__main__":
+    sys.argv = resolve_config_argv(sys.argv)
     check_override_keys(sys.argv)
     sys.exit(app.run(main))
