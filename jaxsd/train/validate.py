@@ -206,10 +206,66 @@ def unknown_key_error(cfg: Any, dotted: str) -> str | None:
     return None
 
 
-def validate_config(
-    cfg: Any, *, vocab_size: int | None = None, num_devices: int | None = None
-) -> None:
-    """Raise ValueError naming the first invalid key and the fix; None when the config is good."""
+# Keys checked only where the config has them (older or hand-made configs may not).
+_SECTION_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "loss.is_clip": (lambda v: _number(v) and v > 0, "use a cap > 0 (SDPO: 2)"),
+    "loss.clip_low": (lambda v: _number(v) and 0 <= v < 1, "use 0 <= clip_low < 1"),
+    "loss.rollout_is": (lambda v: isinstance(v, bool), "use True or False"),
+    "loss.rollout_is_threshold": (lambda v: _number(v) and v > 0, "use a cap C > 0 (2)"),
+    "loss.policy_loss": (lambda v: v in POLICY_LOSSES, f"use one of {POLICY_LOSSES}"),
+    "loss.loss_agg_norm": (
+        lambda v: v is None or (_number(v) and v > 0),
+        "use None (the padded response length) or a constant > 0",
+    ),
+    "loss.clip_high": (lambda v: _number(v) and v >= 0, "use clip_high >= 0"),
+    "loss.dual_clip": (lambda v: v is None or (_number(v) and v > 1), "use None or c > 1"),
+    "loss.teacher_ema": (lambda v: _number(v) and 0 < v <= 1, "use 0 < λ <= 1"),
+    "loss.kl_coef": (lambda v: _number(v) and v >= 0, "use a coefficient >= 0"),
+    "loss.kl_estimator": (lambda v: v in KL_ESTIMATORS, f"use one of {KL_ESTIMATORS}"),
+    "loss.chunk_size": (lambda v: _int(v) and v >= 1, "use an integer >= 1"),
+    "loss.topk_block": (lambda v: v is None or (_int(v) and v >= 1), "use None or >= 1"),
+    "optim.weight_decay": (lambda v: _number(v) and v >= 0, "use a decay >= 0"),
+    "optim.grad_clip": (lambda v: _number(v) and v > 0, "use a global-norm clip > 0"),
+    "optim.warmup_steps": (lambda v: _int(v) and v >= 0, "use an integer >= 0"),
+    "optim.schedule": (lambda v: v in SCHEDULES, f"use one of {SCHEDULES}"),
+    "optim.b1": (lambda v: _number(v) and 0 <= v < 1, "use 0 <= b1 < 1 (Adam: 0.9)"),
+    "optim.b2": (lambda v: _number(v) and 0 <= v < 1, "use 0 <= b2 < 1 (Adam: 0.999)"),
+    "optim.eps": (lambda v: _number(v) and v > 0, "use eps > 0 (Adam: 1e-8); 0 divides 0/0"),
+    "rollout.eval_n": (lambda v: _int(v) and v >= 1, "use an integer >= 1"),
+    "rollout.eval_top_p": (lambda v: _number(v) and 0 < v <= 1, "use 0 < eval_top_p <= 1"),
+    "rollout.eval_temperature": (lambda v: _number(v) and v >= 0, "use >= 0 (0 = greedy)"),
+    "rollout.eval_questions": (lambda v: _int(v) and v >= 0, "use >= 0 (0 = whole split)"),
+    "rollout.timeout_s": (lambda v: _number(v) and v >= 0, "use seconds >= 0 (0 = auto)"),
+    "rollout.restart_on_failure": (lambda v: isinstance(v, bool), "use True or False"),
+    "task.max_reprompt_len": (lambda v: _int(v) and v >= 1, "use an integer >= 1"),
+    "model.param_dtype": (lambda v: v in MODEL_DTYPES, f"use one of {MODEL_DTYPES}"),
+    "model.compute_dtype": (lambda v: v in MODEL_DTYPES, f"use one of {MODEL_DTYPES}"),
+    "model.attention": (lambda v: v in ATTENTION_IMPLS, f"use one of {ATTENTION_IMPLS}"),
+    "model.remat": (lambda v: isinstance(v, bool), "use True or False"),
+    "task.overlong_prompts": (lambda v: v in ("filter", "error"), "use 'filter' or 'error'"),
+    "task.max_prompt_len": (lambda v: _int(v) and v >= 1, "use an integer >= 1"),
+    "model.enable_thinking": (
+        lambda v: v is None or isinstance(v, bool),
+        "use True, False or None (None = the chat template's default)",
+    ),
+    "rollout.eval_top_k": (lambda v: _int(v) and v >= 0, "use an integer >= 0 (0 = off)"),
+    "rollout.eval_min_p": (lambda v: _number(v) and 0 <= v <= 1, "use 0 <= min_p <= 1"),
+    "task.eval_sets": (lambda v: isinstance(v, str), "use 'task:split,...' or ''"),
+}
+# CISPO's IS weight may drop its lower bound: clip_low = 1 clips at 0 (the paper's).
+_CISPO_CLIP_LOW = (
+    lambda v: _number(v) and 0 <= v <= 1,
+    "use 0 <= clip_low <= 1 with policy_loss='cispo'",
+)
+_TOP_LEVEL_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "keep_checkpoints": (lambda v: _int(v) and v >= 1, "keep >= 1 (resume needs one)"),
+    "resume_step": (lambda v: v is None or (_int(v) and v >= 1), "use None or a step >= 1"),
+    "paced_offline_n": (lambda v: _int(v) and v >= 1, "use >= 1 rollouts per question"),
+}
+
+
+def _check_run(cfg: Any) -> None:
+    """Every required key is there; the run's own keys (steps, seed, folder, schedule)."""
     for key in REQUIRED_KEYS:
         _get(cfg, key)
     _check(cfg, "total_steps", lambda v: _int(v) and v >= 1, "use an integer >= 1")
@@ -219,6 +275,9 @@ def validate_config(
     for key in ("eval_every", "checkpoint_every"):
         _check(cfg, key, lambda v: _int(v) and v >= 0, "use an integer >= 0 (0 = never)")
 
+
+def _check_rollout(cfg: Any) -> None:
+    """Engine and training-sampling keys, and the questions per step."""
     _check(cfg, "rollout.engine", lambda v: v in ENGINES, f"use one of {ENGINES}")
     _check(cfg, "rollout.n", lambda v: _int(v) and v >= 2, "use >= 2 rollouts per question")
     _check(cfg, "rollout.temperature", lambda v: _number(v) and v > 0, "use a temperature > 0")
@@ -229,6 +288,9 @@ def validate_config(
     _check(cfg, "rollout.kv_cache_dtype", lambda v: v in kv_dtypes, f"use one of {kv_dtypes}")
     _check(cfg, "task.questions_per_step", lambda v: _int(v) and v >= 1, "use an integer >= 1")
 
+
+def _check_algorithm(cfg: Any) -> None:
+    """A registered method whose own dataclass accepts `algorithm.*`."""
     name = _get(cfg, "algorithm.name")
     if name not in algorithms.REGISTRY:
         raise ValueError(
@@ -239,6 +301,9 @@ def validate_config(
     except TypeError as err:
         raise ValueError(f"config algorithm.* has a value of the wrong type: {err}") from err
 
+
+def _check_loss(cfg: Any, vocab_size: int | None) -> None:
+    """The distillation divergence's top-k (within the vocabulary), alpha and aggregation."""
     top_k_rule = "use None (full vocabulary) or an integer >= 1"
     if vocab_size is not None:
         top_k_rule += f" and <= the vocab size {vocab_size}"
@@ -250,79 +315,31 @@ def validate_config(
     )
     _check(cfg, "loss.alpha", lambda v: _number(v) and 0 <= v <= 1, "alpha must lie in [0, 1]")
     _check(cfg, "loss.loss_agg_mode", lambda v: v in LOSS_AGG_MODES, f"use one of {LOSS_AGG_MODES}")
-    optional = {
-        "loss.is_clip": (lambda v: _number(v) and v > 0, "use a cap > 0 (SDPO: 2)"),
-        "loss.clip_low": (lambda v: _number(v) and 0 <= v < 1, "use 0 <= clip_low < 1"),
-        "loss.rollout_is": (lambda v: isinstance(v, bool), "use True or False"),
-        "loss.rollout_is_threshold": (lambda v: _number(v) and v > 0, "use a cap C > 0 (2)"),
-        "loss.policy_loss": (lambda v: v in POLICY_LOSSES, f"use one of {POLICY_LOSSES}"),
-        "loss.loss_agg_norm": (
-            lambda v: v is None or (_number(v) and v > 0),
-            "use None (the padded response length) or a constant > 0",
-        ),
-        "loss.clip_high": (lambda v: _number(v) and v >= 0, "use clip_high >= 0"),
-        "loss.dual_clip": (lambda v: v is None or (_number(v) and v > 1), "use None or c > 1"),
-        "loss.teacher_ema": (lambda v: _number(v) and 0 < v <= 1, "use 0 < λ <= 1"),
-        "loss.kl_coef": (lambda v: _number(v) and v >= 0, "use a coefficient >= 0"),
-        "loss.kl_estimator": (lambda v: v in KL_ESTIMATORS, f"use one of {KL_ESTIMATORS}"),
-        "loss.chunk_size": (lambda v: _int(v) and v >= 1, "use an integer >= 1"),
-        "loss.topk_block": (lambda v: v is None or (_int(v) and v >= 1), "use None or >= 1"),
-        "optim.weight_decay": (lambda v: _number(v) and v >= 0, "use a decay >= 0"),
-        "optim.grad_clip": (lambda v: _number(v) and v > 0, "use a global-norm clip > 0"),
-        "optim.warmup_steps": (lambda v: _int(v) and v >= 0, "use an integer >= 0"),
-        "optim.schedule": (lambda v: v in SCHEDULES, f"use one of {SCHEDULES}"),
-        "optim.b1": (lambda v: _number(v) and 0 <= v < 1, "use 0 <= b1 < 1 (Adam: 0.9)"),
-        "optim.b2": (lambda v: _number(v) and 0 <= v < 1, "use 0 <= b2 < 1 (Adam: 0.999)"),
-        "optim.eps": (lambda v: _number(v) and v > 0, "use eps > 0 (Adam: 1e-8); 0 divides 0/0"),
-        "rollout.eval_n": (lambda v: _int(v) and v >= 1, "use an integer >= 1"),
-        "rollout.eval_top_p": (lambda v: _number(v) and 0 < v <= 1, "use 0 < eval_top_p <= 1"),
-        "rollout.eval_temperature": (lambda v: _number(v) and v >= 0, "use >= 0 (0 = greedy)"),
-        "rollout.eval_questions": (lambda v: _int(v) and v >= 0, "use >= 0 (0 = whole split)"),
-        "rollout.timeout_s": (lambda v: _number(v) and v >= 0, "use seconds >= 0 (0 = auto)"),
-        "rollout.restart_on_failure": (lambda v: isinstance(v, bool), "use True or False"),
-        "task.max_reprompt_len": (lambda v: _int(v) and v >= 1, "use an integer >= 1"),
-        "model.param_dtype": (lambda v: v in MODEL_DTYPES, f"use one of {MODEL_DTYPES}"),
-        "model.compute_dtype": (lambda v: v in MODEL_DTYPES, f"use one of {MODEL_DTYPES}"),
-        "model.attention": (lambda v: v in ATTENTION_IMPLS, f"use one of {ATTENTION_IMPLS}"),
-        "model.remat": (lambda v: isinstance(v, bool), "use True or False"),
-        "task.overlong_prompts": (lambda v: v in ("filter", "error"), "use 'filter' or 'error'"),
-        "task.max_prompt_len": (lambda v: _int(v) and v >= 1, "use an integer >= 1"),
-        "model.enable_thinking": (
-            lambda v: v is None or isinstance(v, bool),
-            "use True, False or None (None = the chat template's default)",
-        ),
-        "rollout.eval_top_k": (lambda v: _int(v) and v >= 0, "use an integer >= 0 (0 = off)"),
-        "rollout.eval_min_p": (lambda v: _number(v) and 0 <= v <= 1, "use 0 <= min_p <= 1"),
-        "task.eval_sets": (lambda v: isinstance(v, str), "use 'task:split,...' or ''"),
-    }
-    loss = _get(cfg, "loss")
-    if loss.get("policy_loss") == "cispo":
-        # CISPO's IS weight may drop its lower bound: clip_low = 1 clips at 0 (the paper's).
-        optional["loss.clip_low"] = (
-            lambda v: _number(v) and 0 <= v <= 1,
-            "use 0 <= clip_low <= 1 with policy_loss='cispo'",
-        )
-    for key, (ok, rule) in optional.items():
+
+
+def _check_optional_keys(cfg: Any) -> None:
+    """`_SECTION_RULES` and `_TOP_LEVEL_RULES` for the keys the config has."""
+    rules = dict(_SECTION_RULES)
+    if _get(cfg, "loss").get("policy_loss") == "cispo":
+        rules["loss.clip_low"] = _CISPO_CLIP_LOW
+    for key, (ok, rule) in rules.items():
         section, field = key.split(".")
         if field in _get(cfg, section):
             _check(cfg, key, ok, rule)
-    top_level = {
-        "keep_checkpoints": (lambda v: _int(v) and v >= 1, "keep >= 1 (resume needs one)"),
-        "resume_step": (lambda v: v is None or (_int(v) and v >= 1), "use None or a step >= 1"),
-        "paced_offline_n": (lambda v: _int(v) and v >= 1, "use >= 1 rollouts per question"),
-    }
-    for key, (ok, rule) in top_level.items():
+    for key, (ok, rule) in _TOP_LEVEL_RULES.items():
         if key in cfg:
             _check(cfg, key, ok, rule)
-    _check_task(cfg)
-    _check(cfg, "optim.lr", lambda v: _number(v) and v > 0, "the learning rate must be > 0")
+
+
+def _check_model(cfg: Any) -> None:
+    """LoRA, and model switches that another key rules out (thinking, cuDNN attention)."""
     model = _get(cfg, "model")
     if "lora" in model:
         _check_lora(cfg)
     algorithm = _get(cfg, "algorithm")
     if model.get("enable_thinking") is True and not algorithm.get("keep_thinking", True):
         raise ValueError(
-            f"config model.enable_thinking=True with algorithm.name={name!r} and "
+            f"config model.enable_thinking=True with algorithm.name={algorithm['name']!r} and "
             "algorithm.keep_thinking=False would strip y+'s <think> reasoning from SSOPD's "
             "privileged context; set --config.algorithm.keep_thinking=True"
         )
@@ -332,9 +349,9 @@ def validate_config(
             "attention has no fp32 kernel); set compute_dtype or use attention='jaxsd'"
         )
 
-    if "vllm" in _get(cfg, "rollout"):
-        _check_vllm_rollout(cfg)
 
+def _check_batch(cfg: Any, num_devices: int | None) -> None:
+    """The mesh resolves on the devices and the batch splits over its shards and micro-batches."""
     shape = mesh_shape(cfg, num_devices)
     batch_shards = shape["data"] * shape["fsdp"]
     batch = _get(cfg, "task.questions_per_step") * _get(cfg, "rollout.n")
@@ -344,3 +361,20 @@ def validate_config(
             f"mesh.data × mesh.fsdp = {batch_shards}; change task.questions_per_step or the mesh"
         )
     _check_micro_batches(cfg, batch, batch_shards if batch_shards > 0 else 1)
+
+
+def validate_config(
+    cfg: Any, *, vocab_size: int | None = None, num_devices: int | None = None
+) -> None:
+    """Raise ValueError naming the first invalid key and the fix; None when the config is good."""
+    _check_run(cfg)
+    _check_rollout(cfg)
+    _check_algorithm(cfg)
+    _check_loss(cfg, vocab_size)
+    _check_optional_keys(cfg)
+    _check_task(cfg)
+    _check(cfg, "optim.lr", lambda v: _number(v) and v > 0, "the learning rate must be > 0")
+    _check_model(cfg)
+    if "vllm" in _get(cfg, "rollout"):
+        _check_vllm_rollout(cfg)
+    _check_batch(cfg, num_devices)
