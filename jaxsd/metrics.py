@@ -168,6 +168,14 @@ def flatten_config(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def discard_metrics(run_dir: str | os.PathLike) -> None:
+    """Remove the metrics of a run that is starting over (no checkpoint to continue from)."""
+    path = os.path.join(os.fspath(run_dir), METRICS_FILE)
+    if os.path.exists(path):
+        print(f"[jaxsd] no checkpoint in {os.fspath(run_dir)}: starting over, replacing {path}")
+        os.remove(path)
+
+
 class MetricsWriter:
     """JSONL + TensorBoard writer of per-step metrics; a no-op on processes other than 0."""
 

@@ -82,11 +82,9 @@ def _records(run: Run, tt: Any) -> list[dict]:
 
 def _base_rewards(run: Run, records: list[dict], n: int, purpose: int) -> np.ndarray:
     """[Q, n] rewards of the unchanged model (weights step 0), in chunks of questions."""
-    out = []
     per_call = max(1, run.cfg.test_time.base_questions_per_call)
-    for start in range(0, len(records), per_call):
-        groups, _ = run.worker.collect(records[start : start + per_call], 0, n=n, purpose=purpose)
-        out.extend(np.asarray(g.rewards, np.float64) for g in groups)
+    groups = run.worker.collect_all(records, per_call, n, purpose)
+    out = [np.asarray(g.rewards, np.float64) for g in groups]
     return np.stack(out)
 
 

@@ -247,4 +247,3 @@ def check_feedback_style(feedback_style: str) -> str:
     if feedback_style not in FEEDBACK_STYLES:
         raise ValueError(f"feedback_style={feedback_style!r}; use one of {FEEDBACK_STYLES}")
     return feedback_style
-

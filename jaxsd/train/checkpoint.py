@@ -247,6 +247,23 @@ class Checkpointer:
         """Finalised steps on disk, ascending."""
         return sorted(self._manager.all_steps())
 
+    def will_resume(self, resume: bool, resume_step: int | None) -> bool:
+        """Whether a run with these `resume` / `resume_step` settings restores a checkpoint;
+        refuses to overwrite checkpoints without `resume` or to go back to a missing one."""
+        if resume and self.latest_step() is not None:
+            return True
+        if self.latest_step() is not None:
+            raise FileExistsError(
+                f"{self.directory} already holds checkpoints and resume=False; pass "
+                "--config.resume=True to continue the run or pick a new --config.run_dir"
+            )
+        if resume_step is not None:
+            raise ValueError(
+                f"config resume_step={resume_step} needs resume=True and a checkpoint in "
+                f"{self.directory}; have {self.all_steps()}"
+            )
+        return False
+
     def best_step(self) -> int | None:
         """Step with the best `best_metric` (latest step when no metric is tracked)."""
         return self._manager.best_step()

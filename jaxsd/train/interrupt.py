@@ -61,6 +61,12 @@ def maybe_inject_crash(step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def close_all(*parts: Any) -> None:
+    """Close each part in order (checkpoints first: they may still be writing)."""
+    for part in parts:
+        part.close()
+
+
 def close_on_error(*parts: Any) -> None:
     """Close Orbax and the engine while an error propagates, without burying it.
 

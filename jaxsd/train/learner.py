@@ -79,8 +79,8 @@ class Learner:
     vocab_size: int  # the model's; build_batch rejects token ids outside it
     teacher_forward: Callable | None = None  # profile_teacher_forward: a lone teacher forward
 
-    def learn(self, groups: Sequence, plans: Sequence, step: int) -> tuple[dict[str, Any], Any]:
-        """Optimizer step `step` + 1 on these plans; returns (metrics, this process's batch)."""
+    def learn(self, groups: Sequence, plans: Sequence, step: int) -> dict[str, Any]:
+        """Optimizer step `step` + 1 on these plans; returns its metrics."""
         samples, lengths = process_rows(plans_to_samples(self.prompts, groups, plans))
         local = build_batch(
             samples, pad_id=self.pad_id, length_buckets=LENGTH_BUCKETS,
@@ -104,7 +104,7 @@ class Learner:
         stats["perf/batch_shape"] = list(local.student_tokens.shape) + [
             local.response_tokens.shape[1]
         ]
-        return stats, local
+        return stats
 
     def _time_teacher_forward(self, batch: Any) -> float:
         """Seconds of the teacher's forward alone on this step's batch (an extra pass; the train

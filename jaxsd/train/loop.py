@@ -10,6 +10,7 @@ optimizer, step, RNG) and the algorithm's host state; the data position is the s
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 import time
@@ -22,8 +23,8 @@ from jaxsd import metrics as metrics_lib
 from jaxsd.train import data, observe, run_config
 from jaxsd.train.build import Run, build
 from jaxsd.train.checkpoint import Checkpointer
-from jaxsd.train.interrupt import GracefulStop, close_on_error, maybe_inject_crash
-from jaxsd.train.report import finish_summary
+from jaxsd.train.interrupt import GracefulStop, close_all, close_on_error, maybe_inject_crash
+from jaxsd.train.report import finish_summary, print_interrupted
 from jaxsd.train.run_lock import lock_run_dir
 from jaxsd.train.validate import validate_config
 
@@ -52,7 +53,7 @@ def learn_on_groups(run: Run, groups: Sequence, step: int, epoch: int) -> dict[s
     Test-time self-distillation (jaxsd.test_time) calls it on its one question's groups.
     """
     plans, run.host_state, algo_metrics = run.algorithm.plan(groups, run.host_state, epoch=epoch)
-    learned, _ = run.learner.learn(groups, plans, step)
+    learned = run.learner.learn(groups, plans, step)
     stats = run.worker.update_weights(run.learner.state, step + 1)
     threshold = getattr(run.algorithm, "success_threshold", 0.5)
     stats.update(observe.group_metrics(groups, plans, threshold, run.settings.rollout.n))
@@ -67,18 +68,6 @@ def evaluate_now(run: Run) -> dict[str, float]:
     return run.worker.evaluate(run.data.eval_sets, run.settings.evaluation)
 
 
-def _sample_all(run: Run) -> list:
-    """Every training question rolled out once (`paced_offline_n` each) and verified."""
-    q, records, groups = run.settings.data.questions_per_step, run.data.train_records, []
-    for start in range(0, len(records), q):
-        chunk, _ = run.worker.collect(
-            records[start : start + q], 0, n=run.settings.loop.paced_offline_n,
-            purpose=OFFLINE_PURPOSE,
-        )  # fmt: skip
-        groups.extend(chunk)
-    return groups
-
-
 def start_or_resume(run: Run, checkpointer: Checkpointer) -> int:
     """The step to start from: a restored checkpoint (with `resume`), else 0 after the
     algorithm's preparation. The worker serves that step's weights afterwards.
@@ -86,26 +75,20 @@ def start_or_resume(run: Run, checkpointer: Checkpointer) -> int:
     With `resume_step=N`, steps newer than N are moved to `<run_dir>/superseded_checkpoints/`
     (kept, not deleted) so that the run can save them anew.
     """
-    loop, latest = run.settings.loop, checkpointer.latest_step()
-    if loop.resume and latest is not None:
+    loop = run.settings.loop
+    if checkpointer.will_resume(loop.resume, loop.resume_step):
         step, run.host_state = run.learner.restore(checkpointer, loop.resume_step)
         if loop.resume_step is not None:
             checkpointer.set_aside_after(loop.resume_step)
         run.worker.update_weights(run.learner.state, step)
         print(f"[jaxsd] resumed from {checkpointer.directory}/{step}", flush=True)
         return step
-    if latest is not None:
-        raise FileExistsError(
-            f"run_dir={loop.run_dir!r} already holds checkpoints and resume=False; pass "
-            "--config.resume=True to continue it or pick a new --config.run_dir"
-        )
-    if loop.resume_step is not None:
-        raise ValueError(
-            f"config resume_step={loop.resume_step} needs resume=True and a checkpoint in "
-            f"{checkpointer.directory}; have {checkpointer.all_steps()}"
-        )
     run.worker.update_weights(run.learner.state, 0)
-    run.host_state = run.algorithm.before_training(run.host_state, lambda: _sample_all(run))
+    q, n = run.settings.data.questions_per_step, run.settings.loop.paced_offline_n
+    sample_all = functools.partial(
+        run.worker.collect_all, run.data.train_records, q, n, OFFLINE_PURPOSE
+    )
+    run.host_state = run.algorithm.before_training(run.host_state, sample_all)
     return 0
 
 
@@ -159,31 +142,21 @@ def _train(run: Run, config_source: str | None) -> dict[str, Any]:
         failed = False
     finally:
         stop.restore()
-        (close_on_error if failed else _close)(checkpointer, run)
+        (close_on_error if failed else close_all)(checkpointer, run)
     if stop.requested:
         summary["interrupted"] = True
-        saved = f"saved in {checkpointer.directory}" if done > start else "nothing new to save"
-        print(f"[jaxsd] stopped by Ctrl-C at step {done} ({saved}); run the same command again "
-              "to continue", flush=True)  # fmt: skip
+        print_interrupted(done, checkpointer.directory if done > start else None)
     if is_main and done > 0:
         finish_summary(summary, run_dir)
     summary["end_step"] = done
     return summary
 
 
-def _close(*parts: Any) -> None:
-    for part in parts:
-        part.close()
-
-
 def _steps(run: Run, checkpointer: Checkpointer, start: int, stop: GracefulStop, summary: dict):
     """Steps `start` .. total_steps (or until Ctrl-C); returns the last step done."""
     loop, is_main = run.settings.loop, jax.process_index() == 0
-    metrics_path = pathlib.Path(loop.run_dir) / metrics_lib.METRICS_FILE
-    if start == 0 and is_main and metrics_path.exists():
-        # A run that died before its first checkpoint restarts from scratch.
-        print(f"[jaxsd] no checkpoint in {loop.run_dir}: starting over, replacing {metrics_path}")
-        metrics_path.unlink()
+    if start == 0 and is_main:  # a run that died before its first checkpoint starts over
+        metrics_lib.discard_metrics(loop.run_dir)
     writer = metrics_lib.MetricsWriter(
         pathlib.Path(loop.run_dir), is_main_process=is_main, resume_step=start or None,
         backends=loop.log_backends, config=run_config.config_dict(run.cfg),

@@ -53,3 +53,10 @@ def finish_summary(summary: dict[str, Any], run_dir: pathlib.Path) -> dict[str, 
         summary["eval_end"] = {k: v for k, v in evals[-1].items() if k.startswith("eval/")}
     summary["plot"] = plot_run(run_dir)
     return summary
+
+
+def print_interrupted(step: int, saved_in: str | None) -> None:
+    """What Ctrl-C left behind and how to go on."""
+    saved = f"saved in {saved_in}" if saved_in else "nothing new to save"
+    print(f"[jaxsd] stopped by Ctrl-C at step {step} ({saved}); run the same command again "
+          "to continue", flush=True)  # fmt: skip

@@ -194,6 +194,16 @@ class RolloutWorker:
         }
         return algorithms.group_rollouts(rollouts), stats
 
+    def collect_all(
+        self, records: Sequence[dict], per_call: int, n: int | None, purpose: int
+    ) -> list[algorithms.Group]:
+        """Every record rolled out (n each) and verified, `per_call` questions at a time."""
+        groups = []
+        for start in range(0, len(records), per_call):
+            chunk, _ = self.collect(records[start : start + per_call], 0, n=n, purpose=purpose)
+            groups.extend(chunk)
+        return groups
+
     def _sampling(self, *, seed: int, **eval_overrides: Any) -> SamplingConfig:
         r = self.rollout
         kwargs = {"temperature": r.temperature, "top_p": r.top_p, **eval_overrides}
