@@ -20,11 +20,12 @@ stalled one (stopped, frozen) long before the request's deadline.
 Every reply carries `weights_step`. A request that raises gets `{"type": "error", "message"}`
 and the worker keeps serving. The worker exits when the trainer closes the connection or
 exits (parent-death watch), taking its process group (vLLM's engine-core children) along.
+
+The worker's options, and the vLLM arguments they map to, are in `vllm_options`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import importlib.metadata
 import json
@@ -42,6 +43,12 @@ from typing import Any
 import numpy as np
 
 from jaxsd.rollout.engine import SamplingConfig
+from jaxsd.rollout.vllm_options import (
+    WorkerOptions,
+    llm_kwargs,
+    parse_options,
+    sampling_params,
+)
 from jaxsd.rollout.vllm_worker import check_state_dict, numpy_to_torch
 from jaxsd.rollout.weights import (
     CheckpointRestoreError,
@@ -51,7 +58,6 @@ from jaxsd.rollout.weights import (
 )
 
 AUTHKEY_ENV = "JAXSD_ROLLOUT_AUTHKEY"
-EXTENSION_CLS = "jaxsd.rollout.vllm_worker.OrbaxWeightLoader"
 _WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth")
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # glibc mallopt parameters
 _KEEP_BYTES = 2**31 - 1  # mallopt takes a C int
@@ -72,12 +78,12 @@ def keep_freed_host_memory() -> bool:
     Every weights step allocates the same tensors again: the restore's arrays (allocated by
     TensorStore's threads) and, on the CPU backend, every layer the reload materialises
     afresh. With glibc's defaults each tensor over 32 MB is a fresh mmap, and other threads'
-    allocations land in per-thread arenas that the next step's threads may not reuse; the
-    page faults of first touching fresh memory were about half of the reload and of the
-    restore (bench/weight_exchange.py measures it). The worker's resident memory settles a few
-    hundred MB higher instead. Call it
-    before the worker starts threads (arenas already handed out stay). Returns False where
-    the C library is not glibc or refuses a setting (then only the settings before it apply).
+    allocations land in per-thread arenas that the next step's threads may not reuse, so each
+    step pays the page faults of first touching fresh memory again (bench/weight_exchange.py
+    measures the reload and restore times). The price is a worker whose resident memory
+    settles higher by the freed buffers it keeps. Call it before the worker starts threads
+    (arenas already handed out stay). Returns False where the C library is not glibc or
+    refuses a setting (then only the settings before it apply).
     """
     import ctypes
 
@@ -92,29 +98,6 @@ def keep_freed_host_memory() -> bool:
         (_M_ARENA_MAX, 1),
     )
     return all(mallopt(param, value) == 1 for param, value in settings)
-
-
-@dataclasses.dataclass(frozen=True)
-class WorkerOptions:
-    """Everything the worker process needs; the client passes it as command-line flags."""
-
-    name: str
-    model_dir: str  # HF folder: architecture, and the weights of `initial_step`
-    weights_dir: str  # the trainer's published Orbax steps
-    address_file: str  # where the worker writes {"host", "port", "pid"} for the client
-    parent_pid: int  # the trainer; the worker exits when it is gone
-    initial_step: int = 0
-    follow_latest: bool = False  # before each generate, load a newer published step if any
-    reload_mode: str = "in_place"  # "restart": always rebuild the engine from an export
-    export_dir: str = ""  # restart fallback's HF folders (default: <weights_dir>/../hf_export)
-    dtype: str = "float32"
-    max_model_len: int = 2048
-    seed: int = 0
-    gpu_memory_utilization: float = 0.9
-    enforce_eager: bool = True
-    tensor_parallel_size: int = 1
-    sleep_between_rollouts: bool = False  # vLLM sleep mode around each generate (GPU only)
-    heartbeat_s: float = 1.0  # period of the heartbeats sent while a request runs
 
 
 def log(name: str, msg: str) -> None:
@@ -158,30 +141,6 @@ def export_hf_folder(
     return out
 
 
-def llm_kwargs(model_dir: str | os.PathLike, opts: WorkerOptions, *, on_cpu: bool) -> dict:
-    """The keyword arguments of `vllm.LLM` for this worker (pure; tests check them)."""
-    kwargs = dict(
-        model=str(model_dir),
-        dtype=opts.dtype,
-        enforce_eager=opts.enforce_eager,
-        skip_tokenizer_init=True,  # the trainer tokenizes; the worker sees token ids only
-        generation_config="vllm",  # never let the folder's generation_config change sampling
-        seed=opts.seed,
-        max_model_len=opts.max_model_len,
-        worker_extension_cls=EXTENSION_CLS,
-        tensor_parallel_size=opts.tensor_parallel_size,
-    )
-    if on_cpu:
-        # vLLM's CPU backend cannot rewind a seeded request's torch.Generator ("CPU Generator
-        # does not use offset"), which chunked prefill does whenever a batch of prompts exceeds
-        # the token budget (e.g. 40 eval prompts x 16 samples). Whole-prompt prefill avoids it.
-        kwargs["enable_chunked_prefill"] = False
-    else:  # GPU memory settings; the CPU build sizes its KV cache from VLLM_CPU_KVCACHE_SPACE
-        kwargs["gpu_memory_utilization"] = opts.gpu_memory_utilization
-        kwargs["enable_sleep_mode"] = opts.sleep_between_rollouts
-    return kwargs
-
-
 def on_cpu_platform() -> bool:
     """Whether vLLM runs on the CPU backend here (no sleep mode, no GPU memory settings)."""
     from vllm.platforms import current_platform
@@ -197,25 +156,6 @@ def build_llm(model_dir: str | os.PathLike, opts: WorkerOptions):
     if on_cpu and opts.sleep_between_rollouts:
         log(opts.name, "sleep_between_rollouts needs a GPU; the CPU build keeps the engine awake")
     return LLM(**llm_kwargs(model_dir, opts, on_cpu=on_cpu))
-
-
-def sampling_params(sampling: SamplingConfig, n: int, prompt_index: int):
-    """vLLM SamplingParams for one prompt; seeds differ per prompt so equal prompts differ."""
-    from vllm import SamplingParams
-
-    return SamplingParams(
-        n=n,
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
-        top_k=sampling.top_k,
-        min_p=sampling.min_p,
-        max_tokens=sampling.max_new_tokens,
-        stop_token_ids=list(sampling.stop_token_ids),
-        ignore_eos=True,  # stop only on the caller's stop ids, as the JAX sampler does
-        seed=sampling.seed + prompt_index * n,  # vLLM gives sample j seed + j
-        logprobs=0,  # the sampled token's raw log-prob only
-        detokenize=False,
-    )
 
 
 class RolloutServer:
@@ -468,31 +408,6 @@ def serve(opts: WorkerOptions) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Parse `WorkerOptions` from flags (`--<field>=<value>`) and serve."""
     return serve(parse_options(argv))
-
-
-def parse_options(argv: list[str] | None = None) -> WorkerOptions:
-    """`WorkerOptions` from the flags `vllm_engine.worker_command` writes."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for field in dataclasses.fields(WorkerOptions):
-        required = field.default is dataclasses.MISSING
-        kind = {"int": int, "float": float, "str": str, "bool": _parse_bool}[field.type]
-        parser.add_argument(
-            f"--{field.name}",
-            type=kind,
-            required=required,
-            default=None if required else field.default,
-        )
-    return WorkerOptions(**vars(parser.parse_args(argv)))
-
-
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes"):
-        return True
-    if text.lower() in ("0", "false", "no"):
-        return False
-    raise ValueError(f"expected true/false, got {text!r}")
 
 
 if __name__ == "__main__":
