@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxsd.models.sampler import prefill, sample_step
+from jaxsd.models.sampler import prefill
+from jaxsd.models.sampling import sample_step
 
 
 def kv_bytes_per_row(cfg: Any, length: int, kv_dtype: str | None = None) -> int:
@@ -103,29 +104,8 @@ def generate_slots(
         "lengths": jnp.zeros((r,), jnp.int32),
         "stopped": jnp.zeros((r,), bool),
     }
-
-    def refill(args):
-        """Free slots take the next rows, in slot order; their caches get the prompt."""
-        slot, next_row, col = args
-        free_S = slot["row"] < 0
-        row_S = next_row + jnp.cumsum(free_S) - 1
-        take_S = free_S & (row_S < num_rows)
-        u_S = jnp.minimum(row_S // n, u - 1)
-        shift = col - p  # the prompt ends just behind the write column
-
-        def place(old, pooled):
-            new = _ring_place(pooled[u_S], ring, shift)
-            return jnp.where(take_S.reshape((s,) + (1,) * (old.ndim - 1)), new, old)
-
-        slot = {
-            "row": jnp.where(take_S, row_S, slot["row"]),
-            "made": jnp.where(take_S, 0, slot["made"]),
-            "logits": jnp.where(take_S[:, None], pool_logits_UxV[u_S], slot["logits"]),
-            "k": tuple(place(c, pc) for c, pc in zip(slot["k"], pool["k"], strict=True)),
-            "v": tuple(place(c, pc) for c, pc in zip(slot["v"], pool["v"], strict=True)),
-            "mask": place(slot["mask"], prompt_mask_UxP),
-        }
-        return slot, next_row + jnp.sum(take_S), col
+    pool = {"logits": pool_logits_UxV, "k": pool["k"], "v": pool["v"], "mask": prompt_mask_UxP}
+    refill = functools.partial(_refill, pool=pool, num_rows=num_rows, n=n)
 
     def cond(carry):
         slot, next_row, _, _ = carry
@@ -145,35 +125,83 @@ def generate_slots(
         # free slots write to row r: out of range, dropped
         dst_S, made_S = jnp.where(live_S, slot["row"], r), slot["made"]
         hit_stop_S = jnp.isin(tok_S, stop_ids_K)
-        out = {
-            "tokens": out["tokens"].at[dst_S, made_S].set(tok_S, mode="drop"),
-            "logprobs": out["logprobs"].at[dst_S, made_S].set(logp_S, mode="drop"),
-            "sampling_logprobs": out["sampling_logprobs"]
-            .at[dst_S, made_S]
-            .set(slogp_S, mode="drop"),
-            "lengths": out["lengths"].at[dst_S].add(1, mode="drop"),
-            "stopped": out["stopped"].at[dst_S].set(hit_stop_S, mode="drop"),
-        }
-        mask = slot["mask"].at[:, col].set(live_S.astype(jnp.int32))
-        positions_Sx1 = (prompt_len_U[jnp.minimum(row_S // n, u - 1)] + made_S)[:, None]
-        # Query slot L-1 sees every column: the ring is masked by validity alone.
-        h, (k, v) = model._run_layers(
-            model._embed(tok_S[:, None]),
-            positions_Sx1,
-            jnp.full((1,), ring - 1),
-            mask,
-            {"k": slot["k"], "v": slot["v"], "index": col},
-        )
+        out = _record(out, dst_S, made_S, tok_S, logp_S, slogp_S, hit_stop_S)
+        positions_S = prompt_len_U[jnp.minimum(row_S // n, u - 1)] + made_S
+        slot = _decode(model, slot, tok_S, positions_S, live_S, col)
         done_S = live_S & (hit_stop_S | (made_S + 1 >= m))
-        slot = {
-            "row": jnp.where(done_S, -1, slot["row"]),
-            "made": made_S + 1,
-            "logits": model.logits(h)[:, 0].astype(slot["logits"].dtype),
-            "k": k,
-            "v": v,
-            "mask": mask,
-        }
+        slot = slot | {"row": jnp.where(done_S, -1, slot["row"]), "made": made_S + 1}
         return slot, next_row, (col + 1) % ring, out
 
     carry = (slot, jnp.int32(0), jnp.int32(p), out)
     return jax.lax.while_loop(cond, body, carry)[-1]
+
+
+def _refill(
+    args: tuple[dict, jax.Array, jax.Array], *, pool: dict, num_rows: jax.Array, n: int
+) -> tuple[dict, jax.Array, jax.Array]:
+    """Free slots take the next rows, in slot order; their caches get the prompt from `pool`
+    (each prompt's prefilled K/V, last logits and mask, [U, ...])."""
+    slot, next_row, col = args
+    s, ring = slot["mask"].shape
+    u, p = pool["mask"].shape
+    free_S = slot["row"] < 0
+    row_S = next_row + jnp.cumsum(free_S) - 1
+    take_S = free_S & (row_S < num_rows)
+    u_S = jnp.minimum(row_S // n, u - 1)
+    shift = col - p  # the prompt ends just behind the write column
+
+    def place(old, pooled):
+        new = _ring_place(pooled[u_S], ring, shift)
+        return jnp.where(take_S.reshape((s,) + (1,) * (old.ndim - 1)), new, old)
+
+    slot = {
+        "row": jnp.where(take_S, row_S, slot["row"]),
+        "made": jnp.where(take_S, 0, slot["made"]),
+        "logits": jnp.where(take_S[:, None], pool["logits"][u_S], slot["logits"]),
+        "k": tuple(place(c, pc) for c, pc in zip(slot["k"], pool["k"], strict=True)),
+        "v": tuple(place(c, pc) for c, pc in zip(slot["v"], pool["v"], strict=True)),
+        "mask": place(slot["mask"], pool["mask"]),
+    }
+    return slot, next_row + jnp.sum(take_S), col
+
+
+def _record(
+    out: dict[str, jax.Array],
+    dst_S: jax.Array,
+    made_S: jax.Array,
+    tok_S: jax.Array,
+    logp_S: jax.Array,
+    slogp_S: jax.Array,
+    hit_stop_S: jax.Array,
+) -> dict[str, jax.Array]:
+    """Each slot's new token written to its row's `made`-th column (rows >= R are dropped)."""
+    return {
+        "tokens": out["tokens"].at[dst_S, made_S].set(tok_S, mode="drop"),
+        "logprobs": out["logprobs"].at[dst_S, made_S].set(logp_S, mode="drop"),
+        "sampling_logprobs": out["sampling_logprobs"].at[dst_S, made_S].set(slogp_S, mode="drop"),
+        "lengths": out["lengths"].at[dst_S].add(1, mode="drop"),
+        "stopped": out["stopped"].at[dst_S].set(hit_stop_S, mode="drop"),
+    }
+
+
+def _decode(
+    model: nnx.Module,
+    slot: dict,
+    tok_S: jax.Array,
+    positions_S: jax.Array,
+    live_S: jax.Array,
+    col: jax.Array,
+) -> dict:
+    """Feed each slot's token at ring column `col`: the slots' next logits and K/V caches."""
+    ring = slot["mask"].shape[1]
+    mask = slot["mask"].at[:, col].set(live_S.astype(jnp.int32))
+    # Query slot L-1 sees every column: the ring is masked by validity alone.
+    h, (k, v) = model._run_layers(
+        model._embed(tok_S[:, None]),
+        positions_S[:, None],
+        jnp.full((1,), ring - 1),
+        mask,
+        {"k": slot["k"], "v": slot["v"], "index": col},
+    )
+    logits = model.logits(h)[:, 0].astype(slot["logits"].dtype)
+    return slot | {"logits": logits, "k": k, "v": v, "mask": mask}
