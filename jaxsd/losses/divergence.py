@@ -110,7 +110,7 @@ def top_k_indices(logits: jax.Array, k: int, *, block: int | None = None) -> jax
     maximum are taken lowest-index first and the candidates keep their vocabulary order. It
     replaces a sort of V-long rows (XLA's top-k on GPU is a multi-pass radix sort of the whole
     row; on CPU a partial sort) by a max-reduction and sorts of V/block- and k·block-long
-    rows: at V = 151,936, k = 100 on XLA:CPU 91 -> 29 ms for 256 rows. With the vocabulary
+    rows, several times faster at Qwen3's vocabulary on XLA:CPU. With the vocabulary
     sharded (tensor parallelism) only the block maxima are all-gathered, not the logits.
     `block=None` picks the width with `topk_block_width` (one `lax.top_k` for small
     vocabularies); a width with ceil(V / block) <= k (e.g. block >= V) is one `lax.top_k`.

@@ -1,4 +1,4 @@
-"""Logical axis names -> mesh axes (DESIGN.md §3, MaxText-style rules table).
+"""Logical axis names -> mesh axes (a MaxText-style rules table).
 
 Every parameter carries its logical axes as nnx metadata (`out_sharding`, set by
 `lora._param`), e.g. a q_proj kernel is ("embed", "heads"). One rules table maps logical
@@ -92,5 +92,5 @@ def param_shardings(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES) 
 
 def shard_state(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> nnx.State:
     """`state` placed on `mesh` by `param_shardings` (small models / tests; large models
-    should create the state already sharded via jit out_shardings, STYLE.md 14)."""
+    should create the state already sharded via jit out_shardings, never whole on one device)."""
     return jax.device_put(state, param_shardings(state, mesh, rules))

@@ -3,7 +3,7 @@
 Two engines implement it: `JaxEngine` (the embedded JAX sampler, in-process) and
 `VllmEngine` (a separate vLLM worker process). Both return the same `RolloutResult`, with
 samples prompt-major (the n samples of prompt 0 first) and the weights step that produced
-them, so the trainer can check on-policyness (DESIGN.md decision 4).
+them, so the trainer can check on-policyness (how stale the weights that sampled it are).
 
 Log-probs are the behaviour log-probs the train step's `old_logp` needs (METHODS §4):
 log_softmax(raw model logits)[token] at temperature 1, before top-k/top-p filtering.
@@ -107,10 +107,6 @@ class RolloutResult:
         bad = sorted(set(self.finish_reasons) - set(FINISH_REASONS))
         if bad:
             raise ValueError(f"unknown finish reasons {bad}; expected one of {FINISH_REASONS}")
-
-    @property
-    def num_samples(self) -> int:
-        return len(self.token_ids)
 
 
 @runtime_checkable

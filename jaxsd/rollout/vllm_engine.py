@@ -76,7 +76,7 @@ class VllmWorkerConfig:
         if not (pathlib.Path(self.model_dir) / "config.json").is_file():
             raise FileNotFoundError(
                 f"model_dir={self.model_dir!r} has no config.json; pass an HF model folder "
-                "(save_pretrained / scripts/export_hf.py)"
+                "(save_pretrained / scripts/export.py)"
             )
         if self.reload_mode not in ("in_place", "restart"):
             raise ValueError(f"reload_mode={self.reload_mode!r}; use 'in_place' or 'restart'")

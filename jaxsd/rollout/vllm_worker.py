@@ -6,7 +6,7 @@ calls `llm.collective_rpc("jaxsd_load_orbax_weights", args=(path, expected_shape
 worker restores the checkpoint on its host and feeds the HF-named tensors to
 `model_runner.reload_weights(..., is_checkpoint_format=True)`, which renames, shards and
 repacks them exactly like a fresh load (the model's own `load_weights` skips the repacking
-the CPU backend needs; FACTS.md).
+the CPU backend needs).
 
 Nothing here raises into vLLM: failures come back as a status dict whose `stage` tells the
 server whether the checkpoint was bad ("restore": the engine still holds the previous weights)

@@ -1,15 +1,15 @@
-"""Weights travel from the trainer to rollout workers as Orbax checkpoints (DESIGN.md, decision 4).
+"""Weights travel from the trainer to rollout workers as Orbax checkpoints.
 
 The trainer publishes a flat dict keyed by Hugging Face tensor names under
 `<weights_dir>/<step>`. Orbax writes into a temporary folder and renames it when complete (on
 object stores it writes a commit marker instead), so a reader never sees a half-written step.
 Workers restore on host as numpy and hand the tensors to their engine.
 
-The save is tuned for the exchange being bounded by disk bandwidth (bench/weight_exchange.py,
-bench/README.md): no zstd compression (it shrank random-init fp32 weights by ~7% at ~3x the
-save time), no defensive copy of numpy inputs (the save is synchronous, so the caller
-cannot change them mid-write), and by default no fsync of the tensor data (about half the
-save time of a 235 MB step on a local disk). The exchange is a transport, not a record: a
+The save is tuned for the exchange being bounded by disk bandwidth (bench/weight_exchange.py
+measures it): no zstd compression (fp32 weights barely compress, and compressing multiplies
+the save time), no defensive copy of numpy inputs (the save is synchronous, so the caller
+cannot change them mid-write), and by default no fsync of the tensor data (on a local disk
+it is a large share of the save time). The exchange is a transport, not a record: a
 reader on the same host reads the page cache, NFS flushes at close, object stores have no
 fsync, and after a machine crash the trainer republishes the step it resumes from before any
 rollout (train/loop.py), so a step lost with the page cache is never served. The train

@@ -157,11 +157,10 @@ def _logits_bwd(res, g_BxCxV):
 def _weight_grad(h_NxH: jax.Array, g_NxV: jax.Array) -> jax.Array:
     """dW = hᵀ g [H, V] in fp32: a short contraction (a chunk's tokens) into a vocab-wide output.
 
-    XLA:CPU runs this GEMM with the transposed operand folded in at 30–60 GFLOP/s (measured
-    for H = 256–4096 at V = 16k–32k, 256 tokens; ~100 for plain GEMMs). Transposing h into
-    its own [H, N] buffer first (the barrier keeps XLA from folding it back) makes it a plain
-    GEMM at 70–90 GFLOP/s; at H 1024 × V 151,936 both forms run at ~90. GPUs and TPUs run the
-    folded form at full speed, so they keep it.
+    XLA:CPU runs this GEMM with the transposed operand folded in well below its plain-GEMM
+    speed at the vocab sizes of small models. Transposing h into its own [H, N] buffer first
+    (the barrier keeps XLA from folding it back) makes it a plain GEMM; at Qwen3's vocab both
+    forms run alike. GPUs and TPUs run the folded form at full speed, so they keep it.
     """
 
     def folded(h, g):
