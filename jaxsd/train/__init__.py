@@ -1,1 +1,1 @@
-"""jaxsd.train (see DESIGN.md)."""
+"""jaxsd.train: the train state, the jitted step, and the loop over build / rollout / learn."""
