@@ -240,6 +240,9 @@ def preset_config(preset: str, *, run_name: str = "sdpo") -> ml_collections.Conf
     # stopped as stalled; restart_on_failure restarts a stalled/crashed worker once, then fails.
     c.rollout.timeout_s = 0.0
     c.rollout.restart_on_failure = False
+    # 1: the engine samples step N+1's rollouts while the trainer learns on step N's (one step
+    # stale: loss.rollout_is corrects for it); 0: strictly on-policy, one after the other.
+    c.rollout.async_steps = 0
     # vLLM workers (rollout.engine="vllm"). dtype "auto" = model.compute_dtype (bf16 on GPU/TPU
     # presets, fp32 on CPU); one worker per tensor_parallel_size GPUs of placement.rollout_gpus;
     # gpu_memory_utilization = vLLM's share of each of its GPUs; sleep_between_rollouts (vLLM

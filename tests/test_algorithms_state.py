@@ -41,6 +41,40 @@ def test_host_state_json_round_trip_is_exact(ema, buffer, frozen, seed, num_plan
         assert np.float64(back.ema_pass_rates[q]).tobytes() == np.float64(v).tobytes()
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    logps=st.lists(
+        st.lists(st.floats(-30, 0, width=32), min_size=0, max_size=5), min_size=1, max_size=4
+    ),
+    reward=finite,
+    feedback=st.one_of(st.none(), texts),
+)
+def test_groups_sampled_ahead_round_trip_through_json_exactly(logps, reward, feedback):
+    """The async loop's checkpoint keeps the next step's verified groups (rollout.async_steps)."""
+    rollouts = [
+        Rollout(
+            question_id=f"q{i % 2}",
+            prompt=[{"role": "user", "content": f"Q{i % 2}"}],
+            response=f"r{i}",
+            response_ids=list(range(len(lp))),
+            logprobs=np.asarray(lp, np.float32),
+            reward=reward,
+            feedback=feedback,
+            entropy=None if i % 2 else 0.25,
+        )  # fmt: skip
+        for i, lp in enumerate(logps)
+    ]
+    groups = algorithms.group_rollouts(rollouts)
+    rows = json.loads(json.dumps(algorithms.groups_to_json(groups)))
+    back = algorithms.groups_from_json(rows)
+    assert [g.question_id for g in back] == [g.question_id for g in groups]
+    for a, b in zip(algorithms.flat_rollouts(back), algorithms.flat_rollouts(groups), strict=True):
+        assert a.logprobs.dtype == np.float32 and a.logprobs.tobytes() == b.logprobs.tobytes()
+        assert (a.question_id, a.prompt, a.response, a.response_ids, a.reward, a.feedback,
+                a.entropy) == (b.question_id, b.prompt, b.response, list(b.response_ids),
+                               b.reward, b.feedback, b.entropy)  # fmt: skip
+
+
 def test_host_state_from_json_rejects_malformed_records():
     good = json.loads(HostState().to_json())
     for broken in ["{", json.dumps({**good, "num_plans": "x"}), json.dumps({"ema": {}})]:

@@ -160,6 +160,8 @@ INVALID = [
     ("rollout.eval_n", 0, "rollout.eval_n"),
     ("rollout.eval_top_p", 0.0, "rollout.eval_top_p"),
     ("rollout.timeout_s", -1.0, "rollout.timeout_s"),
+    ("rollout.async_steps", 2, "rollout.async_steps"),
+    ("rollout.async_steps", True, "rollout.async_steps"),
     ("loss.teacher_ema", 0.0, "loss.teacher_ema"),
     ("paced_offline_n", 0, "paced_offline_n"),
     ("task.max_prompt_len", 0, "task.max_prompt_len"),

@@ -55,14 +55,14 @@ def test_every_config_runs_three_smoke_steps(method, tmp_path):
     assert [json.loads(x)["step"] for x in samples] == [3] * cfg.task.questions_per_step
 
 
-def _train_cli(run_dir: pathlib.Path, steps: int, *, kill_at: int | None = None):
+def _train_cli(run_dir: pathlib.Path, steps: int, *, kill_at: int | None = None, extra=()):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     if kill_at is not None:
         env["JAXSD_FAULT_KILL_AT_STEP"] = str(kill_at)
     cmd = [sys.executable, str(REPO / "scripts" / "train.py"),
            f"--config={REPO / 'configs' / 'drift.py'}:smoke", f"--config.run_dir={run_dir}",
            f"--config.total_steps={steps}", "--config.checkpoint_every=1",
-           "--config.eval_every=0"]  # fmt: skip
+           "--config.eval_every=0", *extra]  # fmt: skip
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -78,14 +78,19 @@ def load_checkpoint(run_dir: pathlib.Path, step: int) -> tuple[dict[str, np.ndar
     return arrays, json.loads((folder / "host" / "metadata").read_text())
 
 
-def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
-    """DRIFT (stateful host side): 6 steps straight vs 3 + SIGKILL mid-step-4 + resume."""
+@pytest.mark.parametrize("async_steps", [0, 1])
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, async_steps):
+    """DRIFT (stateful host side): 6 steps straight vs 3 + SIGKILL mid-step-4 + resume, on-policy
+    and with rollouts sampled one step ahead (the checkpoint keeps the batch sampled ahead)."""
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    done = _train_cli(straight, 6)
+    extra = (f"--config.rollout.async_steps={async_steps}",)
+    done = _train_cli(straight, 6, extra=extra)
     assert done.returncode == 0, done.stderr[-3000:]
-    killed = _train_cli(crashed, 6, kill_at=4)
+    killed = _train_cli(crashed, 6, kill_at=4, extra=extra)
     assert killed.returncode == -9, killed.stderr[-3000:]
-    resumed = _train_cli(crashed, 6)
+    _, host_2 = load_checkpoint(crashed, 2)  # the batch of step 3, sampled during step 2
+    assert (host_2["ahead"] is not None) == bool(async_steps)
+    resumed = _train_cli(crashed, 6, extra=extra)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout + resumed.stderr
 
@@ -94,6 +99,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
 
     a, b = by_step(straight), by_step(crashed)
     assert sorted(b) == [1, 2, 3, 4, 5, 6]
+    # async: step 1 samples with weights 0, every later step with the previous step's weights
+    assert [a[s]["rollout/staleness"] for s in a] == [0.0] + [float(async_steps)] * 5
     for step in (4, 5, 6):
         for key, value in a[step].items():
             if key.startswith(("time", "perf/rollout_tokens", "perf/tokens_per_s", "mem/")):
@@ -206,7 +213,7 @@ def test_lora_run_trains_only_adapters_and_serves_the_merged_weights(tmp_path):
     serves W + (alpha / r) A B (numpy), also after a resume from the checkpoint."""
     from jaxsd.train.build import build
     from jaxsd.train.checkpoint import Checkpointer
-    from jaxsd.train.loop import host_state_json, start_or_resume, train_one_step
+    from jaxsd.train.loop import start_or_resume, train_one_step
     from jaxsd.train.rollout_worker import PublishedWeights
 
     cfg = load_config("ssopd")
@@ -271,7 +278,7 @@ def test_lora_run_trains_only_adapters_and_serves_the_merged_weights(tmp_path):
         base["layers/0/self_attn/k_proj/kernel"].T,
     )
     with Checkpointer(cfg.run_dir) as checkpointer:
-        checkpointer.save(2, run.learner.state, host_state_json(run, 2))
+        checkpointer.save(2, run.learner.state, run.host_state_json(2))
     run.close()
     cfg.resume = True
     resumed = build(cfg)

@@ -19,6 +19,8 @@ from jaxsd.algorithms.base import (
     RolloutPlan,
     flat_rollouts,
     group_rollouts,
+    groups_from_json,
+    groups_to_json,
 )
 from jaxsd.algorithms.drift import DRIFT
 from jaxsd.algorithms.grpo import GRPO
@@ -77,5 +79,7 @@ __all__ = [
     "from_config",
     "get_algorithm",
     "group_rollouts",
+    "groups_from_json",
+    "groups_to_json",
     "hparam_names",
 ]

@@ -99,6 +99,31 @@ class Group:
         return len(self.rollouts)
 
 
+def groups_to_json(groups: Sequence[Group]) -> list[dict[str, Any]]:
+    """Verified groups as JSON rows (a checkpoint keeps the batch sampled ahead, async mode)."""
+    return [
+        {
+            "question_id": r.question_id,
+            "prompt": [dict(m) for m in r.prompt],
+            "response": r.response,
+            "response_ids": [int(t) for t in r.response_ids],
+            "logprobs": np.asarray(r.logprobs, np.float32).tolist(),
+            "reward": float(r.reward),
+            "feedback": r.feedback,
+            "entropy": None if r.entropy is None else float(r.entropy),
+        }
+        for r in flat_rollouts(groups)
+    ]
+
+
+def groups_from_json(rows: Sequence[Mapping[str, Any]]) -> list[Group]:
+    """Inverse of `groups_to_json`: the same groups, log-probs bit-exact (float32)."""
+    rollouts = [
+        Rollout(**{**row, "logprobs": np.asarray(row["logprobs"], np.float32)}) for row in rows
+    ]
+    return group_rollouts(rollouts)
+
+
 def group_rollouts(rollouts: Sequence[Rollout]) -> list[Group]:
     """Group a flat list by question_id, keeping first-appearance order of questions."""
     by_question: dict[str, list[Rollout]] = {}

@@ -11,6 +11,7 @@ The data is read first, so a missing file fails before any model load or compile
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 from typing import Any
 
@@ -53,6 +54,15 @@ class RunData:
     eval_sets: list[tuple[str, Task, list[dict]]]  # (report name, task, records)
     stats: dict[str, float]  # data/* metrics: prompts kept and dropped per split
 
+    def for_step(self, step: int, settings: RunSettings) -> tuple[list[dict], int]:
+        """The training questions of 0-based step `step` and their data epoch."""
+        indices, epoch = data.questions_for_step(
+            step, questions_per_step=settings.data.questions_per_step,
+            num_records=len(self.train_records), seed=settings.loop.seed,
+            shuffle=settings.data.shuffle,
+        )  # fmt: skip
+        return [self.train_records[i] for i in indices], epoch
+
 
 @dataclasses.dataclass
 class Run:
@@ -66,6 +76,28 @@ class Run:
     algorithm: algorithms.Algorithm
     learner: Learner
     host_state: algorithms.HostState
+    ahead: tuple[list, dict] | None = None  # async: next step's (groups, metrics), sampled
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out scores of the weights the worker serves now (METHODS §9)."""
+        return self.worker.evaluate(self.data.eval_sets, self.settings.evaluation)
+
+    def host_state_json(self, step: int) -> dict[str, Any]:
+        """What a checkpoint keeps beside the train state: the algorithm's state, the step, the
+        config, and (async) the batch already sampled for the next step."""
+        ahead = None
+        if self.ahead is not None:
+            ahead = {"groups": algorithms.groups_to_json(self.ahead[0]), "stats": self.ahead[1]}
+        config = json.loads(self.cfg.to_json())
+        return {"algorithm": self.host_state.to_json(), "step": step, "config": config,
+                "ahead": ahead}  # fmt: skip
+
+    def restore_host_state(self, host: dict[str, Any]) -> None:
+        """Inverse of `host_state_json` (checkpoints without "ahead" are on-policy ones)."""
+        self.host_state = algorithms.HostState.from_json(host["algorithm"])
+        ahead = host.get("ahead")
+        if ahead is not None:
+            self.ahead = algorithms.groups_from_json(ahead["groups"]), ahead["stats"]
 
     def close(self) -> None:
         self.worker.close()

@@ -115,10 +115,8 @@ class Learner:
         jax.block_until_ready(self.teacher_forward(teacher, state.frozen, batch))
         return time.perf_counter() - t0
 
-    def restore(
-        self, checkpointer: Checkpointer, step: int | None
-    ) -> tuple[int, algorithms.HostState]:
-        """Load checkpoint `step` (None: the latest intact one); returns it and the host state."""
+    def restore(self, checkpointer: Checkpointer, step: int | None) -> tuple[int, dict]:
+        """Load checkpoint `step` (None: the latest intact one); returns it and its host state."""
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state
         )
@@ -127,7 +125,7 @@ class Learner:
             raise ValueError(
                 f"checkpoint {restored} says step {host.get('step')}; it is inconsistent"
             )
-        return restored, algorithms.HostState.from_json(host["algorithm"])
+        return restored, host
 
 
 def check_finite(step: int, reduced: dict[str, float]) -> None:

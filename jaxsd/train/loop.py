@@ -11,16 +11,16 @@ optimizer, step, RNG) and the algorithm's host state; the data position is the s
 from __future__ import annotations
 
 import functools
-import json
 import pathlib
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future
 from typing import Any
 
 import jax
 
 from jaxsd import metrics as metrics_lib
-from jaxsd.train import data, observe, run_config
+from jaxsd.train import observe, run_config
 from jaxsd.train.build import Run, build
 from jaxsd.train.checkpoint import Checkpointer
 from jaxsd.train.interrupt import GracefulStop, close_all, close_on_error, maybe_inject_crash
@@ -33,27 +33,38 @@ _SWITCHES = ("use_distillation", "use_surrogate", "use_ssopd", "use_rhythm", "te
 
 
 def train_one_step(run: Run, step: int) -> dict[str, Any]:
-    """Rollout -> verify -> plan -> train step -> update weights, for 0-based step `step`."""
+    """Rollout -> verify -> plan -> train step -> update weights, for 0-based step `step`.
+
+    With `rollout.async_steps=1` this step's rollouts were sampled while the previous step
+    trained (`run.ahead`), and the next step's are sampled while this one trains.
+    """
     t_start = time.perf_counter()
-    indices, epoch = data.questions_for_step(
-        step, questions_per_step=run.settings.data.questions_per_step,
-        num_records=len(run.data.train_records), seed=run.settings.loop.seed,
-        shuffle=run.settings.data.shuffle,
-    )  # fmt: skip
-    groups, stats = run.worker.collect([run.data.train_records[i] for i in indices], step)
+    records, epoch = run.data.for_step(step, run.settings)
+    groups, stats = run.ahead if run.ahead is not None else run.worker.collect(records, step)
+    run.ahead = None
+    ahead = None
+    if run.settings.rollout.async_steps and step + 1 < run.settings.loop.total_steps:
+        ahead = run.worker.submit(run.data.for_step(step + 1, run.settings)[0], step + 1)
     maybe_inject_crash(step)
-    stats.update(learn_on_groups(run, groups, step, epoch))
+    stats.update(learn_on_groups(run, groups, step, epoch, sampling_ahead=ahead))
     stats["time/step_s"] = time.perf_counter() - t_start
     return stats
 
 
-def learn_on_groups(run: Run, groups: Sequence, step: int, epoch: int) -> dict[str, Any]:
+def learn_on_groups(
+    run: Run, groups: Sequence, step: int, epoch: int, *, sampling_ahead: Future | None = None
+) -> dict[str, Any]:
     """Plan -> train step -> update weights: optimizer step `step` + 1 on verified groups.
 
-    Test-time self-distillation (jaxsd.test_time) calls it on its one question's groups.
+    `sampling_ahead` (the next step's rollouts, in flight) is awaited before the engine's
+    weights change. Test-time self-distillation (jaxsd.test_time) calls this on its groups.
     """
     plans, run.host_state, algo_metrics = run.algorithm.plan(groups, run.host_state, epoch=epoch)
     learned = run.learner.learn(groups, plans, step)
+    if sampling_ahead is not None:
+        t_wait = time.perf_counter()
+        run.ahead = sampling_ahead.result()
+        learned["time/rollout_wait_s"] = time.perf_counter() - t_wait
     stats = run.worker.update_weights(run.learner.state, step + 1)
     threshold = getattr(run.algorithm, "success_threshold", 0.5)
     stats.update(observe.group_metrics(groups, plans, threshold, run.settings.rollout.n))
@@ -61,11 +72,6 @@ def learn_on_groups(run: Run, groups: Sequence, step: int, epoch: int) -> dict[s
     stats.update(learned)
     stats["epoch"] = epoch
     return stats
-
-
-def evaluate_now(run: Run) -> dict[str, float]:
-    """Held-out scores of the weights the worker serves now (METHODS §9)."""
-    return run.worker.evaluate(run.data.eval_sets, run.settings.evaluation)
 
 
 def start_or_resume(run: Run, checkpointer: Checkpointer) -> int:
@@ -77,7 +83,8 @@ def start_or_resume(run: Run, checkpointer: Checkpointer) -> int:
     """
     loop = run.settings.loop
     if checkpointer.will_resume(loop.resume, loop.resume_step):
-        step, run.host_state = run.learner.restore(checkpointer, loop.resume_step)
+        step, host = run.learner.restore(checkpointer, loop.resume_step)
+        run.restore_host_state(host)
         if loop.resume_step is not None:
             checkpointer.set_aside_after(loop.resume_step)
         run.worker.update_weights(run.learner.state, step)
@@ -90,12 +97,6 @@ def start_or_resume(run: Run, checkpointer: Checkpointer) -> int:
     )
     run.host_state = run.algorithm.before_training(run.host_state, sample_all)
     return 0
-
-
-def host_state_json(run: Run, step: int) -> dict[str, Any]:
-    """What a checkpoint stores beside the train state."""
-    config = json.loads(run.cfg.to_json())
-    return {"algorithm": run.host_state.to_json(), "step": step, "config": config}
 
 
 def train(cfg: Any, *, config_source: str | None = None) -> dict[str, Any]:
@@ -168,7 +169,7 @@ def _steps(run: Run, checkpointer: Checkpointer, start: int, stop: GracefulStop,
         if start == 0:
             first = dict(run.data.stats)
             if loop.eval_every:
-                summary["eval_start"] = evaluate_now(run)
+                summary["eval_start"] = run.evaluate()
                 first.update(summary["eval_start"])
             writer.write(0, first)
         for step in range(start, loop.total_steps):
@@ -179,7 +180,7 @@ def _steps(run: Run, checkpointer: Checkpointer, start: int, stop: GracefulStop,
             samples = row.pop(observe.SAMPLES)
             if loop.eval_every and (done % loop.eval_every == 0 or done == loop.total_steps):
                 t_eval = time.perf_counter()
-                row.update(evaluate_now(run))
+                row.update(run.evaluate())
                 row["time/eval_s"] = time.perf_counter() - t_eval
                 summary["eval_end"] = {k: v for k, v in row.items() if k.startswith("eval/")}
                 writer.write_samples(done, samples)
@@ -191,7 +192,7 @@ def _steps(run: Run, checkpointer: Checkpointer, start: int, stop: GracefulStop,
             if (loop.checkpoint_every and done % loop.checkpoint_every == 0) or (
                 done == loop.total_steps or stop.requested
             ):
-                checkpointer.save(done, run.learner.state, host_state_json(run, done))
+                checkpointer.save(done, run.learner.state, run.host_state_json(done))
     finally:
         progress.close()
         writer.close()

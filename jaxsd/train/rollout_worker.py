@@ -13,6 +13,7 @@ import pathlib
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -25,7 +26,7 @@ from jaxsd import algorithms
 from jaxsd.eval import eval_metrics_for_log, evaluate
 from jaxsd.models import to_hf_state_dict
 from jaxsd.models.lora import LoraConfig, merge_lora
-from jaxsd.rollout.engine import RolloutResult, SamplingConfig
+from jaxsd.rollout.engine import RolloutResult, SamplingConfig, check_weights_step
 from jaxsd.tasks import Task
 from jaxsd.tasks.base import verify_all
 from jaxsd.tasks.reprompt import chat_token_ids
@@ -100,8 +101,9 @@ def _local(x: jax.Array) -> jax.Array:
 class EmbeddedWeights:
     """Weights for the in-process JAX engine: a single-device copy of the trainer's params."""
 
-    def __init__(self, engine: Any, engine_params: Callable):
+    def __init__(self, engine: Any, engine_params: Callable, max_staleness: int = 0):
         self.engine, self.engine_params = engine, engine_params
+        self.max_staleness = max_staleness
 
     def publish(self, state: Any, step: int) -> dict[str, float]:
         # The state is donated to the next step, so the engine gets its own copy, gathered onto
@@ -115,11 +117,7 @@ class EmbeddedWeights:
         return {}
 
     def staleness(self, result: RolloutResult, step: int) -> int:
-        if result.weights_step != step:
-            raise RuntimeError(
-                f"embedded engine served weights step {result.weights_step} at trainer step {step}"
-            )
-        return 0
+        return check_weights_step(result, trainer_step=step, max_staleness=self.max_staleness)
 
     def close(self) -> None:
         pass
@@ -157,6 +155,7 @@ class RolloutWorker:
     seed: int
     slowest_rollout_s: float = 0.0  # sets the automatic rollout timeout
     restarts: int = 0
+    _background: ThreadPoolExecutor | None = None  # sampling ahead (rollout.async_steps)
 
     @property
     def in_process(self) -> bool:
@@ -193,6 +192,13 @@ class RolloutWorker:
             "rollout/frac_truncated": float(np.mean(truncated)),
         }
         return algorithms.group_rollouts(rollouts), stats
+
+    def submit(self, records: Sequence[dict], step: int) -> Future:
+        """`collect(records, step)` in the background (rollout.async_steps): the engine samples
+        while the caller trains; `.result()` gives the groups and their metrics."""
+        if self._background is None:
+            self._background = ThreadPoolExecutor(1, thread_name_prefix="jaxsd-rollout")
+        return self._background.submit(self.collect, list(records), step)
 
     def collect_all(
         self, records: Sequence[dict], per_call: int, n: int | None, purpose: int
@@ -302,6 +308,8 @@ class RolloutWorker:
 
     def close(self) -> None:
         """Stop the engine, then drop the published weights (RAM scratch folder)."""
+        if self._background is not None:
+            self._background.shutdown(wait=True, cancel_futures=True)
         self.engine.close()
         self.weights.close()
 
@@ -320,7 +328,7 @@ def start_engine(
             slots=settings.slots or None,
             kv_dtype=settings.kv_cache_dtype or None,
         )
-        return engine, EmbeddedWeights(engine, engine_params)
+        return engine, EmbeddedWeights(engine, engine_params, settings.max_staleness)
     engine, sync = _start_vllm_workers(settings, model, model_dir)
     return engine, PublishedWeights(model, sync, engine_params)
 
@@ -341,7 +349,9 @@ def _start_vllm_workers(settings: EngineSettings, model: nnx.Module, model_dir: 
         num_processes=jax.process_count(),
     )
     print(f"weights steps publish to {weights_dir}" + (" (RAM)" if in_ram else ""), flush=True)
-    sync_config = SyncConfig(weights_dir=weights_dir, keep=keep, scratch=in_ram)
+    sync_config = SyncConfig(
+        weights_dir=weights_dir, keep=keep, scratch=in_ram, max_staleness=settings.max_staleness
+    )
     workers = [
         VllmEngine(
             VllmWorkerConfig(

@@ -77,6 +77,7 @@ class RolloutSettings:
     temperature: float
     top_p: float
     max_new_tokens: int
+    async_steps: int  # 1: step N+1's rollouts are sampled while step N trains
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +124,7 @@ class EngineSettings:
     timeout_s: float  # worker engine: request bound (0 = automatic)
     restart_on_failure: bool  # worker engine: restart a stalled/crashed worker once
     kv_cache_dtype: str  # embedded engine: "" = the compute dtype
+    max_staleness: int  # weights steps a rollout may lag the trainer (rollout.async_steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,6 +209,7 @@ def _engine_settings(cfg: Any) -> EngineSettings:
         timeout_s=cfg.rollout.get("timeout_s", 0.0),
         restart_on_failure=cfg.rollout.get("restart_on_failure", False),
         kv_cache_dtype=cfg.rollout.get("kv_cache_dtype", ""),
+        max_staleness=cfg.rollout.get("async_steps", 0),
     )
 
 
@@ -258,6 +261,7 @@ def run_settings(cfg: Any, num_devices: int | None = None) -> RunSettings:
             temperature=cfg.rollout.temperature,
             top_p=cfg.rollout.top_p,
             max_new_tokens=cfg.rollout.max_new_tokens,
+            async_steps=cfg.rollout.get("async_steps", 0),
         ),
         evaluation=EvalSettings(
             n=cfg.rollout.eval_n,

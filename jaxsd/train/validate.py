@@ -237,6 +237,10 @@ _SECTION_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "rollout.eval_questions": (lambda v: _int(v) and v >= 0, "use >= 0 (0 = whole split)"),
     "rollout.timeout_s": (lambda v: _number(v) and v >= 0, "use seconds >= 0 (0 = auto)"),
     "rollout.restart_on_failure": (lambda v: isinstance(v, bool), "use True or False"),
+    "rollout.async_steps": (
+        lambda v: _int(v) and v in (0, 1),
+        "use 0 (on-policy) or 1 (sample step N+1 while step N trains, one step stale)",
+    ),
     "task.max_reprompt_len": (lambda v: _int(v) and v >= 1, "use an integer >= 1"),
     "model.param_dtype": (lambda v: v in MODEL_DTYPES, f"use one of {MODEL_DTYPES}"),
     "model.compute_dtype": (lambda v: v in MODEL_DTYPES, f"use one of {MODEL_DTYPES}"),
