@@ -193,6 +193,7 @@ class _FakeWorker:
 
     def __init__(self, step=0):
         self.weights_step, self.calls, self.closed = step, [], False
+        self.follow_latest = False
 
     def submit(self, prompts, n, sampling, timeout_s=None):
         self.calls.append(len(prompts))

@@ -118,6 +118,11 @@ class RolloutEngine(Protocol):
         """The published trainer step whose weights the engine serves now."""
         ...
 
+    @property
+    def follow_latest(self) -> bool:
+        """Whether the engine loads newer published steps by itself (else the trainer asks)."""
+        ...
+
     def generate(
         self, prompt_token_ids: Sequence[Sequence[int]], n: int, sampling: SamplingConfig
     ) -> RolloutResult:

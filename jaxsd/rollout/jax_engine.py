@@ -46,6 +46,11 @@ class JaxEngine:
     def weights_step(self) -> int:
         return self._step
 
+    @property
+    def follow_latest(self) -> bool:
+        """Never: the trainer hands every step over (`set_params` / `load_weights`)."""
+        return False
+
     def set_params(self, params: nnx.State | None, step: int) -> None:
         """Serve `params` (a state of the model's variables) as weights step `step`.
 

@@ -74,7 +74,7 @@ class WeightSync:
         t0 = time.perf_counter()
         publish_weights(hf_state_dict(), self.config.weights_dir, step, keep=self.config.keep)
         t1 = time.perf_counter()
-        if self.config.max_staleness == 0 or not getattr(self.engine, "follow_latest", False):
+        if self.config.max_staleness == 0 or not self.engine.follow_latest:
             self.engine.load_weights(step)
         timing = {"save_s": t1 - t0, "ack_s": time.perf_counter() - t1}
         self.timings.append(timing)

@@ -72,7 +72,7 @@ class WorkerPool:
 
     @property
     def follow_latest(self) -> bool:
-        return all(getattr(w, "follow_latest", False) for w in self.workers)
+        return all(w.follow_latest for w in self.workers)
 
     def generate(
         self,
