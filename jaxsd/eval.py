@@ -316,8 +316,6 @@ def evaluate_model(
     """
     from transformers import AutoTokenizer
 
-    from jaxsd.export import is_run_dir, load_run_model
-    from jaxsd.models import from_pretrained
     from jaxsd.tasks.custom import task_from_config
 
     if limit is not None and limit < 1:
@@ -326,16 +324,7 @@ def evaluate_model(
         {"name": task, "module": task_module, "reward": reward, "kwargs": task_kwargs or {}}
     )
     records = the_task.load(split, data_dir)[:limit]
-    if is_run_dir(model):
-        loaded = load_run_model(model, step)
-        net, tokenizer_dir = loaded["model"], loaded["model_dir"]
-        model_name = f"{os.fspath(model)}@step{loaded['step']}"
-        if enable_thinking is None:  # the run's own chat-template switch
-            enable_thinking = loaded["cfg"].model.get("enable_thinking")
-    else:
-        if step is not None:
-            raise ValueError(f"step={step} needs a run folder; {model} is an HF folder")
-        (net, _), tokenizer_dir, model_name = from_pretrained(model), model, os.fspath(model)
+    net, tokenizer_dir, model_name, enable_thinking = _load_model(model, step, enable_thinking)
     tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer_dir))
     # A prompt over max_prompt_tokens is dropped and counted, never cut (as in training).
     records, data_stats = _fitting(the_task, tokenizer, records, max_prompt_tokens, split)
@@ -368,7 +357,31 @@ def evaluate_model(
         **data_stats,
     )
     if out is not None:
-        os.makedirs(os.path.dirname(os.path.abspath(os.fspath(out))), exist_ok=True)
-        with open(out, "w") as fh:
-            json.dump(result, fh, indent=1)
+        _write_json(out, result)
     return result
+
+
+def _load_model(
+    model: str | os.PathLike, step: int | None, enable_thinking: bool | None
+) -> tuple[Any, str | os.PathLike, str, bool | None]:
+    """(network, tokenizer folder, name for the report, chat-template thinking switch) of an
+    HF folder or a jaxsd run folder (its checkpoint `step`, default the latest)."""
+    from jaxsd.export import is_run_dir, load_run_model
+    from jaxsd.models import from_pretrained
+
+    if is_run_dir(model):
+        loaded = load_run_model(model, step)
+        if enable_thinking is None:  # the run's own chat-template switch
+            enable_thinking = loaded["cfg"].model.get("enable_thinking")
+        name = f"{os.fspath(model)}@step{loaded['step']}"
+        return loaded["model"], loaded["model_dir"], name, enable_thinking
+    if step is not None:
+        raise ValueError(f"step={step} needs a run folder; {model} is an HF folder")
+    net, _ = from_pretrained(model)
+    return net, model, os.fspath(model), enable_thinking
+
+
+def _write_json(out: str | os.PathLike, result: dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(out))), exist_ok=True)
+    with open(out, "w") as fh:
+        json.dump(result, fh, indent=1)

@@ -178,6 +178,79 @@ class DRIFT:
             teacher_source=source,
         )
 
+    def _positive(
+        self,
+        rollout: base.Rollout,
+        sib: base.Rollout | None,
+        advantage: float,
+        routing: tuple[float, bool],
+    ) -> base.RolloutPlan:
+        """Rhythm-GRPO plan of a positive rollout; the sib⁺ teacher only feeds the gate."""
+        gamma, medium = routing
+        gate = medium and sib is not None
+        return base.RolloutPlan(
+            teacher_messages=common.solution_messages(rollout, sib.response) if gate else None,
+            advantage=advantage,
+            pg_weight=gamma,
+            rhythm_beta=1.0 if gate else 0.0,
+            route=base.ROUTE_PG if gamma > 0 else base.ROUTE_NONE,
+            teacher_source=base.SOURCE_SOLUTION if gate else base.SOURCE_NONE,
+        )
+
+    def _warmup_plans(self, group: base.Group) -> list[base.RolloutPlan]:
+        """Stage 1: SDPO on every rollout with a warm-up sib⁺, no loss for the others."""
+        plans = []
+        for j, rollout in enumerate(group.rollouts):
+            sib = warmup_sibling(group, j, threshold=self.success_threshold, delta=self.delta)
+            plans.append(
+                self._distill(rollout, sib.response, base.SOURCE_SOLUTION)
+                if sib is not None
+                else base.RolloutPlan()
+            )
+        return plans
+
+    def _stage2_plans(
+        self,
+        group: base.Group,
+        routing: tuple[float, bool],
+        buffered: tuple[base.BufferEntry, ...],
+        rng: np.random.Generator,
+        epoch: int,
+    ) -> tuple[list[base.RolloutPlan], int]:
+        """Stage 2: negatives -> SDPO (sib⁺, else a buffer draw), positives -> rhythm GRPO.
+        Returns the plans and the number of buffer draws."""
+        adv = common.group_advantages(group, normalize=self.normalize, eps=self.eps)
+        has_success = any(common.is_success(x, self.success_threshold) for x in group.rollouts)
+        use_buffer = not has_success and epoch >= self.buffer_warmup_epochs and bool(buffered)
+        plans, hits = [], 0
+        for j, rollout in enumerate(group.rollouts):
+            sib = stage2_sibling(group, j, threshold=self.success_threshold)
+            if rollout.reward >= self.theta_r:
+                plans.append(self._positive(rollout, sib, float(adv[j]), routing))
+            elif sib is not None:
+                plans.append(self._distill(rollout, sib.response, base.SOURCE_SOLUTION))
+            elif use_buffer:
+                entry = buffered[int(rng.integers(len(buffered)))]
+                hits += 1
+                plans.append(self._distill(rollout, entry.response, base.SOURCE_BUFFER))
+            else:
+                plans.append(base.RolloutPlan())
+        return plans, hits
+
+    def _buffer_successes(
+        self, groups: Sequence[base.Group], buffer: dict[str, tuple[base.BufferEntry, ...]]
+    ) -> dict[str, tuple[base.BufferEntry, ...]]:
+        """The success buffer after this step's successes entered it (§7)."""
+        buffer = dict(buffer)
+        for group in groups:
+            for rollout in group.rollouts:
+                if common.is_success(rollout, self.success_threshold):
+                    entry = base.BufferEntry(rollout.response, float(rollout.reward))
+                    buffer[group.question_id] = buffer_add(
+                        buffer.get(group.question_id, ()), entry, self.buffer_size
+                    )
+        return buffer
+
     def plan(
         self, groups: Sequence[base.Group], state: base.HostState, *, epoch: int
     ) -> tuple[list[base.RolloutPlan], base.HostState, dict[str, float]]:
@@ -189,7 +262,6 @@ class DRIFT:
         rng.bit_generator.state = dict(state.rng_state)
         warmup = state.num_plans < self.warmup_steps
         ema = dict(state.ema_pass_rates)
-        buffer = dict(state.success_buffer)
         plans: list[base.RolloutPlan] = []
         bins = {"easy": 0, "medium": 0, "hard": 0}
         hits = 0
@@ -199,53 +271,17 @@ class DRIFT:
                 ema.get(q), common.pass_rate(group, self.success_threshold), self.ema_alpha
             )
             ema[q] = r
-            gamma, medium = self._routing(r)
+            routing = self._routing(r)
+            medium = routing[1]
             bins["medium" if medium else ("easy" if r > self.easy_above else "hard")] += 1
             if warmup:
-                for j, rollout in enumerate(group.rollouts):
-                    sib = warmup_sibling(
-                        group, j, threshold=self.success_threshold, delta=self.delta
-                    )
-                    plans.append(
-                        self._distill(rollout, sib.response, base.SOURCE_SOLUTION)
-                        if sib is not None
-                        else base.RolloutPlan()
-                    )
+                plans.extend(self._warmup_plans(group))
                 continue
-            adv = common.group_advantages(group, normalize=self.normalize, eps=self.eps)
-            has_success = any(common.is_success(x, self.success_threshold) for x in group.rollouts)
-            for j, rollout in enumerate(group.rollouts):
-                sib = stage2_sibling(group, j, threshold=self.success_threshold)
-                if rollout.reward < self.theta_r:
-                    if sib is not None:
-                        plans.append(self._distill(rollout, sib.response, base.SOURCE_SOLUTION))
-                    elif not has_success and epoch >= self.buffer_warmup_epochs and buffer.get(q):
-                        entry = buffer[q][int(rng.integers(len(buffer[q])))]
-                        hits += 1
-                        plans.append(self._distill(rollout, entry.response, base.SOURCE_BUFFER))
-                    else:
-                        plans.append(base.RolloutPlan())
-                    continue
-                gate = medium and sib is not None
-                plans.append(
-                    base.RolloutPlan(
-                        teacher_messages=common.solution_messages(rollout, sib.response)
-                        if gate
-                        else None,
-                        advantage=float(adv[j]),
-                        pg_weight=gamma,
-                        rhythm_beta=1.0 if gate else 0.0,
-                        route=base.ROUTE_PG if gamma > 0 else base.ROUTE_NONE,
-                        teacher_source=base.SOURCE_SOLUTION if gate else base.SOURCE_NONE,
-                    )
-                )
-        for group in groups:
-            for rollout in group.rollouts:
-                if common.is_success(rollout, self.success_threshold):
-                    entry = base.BufferEntry(rollout.response, float(rollout.reward))
-                    buffer[group.question_id] = buffer_add(
-                        buffer.get(group.question_id, ()), entry, self.buffer_size
-                    )
+            buffered = state.success_buffer.get(q, ())
+            group_plans, group_hits = self._stage2_plans(group, routing, buffered, rng, epoch)
+            plans.extend(group_plans)
+            hits += group_hits
+        buffer = self._buffer_successes(groups, state.success_buffer)
         new_state = dataclasses.replace(
             state,
             ema_pass_rates=ema,
