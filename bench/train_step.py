@@ -94,6 +94,7 @@ def make_batch(cfg: Any, algo: str, b: int, prompt: int, response: int, extra: i
     """Random token ids; SDPO rows carry a reprompt `extra` tokens longer, GRPO rows advantages."""
     import numpy as np
 
+    from jaxsd.algorithms import LossWeights
     from jaxsd.train.batch import TrainSample, build_batch
 
     rng = np.random.default_rng(W.SEED)
@@ -107,9 +108,11 @@ def make_batch(cfg: Any, algo: str, b: int, prompt: int, response: int, extra: i
             teacher_prompt_ids=rng.integers(0, v, prompt + extra).tolist()
             if algo == "sdpo"
             else None,
-            sd_weight=1.0 if algo == "sdpo" else 0.0,
-            advantage=float(advantages[i]) if algo == "grpo" else 0.0,
-            pg_weight=1.0 if algo == "grpo" else 0.0,
+            weights=LossWeights(
+                sd_weight=1.0 if algo == "sdpo" else 0.0,
+                advantage=float(advantages[i]) if algo == "grpo" else 0.0,
+                pg_weight=1.0 if algo == "grpo" else 0.0,
+            ),
         )
         for i in range(b)
     ]

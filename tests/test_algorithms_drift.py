@@ -1,11 +1,12 @@
 """DRIFT host side vs METHODS §7: warm-up sib⁺, stage-2 routing, EMA bins, success buffer."""
 
 import collections
+import dataclasses
 
 import numpy as np
 import pytest
 
-from jaxsd.algorithms import BufferEntry, Group, HostState, Rollout, drift, get_algorithm
+from jaxsd.algorithms import BufferEntry, Group, Rollout, drift, get_algorithm
 
 PROMPT = [{"role": "user", "content": "Q"}]
 
@@ -58,7 +59,7 @@ def test_warmup_sibling_is_reward_first_entropy_second():
     # rollout 1: {a 1, c .8}, window [.9, 1] -> a;  rollout 2: {a, b} -> b (entropy .9 > .1)
     # rollout 3: {a, b, c}, window [.9, 1] -> {a, b} -> b
     assert [solution_of(p) for p in plans] == ["b", "a", "b", "b"]
-    assert all(p.sd_weight == 1.0 and p.pg_weight == 0.0 for p in plans)
+    assert all(p.weights.sd_weight == 1.0 and p.weights.pg_weight == 0.0 for p in plans)
     assert metrics["drift/warmup"] == 1.0 and state.num_plans == 1
     # successes entered the buffer; the failure did not
     assert [e.response for e in state.success_buffer[q]] == ["a", "b", "c"]
@@ -93,12 +94,12 @@ def test_stage2_negatives_distil_max_reward_shortest_positives_take_rhythm_grpo(
     # negatives (reward < θ_r = .5): sib⁺ = max reward 1.0, tie -> shorter "ok"
     for j in (1, 4):
         assert plans[j].route == "sd" and solution_of(plans[j]) == "ok"
-        assert plans[j].sd_weight == 1.0 and plans[j].pg_weight == 0.0
+        assert plans[j].weights.sd_weight == 1.0 and plans[j].weights.pg_weight == 0.0
     # positives: GRPO advantage over the WHOLE group, γ = 1, gate on with sib⁺ context
     for j in (0, 2, 3):
-        assert plans[j].route == "pg" and plans[j].sd_weight == 0.0
-        assert plans[j].pg_weight == 1.0 and plans[j].rhythm_beta == 1.0
-        assert plans[j].advantage == pytest.approx(adv[j], rel=1e-5)
+        assert plans[j].route == "pg" and plans[j].weights.sd_weight == 0.0
+        assert plans[j].weights.pg_weight == 1.0 and plans[j].weights.rhythm_beta == 1.0
+        assert plans[j].weights.advantage == pytest.approx(adv[j], rel=1e-5)
     # a positive's sib⁺ is another success: max reward, ties -> shortest
     assert [solution_of(plans[j]) for j in (0, 2, 3)] == ["ok", "long-ok", "ok"]
     assert state.ema_pass_rates == {"m": 0.6}
@@ -133,7 +134,8 @@ def test_ema_routing_over_epochs(visits, bin_, gamma, beta):
     assert state.ema_pass_rates["q"] == pytest.approx(want, abs=1e-12)
     assert metrics[f"drift/frac_{bin_}"] == 1.0
     positives = [p for p, r in zip(plans, g.rollouts, strict=True) if r.reward >= 0.5]
-    assert positives and all(p.pg_weight == gamma and p.rhythm_beta == beta for p in positives)
+    assert positives
+    assert all(p.weights.pg_weight == gamma and p.weights.rhythm_beta == beta for p in positives)
     # the gate's teacher exists only when the gate is on (and a sibling success exists)
     assert all((p.teacher_messages is not None) == (beta == 1.0) for p in positives)
 
@@ -159,7 +161,7 @@ def seeded_with_buffer(seed=0):
     algo = stage2()
     state = algo.init_state(seed)
     buf = (BufferEntry("x", 1.0), BufferEntry("y", 0.9), BufferEntry("z", 0.8))
-    return algo, HostState(**{**state.__dict__, "success_buffer": {"f": buf}})
+    return algo, dataclasses.replace(state, success_buffer={"f": buf})
 
 
 def test_buffer_fallback_only_after_k_epochs():
@@ -169,7 +171,7 @@ def test_buffer_fallback_only_after_k_epochs():
     assert m0["drift/buffer_hits"] == 0.0
     assert state0.rng_state == state.rng_state  # no draw happened
     plans, _, m1 = algo.plan([failing()], state, epoch=1)
-    assert all(p.teacher_source == "buffer" and p.sd_weight == 1.0 for p in plans)
+    assert all(p.teacher_source == "buffer" and p.weights.sd_weight == 1.0 for p in plans)
     assert {solution_of(p) for p in plans} <= {"x", "y", "z"}
     assert m1["drift/buffer_hits"] == 4.0
     # a group WITH a success never uses the buffer for its negatives
@@ -188,7 +190,7 @@ def test_buffer_draws_are_uniform_seeded_and_resume_exactly():
     # the RNG advances: the next step draws differently, and a JSON round trip keeps it
     small = [failing(n=20)]
     nxt, _, _ = algo.plan(small, after, epoch=2)
-    restored, _, _ = algo.plan(small, HostState.from_json(after.to_json()), epoch=2)
+    restored, _, _ = algo.plan(small, algo.state_type.from_json(after.to_json()), epoch=2)
     first, _, _ = algo.plan(small, state, epoch=2)
     assert [solution_of(p) for p in nxt] == [solution_of(p) for p in restored]
     assert [solution_of(p) for p in nxt] != [solution_of(p) for p in first]
@@ -210,7 +212,7 @@ def test_drift_three_steps_equal_one_step_then_json_resume():
     resumed, resumed_plans = algo.init_state(7), []
     for epoch, batch in enumerate(batches):
         plans, resumed, _ = algo.plan(batch, resumed, epoch=epoch)
-        resumed = HostState.from_json(resumed.to_json())  # a checkpoint after every step
+        resumed = algo.state_type.from_json(resumed.to_json())  # a checkpoint after every step
         resumed_plans += plans
     assert resumed == straight and resumed_plans == straight_plans
     assert straight.num_plans == 3 and set(straight.ema_pass_rates) == {"r", "s"}

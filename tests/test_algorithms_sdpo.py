@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from jaxsd.algorithms import Group, HostState, Rollout, get_algorithm, paced
+from jaxsd.algorithms import Group, HostState, LossWeights, Rollout, get_algorithm, paced
 
 SYSTEM = {"role": "system", "content": "Be brief."}
 PROMPT = [SYSTEM, {"role": "user", "content": "What is 2+2?"}]
@@ -55,11 +55,11 @@ def test_sdpo_teacher_is_first_other_success_think_stripped_feedback_only_withou
     ]
     for plan, user in zip(plans, expected_users, strict=True):
         if user is None:
-            assert plan.teacher_messages is None and plan.sd_weight == 0.0
+            assert plan.teacher_messages is None and plan.weights.sd_weight == 0.0
             assert plan.route == "none"
             continue
         assert plan.teacher_messages == [SYSTEM, {"role": "user", "content": user}]
-        assert plan.sd_weight == 1.0 and plan.pg_weight == 0.0 and plan.route == "sd"
+        assert plan.weights == LossWeights(sd_weight=1.0) and plan.route == "sd"
     assert [p.teacher_source for p in plans] == ["solution"] * 4 + ["feedback", "none"]
     assert state == HostState()
     assert metrics["route/sd"] == pytest.approx(5 / 6)
@@ -109,7 +109,7 @@ def test_sc_sdpo_weights_are_batch_normalised_over_intermediate_questions(expone
     w = reference_variance_weights(p, exponent, (p > 0) & (p < 1))
     if exponent == 1.0:  # closed form: 3/16, 1/4, 3/16 over their mean 5/24
         np.testing.assert_allclose(w, [0, 0.9, 1.2, 0.9, 0], rtol=1e-12)
-    got = np.asarray([p.sd_weight for p in plans]).reshape(5, 4)
+    got = np.asarray([p.weights.sd_weight for p in plans]).reshape(5, 4)
     np.testing.assert_allclose(got, w[:, None] * sd_mask_of(groups), rtol=1e-6)
     # the lone success of the p=1/4 group has no other success: weight × sd_mask 0
     assert got[1, 0] == 0.0 and plans[4].teacher_messages is None
@@ -119,7 +119,7 @@ def test_sc_sdpo_weights_are_batch_normalised_over_intermediate_questions(expone
 def test_sc_sdpo_all_degenerate_batch_gives_zero_weights():
     groups = [pass_rate_groups()[0], pass_rate_groups()[4]]
     plans, _, _ = get_algorithm("sc_sdpo").plan(groups, HostState(), epoch=0)
-    assert all(p.sd_weight == 0.0 for p in plans)
+    assert all(p.weights.sd_weight == 0.0 for p in plans)
     # teachers still exist for the all-correct group (the mask is not the weight)
     assert all(p.teacher_messages is not None for p in plans[4:])
 
@@ -128,7 +128,7 @@ def test_hard_filter_keeps_only_intermediate_questions():
     groups = pass_rate_groups()
     plans, _, _ = get_algorithm("hard_filter").plan(groups, HostState(), epoch=0)
     keep = np.array([0, 1, 1, 1, 0], dtype=float)
-    got = np.asarray([p.sd_weight for p in plans]).reshape(5, 4)
+    got = np.asarray([p.weights.sd_weight for p in plans]).reshape(5, 4)
     np.testing.assert_array_equal(got, keep[:, None] * sd_mask_of(groups))
 
 
@@ -149,7 +149,7 @@ def test_paced_offline_rates_pool_groups_and_normalise_over_the_dataset():
     # global normalisation: w~ = p(1-p) over the dataset's Q+ = {a, b} (both 3/16) -> 1
     raw = {"a": 0.75 * 0.25, "b": 0.25 * 0.75}
     w_a = raw["a"] / np.mean(list(raw.values()))
-    np.testing.assert_allclose([p.sd_weight for p in plans], [w_a] * 4, rtol=1e-6)
+    np.testing.assert_allclose([p.weights.sd_weight for p in plans], [w_a] * 4, rtol=1e-6)
     assert new_state == state  # frozen: planning never changes them
     weights = algo.question_weights(state)
     assert weights["c"] == 0.0 and weights["d"] == 0.0
@@ -157,7 +157,7 @@ def test_paced_offline_rates_pool_groups_and_normalise_over_the_dataset():
 
 def test_paced_global_normaliser_differs_from_batch_normaliser():
     algo = get_algorithm("paced")
-    state = paced.freeze_pass_rates(HostState(), {"a": 0.5, "b": 0.1, "c": 0.9, "d": 1.0})
+    state = paced.freeze_pass_rates(paced.PacedState(), {"a": 0.5, "b": 0.1, "c": 0.9, "d": 1.0})
     w = algo.question_weights(state)
     raw = np.array([0.25, 0.09, 0.09])
     assert w["a"] == pytest.approx(0.25 / raw.mean(), rel=1e-6)
@@ -168,8 +168,8 @@ def test_paced_errors_name_the_fix():
     algo = get_algorithm("paced")
     with pytest.raises(ValueError, match="offline pass"):
         algo.plan([mixed_group("a")], HostState(), epoch=0)
-    state = paced.freeze_pass_rates(HostState(), {"b": 0.5})
+    state = paced.freeze_pass_rates(paced.PacedState(), {"b": 0.5})
     with pytest.raises(ValueError, match="'a'"):
         algo.plan([mixed_group("a")], state, epoch=0)
     with pytest.raises(ValueError, match="'b'.*\\[0, 1\\]"):
-        paced.freeze_pass_rates(HostState(), {"b": 1.5})
+        paced.freeze_pass_rates(paced.PacedState(), {"b": 1.5})

@@ -1,5 +1,6 @@
 """HostState JSON round trip, the registry, input validation and the step switches."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -8,7 +9,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxsd import algorithms
-from jaxsd.algorithms import BufferEntry, Group, HostState, Rollout, get_algorithm
+from jaxsd.algorithms import (
+    BufferEntry,
+    DriftState,
+    Group,
+    HostState,
+    PacedState,
+    Rollout,
+    get_algorithm,
+)
 
 finite = st.floats(allow_nan=False, allow_infinity=False)
 texts = st.text(max_size=20)
@@ -25,18 +34,19 @@ texts = st.text(max_size=20)
     num_plans=st.integers(0, 10**6),
 )
 def test_host_state_json_round_trip_is_exact(ema, buffer, frozen, seed, num_plans):
-    state = HostState(
+    drift_state = DriftState(
         ema_pass_rates=ema,
         success_buffer={q: tuple(BufferEntry(r, w) for r, w in e) for q, e in buffer.items()},
-        frozen_pass_rates=frozen,
         rng_state=np.random.PCG64(seed).state,
         num_plans=num_plans,
     )
-    text = state.to_json()
-    back = HostState.from_json(text)
-    assert back == state
-    assert back.to_json() == text
+    for state in (drift_state, PacedState(frozen_pass_rates=frozen), HostState()):
+        text = state.to_json()
+        back = type(state).from_json(text)
+        assert back == state and type(back) is type(state)
+        assert back.to_json() == text
     # floats survive bit for bit (json writes repr)
+    back = DriftState.from_json(drift_state.to_json())
     for q, v in ema.items():
         assert np.float64(back.ema_pass_rates[q]).tobytes() == np.float64(v).tobytes()
 
@@ -75,11 +85,59 @@ def test_groups_sampled_ahead_round_trip_through_json_exactly(logps, reward, fee
                                b.reward, b.feedback, b.entropy)  # fmt: skip
 
 
+def test_each_algorithm_declares_its_own_state_type():
+    """Only DRIFT and PACED remember anything; each keeps only its own fields."""
+    types = {name: get_algorithm(name).state_type for name in algorithms.REGISTRY}
+    assert types.pop("drift") is DriftState and types.pop("paced") is PacedState
+    assert set(types.values()) == {HostState}
+    for name in algorithms.REGISTRY:
+        algo = get_algorithm(name)
+        assert type(algo.init_state(0)) is algo.state_type
+    fields = {f.name for f in dataclasses.fields(DriftState)}
+    assert fields == {"ema_pass_rates", "success_buffer", "rng_state", "num_plans"}
+    assert {f.name for f in dataclasses.fields(PacedState)} == {"frozen_pass_rates"}
+    assert not dataclasses.fields(HostState)
+
+
+# The record every checkpoint held while one HostState carried every method's memory.
+SHARED_RECORD = {
+    "ema_pass_rates": {},
+    "success_buffer": {},
+    "frozen_pass_rates": {},
+    "rng_state": None,
+    "num_plans": 0,
+}
+
+
+def test_checkpoints_of_the_shared_record_restore_with_the_same_meaning():
+    rng = np.random.PCG64(5).state
+    drift_record = {
+        **SHARED_RECORD,
+        "ema_pass_rates": {"q": 0.25},
+        "success_buffer": {"q": [["sol", 1.0]]},
+        "rng_state": rng,
+        "num_plans": 7,
+    }
+    assert DriftState.from_json(json.dumps(drift_record)) == DriftState(
+        {"q": 0.25}, {"q": (BufferEntry("sol", 1.0),)}, rng, 7
+    )
+    paced_record = {**SHARED_RECORD, "frozen_pass_rates": {"q": 0.5}}
+    assert PacedState.from_json(json.dumps(paced_record)) == PacedState({"q": 0.5})
+    assert HostState.from_json(json.dumps(SHARED_RECORD)) == HostState()
+    # Another method's memory is refused, never dropped: DRIFT's record is not SDPO's.
+    with pytest.raises(ValueError, match="'ema_pass_rates'.*HostState.*another algorithm"):
+        HostState.from_json(json.dumps(drift_record))
+    with pytest.raises(ValueError, match="'frozen_pass_rates'.*DriftState"):
+        DriftState.from_json(json.dumps({**drift_record, "frozen_pass_rates": {"q": 0.5}}))
+
+
 def test_host_state_from_json_rejects_malformed_records():
-    good = json.loads(HostState().to_json())
-    for broken in ["{", json.dumps({**good, "num_plans": "x"}), json.dumps({"ema": {}})]:
-        with pytest.raises(ValueError, match="HostState.to_json"):
-            HostState.from_json(broken)
+    good = json.loads(DriftState().to_json())
+    for broken in ["{", "[]", json.dumps({**good, "num_plans": "x"}), json.dumps({"ema": {}})]:
+        with pytest.raises(ValueError, match="DriftState.to_json|does not keep"):
+            DriftState.from_json(broken)
+    with pytest.raises(ValueError, match="PacedState.to_json"):
+        PacedState.from_json(json.dumps({"frozen_pass_rates": {"q": "high"}}))
 
 
 def test_registry_builds_every_method_and_names_bad_input():
@@ -131,6 +189,10 @@ def test_rollouts_and_groups_reject_malformed_input():
         Group("q", ())
     with pytest.raises(ValueError, match="epoch=-1"):
         get_algorithm("sdpo").plan([Group("q", (r,))], HostState(), epoch=-1)
+    with pytest.raises(ValueError, match="seeded DriftState.*DRIFT.init_state"):
+        get_algorithm("drift").plan([Group("q", (r,))], HostState(), epoch=0)
+    with pytest.raises(TypeError, match="PacedState"):
+        algorithms.paced.freeze_pass_rates(HostState(), {"q": 0.5})
     grouped = algorithms.group_rollouts([r, Rollout("p", prompt, "b", [2], np.zeros(1), 0.0), r])
     assert [(g.question_id, len(g)) for g in grouped] == [("q", 2), ("p", 1)]
     assert algorithms.flat_rollouts(grouped) == [r, r, grouped[1].rollouts[0]]

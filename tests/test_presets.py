@@ -56,13 +56,13 @@ def test_paper_preset_gives_p0_science_questions_no_teacher(method):
         state = dataclasses.replace(state, num_plans=algo.warmup_steps)  # stage 2
     plans, _, _ = algo.plan(group, state, epoch=0)
     assert all(p.teacher_messages is None for p in plans)
-    assert all(p.sd_weight == 0.0 for p in plans)
+    assert all(p.weights.sd_weight == 0.0 for p in plans)
     # "rich" stays an option: the same question then distils from our feedback wording
     rich = get_task(settings.data.task_name, feedback_style="rich")
     group = algorithms.group_rollouts(rollouts(record, responses, rich))
     sdpo = algorithms.get_algorithm("sdpo")
     plans, _, _ = sdpo.plan(group, sdpo.init_state(0), epoch=0)
-    assert all(p.sd_weight == 1.0 and p.teacher_messages for p in plans)
+    assert all(p.weights.sd_weight == 1.0 and p.teacher_messages for p in plans)
 
 
 @pytest.mark.parametrize("domain", ["biology", "chemistry", "material", "physics"])
@@ -120,9 +120,9 @@ def test_drift_without_difficulty_routing_routes_every_question_as_medium():
     routed = algorithms.get_algorithm("drift", warmup_steps=0)
     flat = algorithms.get_algorithm("drift", warmup_steps=0, difficulty_routing=False)
     plans, _, _ = routed.plan([easy], routed.init_state(0), epoch=0)
-    assert {p.pg_weight for p in plans[:7]} == {0.5} and {p.rhythm_beta for p in plans[:7]} == {0}
+    assert {(p.weights.pg_weight, p.weights.rhythm_beta) for p in plans[:7]} == {(0.5, 0)}
     plans, _, _ = flat.plan([easy], flat.init_state(0), epoch=0)
-    assert {p.pg_weight for p in plans[:7]} == {1.0} and {p.rhythm_beta for p in plans[:7]} == {1}
+    assert {(p.weights.pg_weight, p.weights.rhythm_beta) for p in plans[:7]} == {(1.0, 1)}
 
 
 @pytest.mark.parametrize(

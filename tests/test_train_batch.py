@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from jaxsd.algorithms import LossWeights
 from jaxsd.train.batch import TrainBatch, TrainSample, build_batch, pick_bucket
 
 BUCKETS = (8, 16, 32)
@@ -15,7 +16,7 @@ BUCKETS = (8, 16, 32)
 
 def _sample(prompt, response, teacher=None, **kw):
     old = -np.arange(1, len(response) + 1, dtype=np.float32)
-    return TrainSample(prompt, response, old, teacher, **kw)
+    return TrainSample(prompt, response, old, teacher, LossWeights(**kw))
 
 
 def test_layout_of_two_rows_and_a_padding_row():
@@ -74,7 +75,7 @@ def test_index_maps_point_at_the_response_in_both_rows(samples):
     for i, s in enumerate(samples):
         n = len(s.response_ids)
         assert batch.response_mask[i].sum() == n
-        assert batch.ssopd_mask[i].sum() == min(n, s.ssopd_len)
+        assert batch.ssopd_mask[i].sum() == min(n, s.weights.ssopd_len)
         for side in ("student", "teacher"):
             idx = getattr(batch, f"{side}_index")[i, :n]
             toks = getattr(batch, f"{side}_tokens")[i]
@@ -108,9 +109,9 @@ def test_forced_lengths_give_the_same_shapes_on_every_host():
         (TrainSample([], [1], np.zeros(1)), "empty prompt_ids"),
         (TrainSample([1], [1, 2], np.zeros(3)), "old_logp shape"),
         (TrainSample([1], [1], np.array([np.nan])), "NaN"),
-        (TrainSample([1], [1], np.zeros(1), [], sd_weight=1.0), "empty teacher_prompt_ids"),
-        (TrainSample([1], [1], np.zeros(1), advantage=float("inf")), "advantage"),
-        (TrainSample([1], [1], np.zeros(1), ssopd_len=-1), "ssopd_len"),
+        (_sample([1], [1], [], sd_weight=1.0), "empty teacher_prompt_ids"),
+        (_sample([1], [1], advantage=float("inf")), "advantage"),
+        (_sample([1], [1], ssopd_len=-1), "ssopd_len"),
     ],
 )
 def test_bad_samples_are_named(sample, match):

@@ -30,6 +30,7 @@ STEPS = 3
 def _setup():
     import jax.numpy as jnp  # noqa: F401  (jax must import after XLA_FLAGS is set)
 
+    from jaxsd.algorithms import LossWeights
     from jaxsd.models import ModelConfig
     from jaxsd.train.batch import TrainSample
     from jaxsd.train.optimizer import make_optimizer
@@ -54,9 +55,11 @@ def _setup():
                 response_ids=rng.integers(1, 128, r).tolist(),
                 old_logp=(-4.8 + 0.3 * rng.normal(size=r)).astype(np.float32),
                 teacher_prompt_ids=rng.integers(1, 128, int(rng.integers(4, 9))).tolist(),
-                advantage=float(rng.normal()),
-                pg_weight=1.0,
-                sd_weight=float(rng.uniform(0.5, 1.5)),
+                weights=LossWeights(
+                    advantage=float(rng.normal()),
+                    pg_weight=1.0,
+                    sd_weight=float(rng.uniform(0.5, 1.5)),
+                ),
             )
         )
     # topk_block=4: the block-max-pruned top-k (32 blocks -> 16) runs on the vocab axis that

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxsd.algorithms import LossWeights
 from jaxsd.models import ModelConfig, Transformer
 from jaxsd.train.batch import TrainSample, build_batch
 from jaxsd.train.optimizer import make_optimizer
@@ -44,14 +45,20 @@ def model():
     return graphdef, state.replace(teacher=teacher), tx
 
 
-def _sample(rng, *, teacher: bool, r: int = 5, **kw) -> TrainSample:
+def _sample(rng, *, teacher: bool, r: int = 5, group_size: int = 1, **kw) -> TrainSample:
     return TrainSample(
         prompt_ids=rng.integers(1, 48, 3).tolist(),
         response_ids=rng.integers(1, 48, r).tolist(),
         old_logp=(-3.9 + 0.3 * rng.normal(size=r)).astype(np.float32),
         teacher_prompt_ids=rng.integers(1, 48, 6).tolist() if teacher else None,
-        **kw,
+        weights=LossWeights(**kw),
+        group_size=group_size,
     )
+
+
+def _with(sample: TrainSample, **weights) -> TrainSample:
+    """`sample` with some of its loss weights changed."""
+    return dataclasses.replace(sample, weights=dataclasses.replace(sample.weights, **weights))
 
 
 def _np_logp(graphdef, params, frozen, b, side: str) -> np.ndarray:
@@ -124,9 +131,9 @@ def test_ssopd_term_is_averaged_per_prompt_of_the_batch(model):
     samples = [_sample(rng, teacher=False, r=6, group_size=2, advantage=0.5, pg_weight=1.0)
                for _ in range(6)]  # fmt: skip
     samples[3] = dataclasses.replace(
-        samples[3], teacher_prompt_ids=rng.integers(1, 48, 6).tolist(), ssopd_weight=0.84,
-        ssopd_len=4,
-    )  # fmt: skip
+        _with(samples[3], ssopd_weight=0.84, ssopd_len=4),
+        teacher_prompt_ids=rng.integers(1, 48, 6).tolist(),
+    )
     cfg = StepConfig(
         use_distillation=False, use_surrogate=True, use_ssopd=True, ssopd_clip=0.05, top_k=None,
         teacher_mode="fixed",
@@ -205,7 +212,7 @@ def test_micro_batches_keep_per_prompt_ssopd_rollout_is_and_max_metrics(model):
     samples = [_sample(rng, teacher=True, r=int(rng.integers(2, 7)), group_size=2,
                        advantage=float(rng.normal()), pg_weight=1.0, sd_weight=1.0)
                for _ in range(4)]  # fmt: skip
-    samples[1] = dataclasses.replace(samples[1], ssopd_weight=0.7, ssopd_len=3)
+    samples[1] = _with(samples[1], ssopd_weight=0.7, ssopd_len=3)
     cfg = StepConfig(use_surrogate=True, use_ssopd=True, top_k=8, teacher_mode="fixed",
                      rollout_is=True, rollout_is_threshold=1.2)  # fmt: skip
     batch = jax.tree.map(jnp.asarray, build_batch(samples, pad_id=0, length_buckets=BUCKETS))

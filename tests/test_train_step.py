@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from jaxsd import losses
+from jaxsd.algorithms import LossWeights
 from jaxsd.models import ModelConfig, Transformer
 from jaxsd.train.batch import TrainSample, build_batch
 from jaxsd.train.head import HEAD_KEYS, chunked_head
@@ -46,12 +47,14 @@ def _samples(seed: int, n: int = 4, resp_len=(4, 12)) -> list[TrainSample]:
                 old_logp=(-5.0 + rng.normal(size=r)).astype(np.float32),
                 # one rollout without a teacher row (sd_mask 0)
                 teacher_prompt_ids=None if i == 1 else rng.integers(1, 128, 8).tolist(),
-                advantage=float(rng.normal()),
-                pg_weight=float([1.0, 0.0, 0.5, 1.0][i % 4]),
-                sd_weight=float(rng.uniform(0.5, 1.5)),
-                ssopd_weight=float([0.0, 0.0, 1.0, 0.7][i % 4]),
-                ssopd_len=int(rng.integers(1, r + 1)),
-                rhythm_beta=float(i % 2),
+                weights=LossWeights(
+                    advantage=float(rng.normal()),
+                    pg_weight=float([1.0, 0.0, 0.5, 1.0][i % 4]),
+                    sd_weight=float(rng.uniform(0.5, 1.5)),
+                    ssopd_weight=float([0.0, 0.0, 1.0, 0.7][i % 4]),
+                    ssopd_len=int(rng.integers(1, r + 1)),
+                    rhythm_beta=float(i % 2),
+                ),
                 group_size=2,  # rows (0, 1) and (2, 3) are one question each: Q = 2
             )
         )
@@ -297,7 +300,9 @@ def pulse_run():
         pos = len(s.prompt_ids) - 1 + np.arange(len(s.response_ids))
         on_policy.append(
             dataclasses.replace(
-                s, old_logp=np.asarray(logp[pos, np.asarray(s.response_ids)]), sd_weight=1.0
+                s,
+                old_logp=np.asarray(logp[pos, np.asarray(s.response_ids)]),
+                weights=dataclasses.replace(s.weights, sd_weight=1.0),
             )
         )
     batch = build_batch(on_policy, pad_id=0, length_buckets=BUCKETS)

@@ -12,9 +12,9 @@ from typing import Any
 
 from jaxsd.algorithms.base import (
     Algorithm,
-    BufferEntry,
     Group,
     HostState,
+    LossWeights,
     Rollout,
     RolloutPlan,
     flat_rollouts,
@@ -22,10 +22,10 @@ from jaxsd.algorithms.base import (
     groups_from_json,
     groups_to_json,
 )
-from jaxsd.algorithms.drift import DRIFT
+from jaxsd.algorithms.drift import DRIFT, BufferEntry, DriftState
 from jaxsd.algorithms.grpo import GRPO
 from jaxsd.algorithms.hard_filter import HardFilter
-from jaxsd.algorithms.paced import PACED
+from jaxsd.algorithms.paced import PACED, PacedState
 from jaxsd.algorithms.sc_sdpo import SCSDPO
 from jaxsd.algorithms.sdpo import SDPO
 from jaxsd.algorithms.srpo import SRPO
@@ -70,8 +70,11 @@ def from_config(algorithm_cfg: Mapping[str, Any]) -> Algorithm:
 __all__ = [
     "Algorithm",
     "BufferEntry",
+    "DriftState",
     "Group",
     "HostState",
+    "LossWeights",
+    "PacedState",
     "REGISTRY",
     "Rollout",
     "RolloutPlan",

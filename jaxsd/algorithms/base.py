@@ -2,10 +2,10 @@
 
 An algorithm turns the verified rollouts of one step (grouped by question) into the
 per-rollout numbers of the train step's batch (`jaxsd.train.batch`): the teacher's chat
-messages (tokenised later by the loop), the GRPO advantage and the weights of each loss term.
-Its memory between steps (DRIFT's EMA pass rates and success buffer, PACED's frozen pass
-rates, the buffer-draw RNG) is an explicit `HostState` that round-trips through JSON, so a
-checkpoint restores it exactly.
+messages (tokenised later by the loop) and its `LossWeights` (the GRPO advantage and the
+weight of each loss term). Its memory between steps is an explicit `HostState` of its own type
+(DRIFT's `DriftState`, PACED's `PacedState`; the plain `HostState` holds nothing) that
+round-trips through JSON, so a checkpoint restores it exactly.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import dataclasses
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -133,79 +133,93 @@ def group_rollouts(rollouts: Sequence[Rollout]) -> list[Group]:
 
 
 @dataclasses.dataclass(frozen=True)
+class LossWeights:
+    """The numbers an algorithm sets per rollout for the train step's loss terms (batch
+    contract: each becomes one [B] array of `jaxsd.train.batch.TrainBatch`)."""
+
+    advantage: float = 0.0  # GRPO advantage, broadcast over the rollout's tokens
+    pg_weight: float = 0.0  # clipped-surrogate weight (0 = off; DRIFT gamma, routing)
+    sd_weight: float = 0.0  # distillation weight (SC-SDPO/PACED/filter weight)
+    ssopd_weight: float = 0.0  # SSOPD omega_i
+    ssopd_len: int = 0  # first L response tokens distilled by SSOPD
+    rhythm_beta: float = 0.0  # DRIFT beta_i (1 = rhythm gate on the surrogate)
+
+
+NO_LOSS = LossWeights()  # every term off
+
+
+@dataclasses.dataclass(frozen=True)
 class RolloutPlan:
-    """What the train step does with one rollout (fields of `TrainSample`, batch contract)."""
+    """What the train step does with one rollout: its teacher chat and its loss weights."""
 
     teacher_messages: list[Message] | None = None  # reprompt chat; None -> no teacher row
-    advantage: float = 0.0
-    pg_weight: float = 0.0
-    sd_weight: float = 0.0
-    ssopd_weight: float = 0.0
-    ssopd_len: int = 0
-    rhythm_beta: float = 0.0
+    weights: LossWeights = NO_LOSS
     route: str = ROUTE_NONE  # metrics label, one of ROUTES
     teacher_source: str = SOURCE_NONE  # metrics label, one of SOURCES
 
 
-@dataclasses.dataclass(frozen=True)
-class BufferEntry:
-    """One success-buffer entry (METHODS §7): a successful response and its reward."""
-
-    response: str
-    reward: float
+# Checkpoints written before each method had its own state type hold one record with all of
+# these keys; a state type reads its own keys and accepts the others only at these values
+# (what a method that did not use them left there), so those checkpoints resume unchanged.
+_SHARED_RECORD_EMPTY: dict[str, Any] = {
+    "ema_pass_rates": {},
+    "success_buffer": {},
+    "frozen_pass_rates": {},
+    "rng_state": None,
+    "num_plans": 0,
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class HostState:
-    """Everything an algorithm remembers between steps; saved with every checkpoint.
+    """What an algorithm remembers between steps; saved with every checkpoint as JSON.
 
-    `ema_pass_rates` (DRIFT routing), `success_buffer` (DRIFT), `frozen_pass_rates`
-    (PACED, the whole training set's offline pass rates), `rng_state` (numpy PCG64 state of
-    DRIFT's buffer draws) and `num_plans` (steps planned so far; DRIFT's warm-up counter).
+    This base remembers nothing (the stateless methods use it as is). A method with memory
+    subclasses it, one JSON key per field of the same name (`record` / `from_record`), and
+    names the subclass as its `state_type`.
     """
 
-    ema_pass_rates: Mapping[str, float] = dataclasses.field(default_factory=dict)
-    success_buffer: Mapping[str, tuple[BufferEntry, ...]] = dataclasses.field(default_factory=dict)
-    frozen_pass_rates: Mapping[str, float] = dataclasses.field(default_factory=dict)
-    rng_state: Mapping[str, Any] | None = None
-    num_plans: int = 0
+    def record(self) -> dict[str, Any]:
+        """The fields as JSON values (str keys, lists)."""
+        return {}
+
+    @classmethod
+    def from_record(cls, raw: Mapping[str, Any]) -> HostState:
+        """Inverse of `record`; a missing or mistyped field raises (KeyError/TypeError/...)."""
+        return cls()
 
     def to_json(self) -> str:
-        """Serialise exactly (floats round-trip through `repr`, RNG state as integers)."""
-        return json.dumps(
-            {
-                "ema_pass_rates": dict(self.ema_pass_rates),
-                "success_buffer": {
-                    q: [[e.response, e.reward] for e in entries]
-                    for q, entries in self.success_buffer.items()
-                },
-                "frozen_pass_rates": dict(self.frozen_pass_rates),
-                "rng_state": self.rng_state,
-                "num_plans": self.num_plans,
-            },
-            sort_keys=True,
-        )
+        """Serialise exactly (floats round-trip through `repr`)."""
+        return json.dumps(self.record(), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> HostState:
-        """Inverse of `to_json`; a malformed record raises naming the field."""
+        """Inverse of `to_json`; a malformed record, or another method's, raises naming it."""
         try:
             raw = json.loads(text)
-            return cls(
-                ema_pass_rates={str(q): float(v) for q, v in raw["ema_pass_rates"].items()},
-                success_buffer={
-                    str(q): tuple(BufferEntry(str(resp), float(rew)) for resp, rew in entries)
-                    for q, entries in raw["success_buffer"].items()
-                },
-                frozen_pass_rates={str(q): float(v) for q, v in raw["frozen_pass_rates"].items()},
-                rng_state=raw["rng_state"],
-                num_plans=int(raw["num_plans"]),
-            )
-        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as err:
-            raise ValueError(
-                f"algorithm host state is malformed ({type(err).__name__}: {err}); expected the "
-                "JSON written by HostState.to_json (restore it from an intact checkpoint)"
-            ) from err
+            if not isinstance(raw, dict):
+                raise TypeError(f"a JSON {type(raw).__name__}, expected an object")
+        except (TypeError, json.JSONDecodeError) as err:
+            raise _malformed(cls, err) from err
+        own = {f.name for f in dataclasses.fields(cls)}
+        for key in sorted(set(raw) - own):
+            if key not in _SHARED_RECORD_EMPTY or raw[key] != _SHARED_RECORD_EMPTY[key]:
+                raise ValueError(
+                    f"algorithm host state holds {key!r}, which {cls.__name__} does not keep: "
+                    "the checkpoint was written by another algorithm; resume it with the "
+                    "algorithm.name that wrote it, or train into a new run folder"
+                )
+        try:
+            return cls.from_record(raw)
+        except (KeyError, TypeError, ValueError) as err:
+            raise _malformed(cls, err) from err
+
+
+def _malformed(cls: type[HostState], err: Exception) -> ValueError:
+    return ValueError(
+        f"algorithm host state is malformed ({type(err).__name__}: {err}); expected the JSON "
+        f"written by {cls.__name__}.to_json (restore it from an intact checkpoint)"
+    )
 
 
 SampleAll = Callable[[], Sequence["Group"]]
@@ -215,6 +229,7 @@ class Algorithm(Protocol):
     """A method of METHODS.md, host side: verified groups -> per-rollout plans."""
 
     name: str
+    state_type: ClassVar[type[HostState]]  # its memory's type; checkpoints restore through it
 
     def init_state(self, seed: int) -> HostState:
         """The state before the first step."""

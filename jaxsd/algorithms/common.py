@@ -95,7 +95,7 @@ def plan_metrics(
     for source in base.SOURCES:
         metrics[f"teacher/{source}"] = sum(pl.teacher_source == source for pl in plans) / n
     for field in ("sd_weight", "pg_weight", "ssopd_weight"):
-        values = np.asarray([getattr(pl, field) for pl in plans], dtype=np.float64)
+        values = np.asarray([getattr(pl.weights, field) for pl in plans], dtype=np.float64)
         active = values[values != 0.0]
         metrics[f"{field}/mean"] = float(values.mean()) if values.size else 0.0
         metrics[f"{field}/max"] = float(values.max()) if values.size else 0.0

@@ -20,13 +20,56 @@ Choices the paper leaves open (documented here, kept configurable where it matte
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
 from jaxsd.algorithms import base, common
 from jaxsd.losses import weights as weights_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class BufferEntry:
+    """One success-buffer entry (METHODS §7): a successful response and its reward."""
+
+    response: str
+    reward: float
+
+
+@dataclasses.dataclass(frozen=True)
+class DriftState(base.HostState):
+    """DRIFT's memory: `ema_pass_rates` (routing), `success_buffer`, `rng_state` (numpy PCG64
+    state of the buffer draws) and `num_plans` (steps planned so far; the warm-up counter)."""
+
+    ema_pass_rates: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    success_buffer: Mapping[str, tuple[BufferEntry, ...]] = dataclasses.field(default_factory=dict)
+    rng_state: Mapping[str, Any] | None = None
+    num_plans: int = 0
+
+    def record(self) -> dict[str, Any]:
+        """JSON values; the RNG state as integers."""
+        return {
+            "ema_pass_rates": dict(self.ema_pass_rates),
+            "success_buffer": {
+                q: [[e.response, e.reward] for e in entries]
+                for q, entries in self.success_buffer.items()
+            },
+            "rng_state": self.rng_state,
+            "num_plans": self.num_plans,
+        }
+
+    @classmethod
+    def from_record(cls, raw: Mapping[str, Any]) -> DriftState:
+        return cls(
+            ema_pass_rates={str(q): float(v) for q, v in raw["ema_pass_rates"].items()},
+            success_buffer={
+                str(q): tuple(BufferEntry(str(resp), float(rew)) for resp, rew in entries)
+                for q, entries in raw["success_buffer"].items()
+            },
+            rng_state=raw["rng_state"],
+            num_plans=int(raw["num_plans"]),
+        )
 
 
 def ema_update(past: float | None, now: float, alpha: float) -> float:
@@ -35,8 +78,8 @@ def ema_update(past: float | None, now: float, alpha: float) -> float:
 
 
 def buffer_add(
-    entries: tuple[base.BufferEntry, ...], entry: base.BufferEntry, capacity: int
-) -> tuple[base.BufferEntry, ...]:
+    entries: tuple[BufferEntry, ...], entry: BufferEntry, capacity: int
+) -> tuple[BufferEntry, ...]:
     """Add when not full; when full replace the lowest reward only if strictly higher, §7."""
     if len(entries) < capacity:
         return (*entries, entry)
@@ -109,6 +152,7 @@ class DRIFT:
     rhythm_m_min: float = 0.5
     rhythm_m_max: float = 2.0
     name: str = "drift"
+    state_type: ClassVar[type[base.HostState]] = DriftState
 
     def __post_init__(self) -> None:
         checks = {
@@ -129,9 +173,9 @@ class DRIFT:
                 "0 <= hard_below <= easy_above <= 1; m_min <= 1 < m_max; window >= 1)"
             )
 
-    def init_state(self, seed: int) -> base.HostState:
+    def init_state(self, seed: int) -> DriftState:
         """Empty EMA table and buffer; the buffer-draw RNG seeded from `seed`."""
-        return base.HostState(rng_state=np.random.PCG64(seed).state)
+        return DriftState(rng_state=np.random.PCG64(seed).state)
 
     def before_training(self, state: base.HostState, sample_all: base.SampleAll) -> base.HostState:
         """Nothing to prepare."""
@@ -173,7 +217,7 @@ class DRIFT:
     def _distill(self, rollout: base.Rollout, solution: str, source: str) -> base.RolloutPlan:
         return base.RolloutPlan(
             teacher_messages=common.solution_messages(rollout, solution),
-            sd_weight=1.0,
+            weights=base.LossWeights(sd_weight=1.0),
             route=base.ROUTE_SD,
             teacher_source=source,
         )
@@ -190,9 +234,9 @@ class DRIFT:
         gate = medium and sib is not None
         return base.RolloutPlan(
             teacher_messages=common.solution_messages(rollout, sib.response) if gate else None,
-            advantage=advantage,
-            pg_weight=gamma,
-            rhythm_beta=1.0 if gate else 0.0,
+            weights=base.LossWeights(
+                advantage=advantage, pg_weight=gamma, rhythm_beta=1.0 if gate else 0.0
+            ),
             route=base.ROUTE_PG if gamma > 0 else base.ROUTE_NONE,
             teacher_source=base.SOURCE_SOLUTION if gate else base.SOURCE_NONE,
         )
@@ -213,7 +257,7 @@ class DRIFT:
         self,
         group: base.Group,
         routing: tuple[float, bool],
-        buffered: tuple[base.BufferEntry, ...],
+        buffered: tuple[BufferEntry, ...],
         rng: np.random.Generator,
         epoch: int,
     ) -> tuple[list[base.RolloutPlan], int]:
@@ -238,26 +282,29 @@ class DRIFT:
         return plans, hits
 
     def _buffer_successes(
-        self, groups: Sequence[base.Group], buffer: dict[str, tuple[base.BufferEntry, ...]]
-    ) -> dict[str, tuple[base.BufferEntry, ...]]:
+        self, groups: Sequence[base.Group], buffer: Mapping[str, tuple[BufferEntry, ...]]
+    ) -> dict[str, tuple[BufferEntry, ...]]:
         """The success buffer after this step's successes entered it (§7)."""
         buffer = dict(buffer)
         for group in groups:
             for rollout in group.rollouts:
                 if common.is_success(rollout, self.success_threshold):
-                    entry = base.BufferEntry(rollout.response, float(rollout.reward))
+                    entry = BufferEntry(rollout.response, float(rollout.reward))
                     buffer[group.question_id] = buffer_add(
                         buffer.get(group.question_id, ()), entry, self.buffer_size
                     )
         return buffer
 
     def plan(
-        self, groups: Sequence[base.Group], state: base.HostState, *, epoch: int
-    ) -> tuple[list[base.RolloutPlan], base.HostState, dict[str, float]]:
+        self, groups: Sequence[base.Group], state: DriftState, *, epoch: int
+    ) -> tuple[list[base.RolloutPlan], DriftState, dict[str, float]]:
         """Plans of one step; returns the state with updated EMA, buffer, RNG and counter."""
         base.check_epoch(epoch)
-        if state.rng_state is None:
-            raise ValueError("DRIFT state has no RNG state; build it with DRIFT.init_state(seed)")
+        if not isinstance(state, DriftState) or state.rng_state is None:
+            raise ValueError(
+                f"DRIFT plans with a seeded DriftState, got a {type(state).__name__} without "
+                "an RNG state; build it with DRIFT.init_state(seed)"
+            )
         rng = np.random.Generator(np.random.PCG64())
         rng.bit_generator.state = dict(state.rng_state)
         warmup = state.num_plans < self.warmup_steps

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from jaxsd.algorithms import base, common
 
@@ -25,7 +25,10 @@ def grpo_plans(
     for group in groups:
         adv = common.group_advantages(group, normalize=normalize, eps=eps)
         plans.extend(
-            base.RolloutPlan(advantage=float(a), pg_weight=1.0, route=base.ROUTE_PG) for a in adv
+            base.RolloutPlan(
+                weights=base.LossWeights(advantage=float(a), pg_weight=1.0), route=base.ROUTE_PG
+            )
+            for a in adv
         )
     return plans
 
@@ -38,6 +41,7 @@ class GRPO:
     eps: float = 1e-6
     success_threshold: float = 0.5  # only for pass-rate metrics
     name: str = "grpo"
+    state_type: ClassVar[type[base.HostState]] = base.HostState  # stateless
 
     def init_state(self, seed: int) -> base.HostState:
         """Stateless."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -32,8 +33,27 @@ def estimate_pass_rates(
     return {q: successes[q] / totals[q] for q in totals}
 
 
-def freeze_pass_rates(state: base.HostState, pass_rates: Mapping[str, float]) -> base.HostState:
+@dataclasses.dataclass(frozen=True)
+class PacedState(base.HostState):
+    """PACED's memory: the offline pass rates p⁰ of every training question, frozen (§5)."""
+
+    frozen_pass_rates: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        return {"frozen_pass_rates": dict(self.frozen_pass_rates)}
+
+    @classmethod
+    def from_record(cls, raw: Mapping[str, Any]) -> PacedState:
+        return cls({str(q): float(v) for q, v in raw["frozen_pass_rates"].items()})
+
+
+def freeze_pass_rates(state: PacedState, pass_rates: Mapping[str, float]) -> PacedState:
     """The state with PACED's frozen rates set (once, before the first step)."""
+    if not isinstance(state, PacedState):
+        raise TypeError(
+            f"PACED keeps its rates in a PacedState (PACED.init_state), not a "
+            f"{type(state).__name__}"
+        )
     if not pass_rates:
         raise ValueError("PACED needs at least one offline pass rate; run estimate_pass_rates")
     for q, p in pass_rates.items():
@@ -48,13 +68,15 @@ def freeze_pass_rates(state: base.HostState, pass_rates: Mapping[str, float]) ->
 class PACED(sdpo.SDPO):
     """SDPO with PACED's frozen, globally normalised question weights.
 
-    `init_state` is empty; `before_training` runs the offline pass and freezes its rates.
+    `init_state` is an empty `PacedState`; `before_training` runs the offline pass and
+    freezes its rates.
     """
 
     exponent: float = 1.0
     name: str = "paced"
+    state_type: ClassVar[type[base.HostState]] = PacedState
 
-    def before_training(self, state: base.HostState, sample_all: base.SampleAll) -> base.HostState:
+    def before_training(self, state: PacedState, sample_all: base.SampleAll) -> PacedState:
         """METHODS §5: pass rates of every training question, estimated once, frozen."""
         rates = estimate_pass_rates(sample_all(), success_threshold=self.success_threshold)
         print(f"[jaxsd] PACED offline pass: {len(rates)} questions, mean pass rate "
@@ -63,7 +85,7 @@ class PACED(sdpo.SDPO):
 
     def question_weights(self, state: base.HostState) -> dict[str, float]:
         """`w_i` for every question of the dataset (global normalisation), METHODS §5."""
-        if not state.frozen_pass_rates:
+        if not isinstance(state, PacedState) or not state.frozen_pass_rates:
             raise ValueError(
                 "PACED has no frozen pass rates; run the offline pass "
                 "(paced.estimate_pass_rates) and paced.freeze_pass_rates before training"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -50,7 +50,7 @@ def weighted_sdpo_plans(
             plans.append(
                 base.RolloutPlan(
                     teacher_messages=messages,
-                    sd_weight=sd_weight,
+                    weights=base.LossWeights(sd_weight=sd_weight),
                     route=base.ROUTE_SD if sd_weight > 0 else base.ROUTE_NONE,
                     teacher_source=source,
                 )
@@ -70,10 +70,11 @@ class SDPO:
     feedback_only_without_solution: bool = True
     dont_reprompt_on_self_success: bool = True
     name: str = "sdpo"
+    state_type: ClassVar[type[base.HostState]] = base.HostState  # stateless
 
     def init_state(self, seed: int) -> base.HostState:
         """Stateless: the weights come from this batch (PACED: from its frozen table)."""
-        return base.HostState()
+        return self.state_type()
 
     def before_training(self, state: base.HostState, sample_all: base.SampleAll) -> base.HostState:
         """Nothing to prepare."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from jaxsd.algorithms import base, common
 
@@ -29,6 +29,7 @@ class SRPO:
     eps: float = 1e-6
     success_threshold: float = 0.5
     name: str = "srpo"
+    state_type: ClassVar[type[base.HostState]] = base.HostState  # stateless
 
     def __post_init__(self) -> None:
         if not (isinstance(self.entropy_weighting, bool) and self.entropy_beta >= 0):
@@ -75,7 +76,7 @@ class SRPO:
                     plans.append(
                         base.RolloutPlan(
                             teacher_messages=messages,
-                            sd_weight=1.0,
+                            weights=base.LossWeights(sd_weight=1.0),
                             route=base.ROUTE_SD,
                             teacher_source=source,
                         )
@@ -83,7 +84,8 @@ class SRPO:
                 else:
                     plans.append(
                         base.RolloutPlan(
-                            advantage=float(adv[j]), pg_weight=1.0, route=base.ROUTE_PG
+                            weights=base.LossWeights(advantage=float(adv[j]), pg_weight=1.0),
+                            route=base.ROUTE_PG,
                         )
                     )
         return plans, state, common.plan_metrics(plans, groups, self.success_threshold)

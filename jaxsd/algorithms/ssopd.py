@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -41,6 +41,7 @@ class SSOPD:
     # Keep y⁺'s <think> reasoning in the privileged context (on with model.enable_thinking).
     keep_thinking: bool = False
     name: str = "ssopd"
+    state_type: ClassVar[type[base.HostState]] = base.HostState  # stateless
 
     def __post_init__(self) -> None:
         if self.correct_selector not in CORRECT_SELECTORS:
@@ -126,15 +127,17 @@ class SSOPD:
                 y_neg = group.rollouts[neg]
                 length = min(y_neg.length, self.max_len)
                 lengths.append(length)
+                plan = plans[offset + neg]
                 plans[offset + neg] = dataclasses.replace(
-                    plans[offset + neg],
+                    plan,
                     teacher_messages=reprompt.build_privileged_context(
                         y_neg.prompt,
                         group.rollouts[pos].response,
                         keep_thinking=self.keep_thinking,
                     ),
-                    ssopd_weight=float(omega[i]),
-                    ssopd_len=length,
+                    weights=dataclasses.replace(
+                        plan.weights, ssopd_weight=float(omega[i]), ssopd_len=length
+                    ),
                     route=base.ROUTE_PG_SSOPD,
                     teacher_source=base.SOURCE_PRIVILEGED,
                 )

@@ -25,6 +25,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from jaxsd.algorithms.base import NO_LOSS, LossWeights
 from jaxsd.train.mesh import batch_sharding
 
 __all__ = [
@@ -41,18 +42,13 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class TrainSample:
-    """One rollout with the per-sequence numbers the algorithms set (batch contract)."""
+    """One rollout with the loss weights its algorithm's plan set (batch contract)."""
 
     prompt_ids: Sequence[int]
     response_ids: Sequence[int]
     old_logp: np.ndarray  # [len(response_ids)] rollout engine's sampled-token log-probs
     teacher_prompt_ids: Sequence[int] | None = None  # reprompt; None -> sd_mask 0
-    advantage: float = 0.0  # GRPO advantage, broadcast over the rollout's tokens
-    pg_weight: float = 0.0  # clipped-surrogate weight (0 = off; DRIFT gamma, routing)
-    sd_weight: float = 0.0  # distillation weight (SC-SDPO/PACED/filter weight)
-    ssopd_weight: float = 0.0  # SSOPD omega_i
-    ssopd_len: int = 0  # first L response tokens distilled by SSOPD
-    rhythm_beta: float = 0.0  # DRIFT beta_i (1 = rhythm gate on the surrogate)
+    weights: LossWeights = NO_LOSS  # the plan's advantage and per-term weights
     group_size: int = 1  # G of the rollout's question: the batch holds Σ 1/G = Q prompts
 
 
@@ -141,10 +137,10 @@ def _validate(sample: TrainSample, i: int, vocab_size: int | None = None) -> Non
         raise ValueError(f"sample {i}: old_logp holds NaN/inf; the rollout engine's logprobs")
     numbers = ("advantage", "pg_weight", "sd_weight", "ssopd_weight", "rhythm_beta")
     for name in numbers:
-        if not np.isfinite(getattr(sample, name)):
-            raise ValueError(f"sample {i}: {name}={getattr(sample, name)} is not finite")
-    if sample.ssopd_len < 0:
-        raise ValueError(f"sample {i}: ssopd_len={sample.ssopd_len} must be >= 0")
+        if not np.isfinite(getattr(sample.weights, name)):
+            raise ValueError(f"sample {i}: {name}={getattr(sample.weights, name)} is not finite")
+    if sample.weights.ssopd_len < 0:
+        raise ValueError(f"sample {i}: ssopd_len={sample.weights.ssopd_len} must be >= 0")
     if not (isinstance(sample.group_size, int | np.integer) and sample.group_size >= 1):
         raise ValueError(
             f"sample {i}: group_size={sample.group_size!r} must be an integer >= 1 (the number "
@@ -273,13 +269,13 @@ def build_batch(
         out["response_tokens"][i, :n] = resp
         out["response_mask"][i, :n] = 1.0
         out["old_logp"][i, :n] = np.asarray(s.old_logp, np.float32)
-        out["ssopd_mask"][i, : min(s.ssopd_len, n)] = 1.0
-        out["advantage"][i] = s.advantage
-        out["pg_weight"][i] = s.pg_weight
-        out["sd_weight"][i] = s.sd_weight
+        out["ssopd_mask"][i, : min(s.weights.ssopd_len, n)] = 1.0
+        out["advantage"][i] = s.weights.advantage
+        out["pg_weight"][i] = s.weights.pg_weight
+        out["sd_weight"][i] = s.weights.sd_weight
         out["sd_mask"][i] = float(s.teacher_prompt_ids is not None)
-        out["ssopd_weight"][i] = s.ssopd_weight
-        out["rhythm_beta"][i] = s.rhythm_beta
+        out["ssopd_weight"][i] = s.weights.ssopd_weight
+        out["rhythm_beta"][i] = s.weights.rhythm_beta
         out["prompt_share"][i] = 1.0 / s.group_size
     return TrainBatch(**out)
 

@@ -94,7 +94,8 @@ class Run:
 
     def restore_host_state(self, host: dict[str, Any]) -> None:
         """Inverse of `host_state_json` (checkpoints without "ahead" are on-policy ones)."""
-        self.host_state = algorithms.HostState.from_json(host["algorithm"])
+        # Read as the algorithm's own state type (DRIFT's, PACED's, or the empty HostState).
+        self.host_state = self.algorithm.state_type.from_json(host["algorithm"])
         ahead = host.get("ahead")
         if ahead is not None:
             self.ahead = algorithms.groups_from_json(ahead["groups"]), ahead["stats"]

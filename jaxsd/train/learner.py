@@ -34,7 +34,7 @@ _LIKELY_KEYS = {
 def plans_to_samples(
     prompts: ChatPrompts, groups: Sequence[algorithms.Group], plans: Sequence
 ) -> list[TrainSample]:
-    """Tokenise each plan's teacher chat and attach the per-rollout numbers (batch contract)."""
+    """Tokenise each plan's teacher chat and attach its loss weights (batch contract)."""
     samples = []
     rollouts = algorithms.flat_rollouts(groups)
     group_size = {g.question_id: len(g) for g in groups}
@@ -51,12 +51,7 @@ def plans_to_samples(
                 response_ids=list(rollout.response_ids),
                 old_logp=np.asarray(rollout.logprobs, np.float32),
                 teacher_prompt_ids=teacher_ids,
-                advantage=plan.advantage,
-                pg_weight=plan.pg_weight,
-                sd_weight=plan.sd_weight,
-                ssopd_weight=plan.ssopd_weight,
-                ssopd_len=plan.ssopd_len,
-                rhythm_beta=plan.rhythm_beta,
+                weights=plan.weights,
                 group_size=group_size[rollout.question_id],
             )
         )
