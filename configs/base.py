@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import ml_collections
 
 from jaxsd import algorithms
+from jaxsd.models.sharding import DEFAULT_RULES, rules_to_strings
 
 PRESETS = ("default", "smoke", "qwen3_8b", "gpu_0p6b")
 ALIASES = {"steps": "total_steps"}  # short setting names of the config argument
@@ -314,6 +315,11 @@ def preset_config(preset: str, *, run_name: str = "sdpo") -> ml_collections.Conf
 
     # Device mesh; one axis may be -1 = all remaining devices.
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
+    # Logical axis -> mesh axes ("data,fsdp" = both, "" = replicated), MaxText-style: parameters
+    # (embed, vocab, mlp, heads, kv_heads, head_dim, layers), the train batch's rows (batch) and
+    # token axis (length), and the decoder's residual stream [batch, length, embed]. Re-sharding
+    # is a config change, e.g. --config.mesh.rules.embed="" replicates the model dimension.
+    c.mesh.rules = ml_collections.ConfigDict(rules_to_strings(DEFAULT_RULES))
 
     if preset == "smoke":
         c.total_steps = 3

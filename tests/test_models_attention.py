@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxsd.models.attention import attend, attend_with
 from jaxsd.models.config import ModelConfig
-from jaxsd.models.qwen3 import Transformer, attend, attend_with
+from jaxsd.models.qwen3 import Transformer
 
 CFG = ModelConfig(
     vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,

@@ -28,7 +28,7 @@ from jaxsd.models import (
     set_lora_enabled,
     to_hf_state_dict,
 )
-from jaxsd.models.qwen3 import _MASK_VALUE, attend, attention_mask
+from jaxsd.models.attention import _MASK_VALUE, attend, attention_mask
 
 TOL = 1e-4
 B, T = 3, 9

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +20,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jaxsd.models.config import ModelConfig, dtype_name
 from jaxsd.models.lora import LoraConfig
 from jaxsd.models.qwen3 import Transformer
+from jaxsd.models.sharding import DEFAULT_RULES, MeshRules, Rules, variable_sharding
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -139,11 +141,26 @@ class _TensorSource(Mapping):
     def file_of(self, name: str) -> str:
         return str(self.files[name])
 
-    def __getitem__(self, name: str) -> np.ndarray:
+    def _handle(self, name: str) -> Any:
         path = self.files[name]
         if path not in self._handles:
             self._handles[path] = safe_open(path, framework="numpy")
-        return self._handles[path].get_tensor(name)
+        return self._handles[path]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._handle(name).get_tensor(name)
+
+    def __contains__(self, name: object) -> bool:
+        # Mapping's default would read the whole tensor to answer.
+        return name in self.files
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape from the file header (nothing is read)."""
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def block(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """`tensor[index]`, reading only that block from the file."""
+        return self._handle(name).get_slice(name)[index]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.files)
@@ -152,12 +169,16 @@ class _TensorSource(Mapping):
         return len(self.files)
 
 
-def load_hf_state_dict(model: Transformer, state_dict: Mapping[str, Any]) -> Transformer:
-    """Fill `model`'s base parameters in place from HF-named tensors; checks names and shapes.
+def _shape_of(state_dict: Mapping[str, Any], name: str) -> tuple[int, ...]:
+    if isinstance(state_dict, _TensorSource):
+        return state_dict.shape(name)
+    return tuple(state_dict[name].shape)
 
-    Adapters (if any) are left as they are. Errors name the tensor (and its file, when the
-    mapping knows it).
-    """
+
+def _checked_rows(
+    model: Transformer, state_dict: Mapping[str, Any]
+) -> list[tuple[str, nnx.Variable, bool]]:
+    """`_expected(model)` after checking the tensors' names and shapes (headers only)."""
     where = (
         (lambda n: f" in {state_dict.file_of(n)}")
         if hasattr(state_dict, "file_of")
@@ -182,16 +203,65 @@ def load_hf_state_dict(model: Transformer, state_dict: Mapping[str, Any]) -> Tra
         if name not in state_dict:
             origin = getattr(state_dict, "folder", "the state dict")
             raise ValueError(f"tensor {name} is missing from {origin}; the config requires it")
-        arr = state_dict[name]
+        shape = _shape_of(state_dict, name)
         want = tuple(var.shape[::-1]) if is_kernel else tuple(var.shape)
-        if tuple(arr.shape) != want:
+        if shape != want:
             raise ValueError(
-                f"tensor {name}{where(name)} has shape {tuple(arr.shape)} but the config "
-                f"expects {want}"
+                f"tensor {name}{where(name)} has shape {shape} but the config expects {want}"
             )
+    return rows
+
+
+def load_hf_state_dict(model: Transformer, state_dict: Mapping[str, Any]) -> Transformer:
+    """Fill `model`'s base parameters in place from HF-named tensors; checks names and shapes.
+
+    Adapters (if any) are left as they are. Errors name the tensor (and its file, when the
+    mapping knows it).
+    """
+    for name, var, is_kernel in _checked_rows(model, state_dict):
+        arr = state_dict[name]
         # Transpose and cast on the host: eager jnp ops would compile once per tensor shape.
         x = np.asarray(arr.T if is_kernel else arr).astype(var.dtype, copy=False)
         var.set_value(jnp.asarray(x))
+    return model
+
+
+def _block_reader(
+    state_dict: Mapping[str, Any], name: str, is_kernel: bool, dtype: Any
+) -> Callable[[tuple[slice, ...]], np.ndarray]:
+    """index (of our [in, out] layout) -> that block of tensor `name`, cast to `dtype`.
+
+    A kernel's block is the transposed block of the HF [out, in] tensor; files are read block
+    by block (`_TensorSource.block`), and a block several devices hold (replicated axes) is
+    read once.
+    """
+    read = state_dict.block if isinstance(state_dict, _TensorSource) else None
+    done: dict[tuple, np.ndarray] = {}
+
+    def block(index: tuple[slice, ...]) -> np.ndarray:
+        key = tuple((s.start, s.stop, s.step) for s in index)
+        if key not in done:
+            hf_index = tuple(reversed(index)) if is_kernel else tuple(index)
+            arr = read(name, hf_index) if read else np.asarray(state_dict[name])[hf_index]
+            done[key] = np.asarray(arr.T if is_kernel else arr).astype(dtype, copy=False)
+        return done[key]
+
+    return block
+
+
+def load_hf_state_dict_sharded(
+    model: Transformer, state_dict: Mapping[str, Any], mesh: Mesh, rules: Rules = DEFAULT_RULES
+) -> Transformer:
+    """`load_hf_state_dict` straight into each parameter's shards on `mesh`.
+
+    Every device receives only its block of each tensor (`jax.make_array_from_callback`, the
+    block read from the file), placed by the parameter's logical axes under `rules`: no device
+    and no host ever holds the whole model (a replicated parameter is whole on each device).
+    """
+    for name, var, is_kernel in _checked_rows(model, state_dict):
+        sharding = variable_sharding(var, mesh, rules)
+        reader = _block_reader(state_dict, name, is_kernel, var.dtype)
+        var.set_value(jax.make_array_from_callback(tuple(var.shape), sharding, reader))
     return model
 
 
@@ -241,11 +311,15 @@ def from_pretrained(
     seed: int = 0,
     attention: str = "jaxsd",
     remat: bool = False,
+    mesh: Mesh | None = None,
+    rules: Rules = DEFAULT_RULES,
 ) -> tuple[Transformer, ModelConfig]:
     """Load an HF folder (or hub name) into a `Transformer` with `dtype` params.
 
     compute_dtype defaults to `dtype`; `seed` initialises LoRA A matrices (B starts at zero);
-    `attention` and `remat` are `ModelConfig`'s runtime switches.
+    `attention` and `remat` are `ModelConfig`'s runtime switches. With `mesh`, every tensor
+    goes straight into its shards (`load_hf_state_dict_sharded`) and the model constrains its
+    residual stream by `rules`; without, the model is loaded onto the default device.
     """
     folder = _resolve(path_or_name)
     config = read_config(folder)
@@ -257,24 +331,53 @@ def from_pretrained(
         remat=remat,
     )
     source = _TensorSource(folder)
+    mesh_rules = None if mesh is None else MeshRules(mesh, tuple(rules))
     # Shapes only: the weights come from the files, so never materialise a random init.
-    model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(seed), lora=lora))
-    load_hf_state_dict(model, source)
+    model = nnx.eval_shape(
+        lambda: Transformer(config, rngs=nnx.Rngs(seed), lora=lora, mesh_rules=mesh_rules)
+    )
+    if mesh is None:
+        load_hf_state_dict(model, source)
+    else:
+        load_hf_state_dict_sharded(model, source, mesh, rules)
     if lora is not None:
-        _init_lora(model, seed)
+        _init_lora(model, seed, mesh, rules)
     return model, config
 
 
-def _init_lora(model: Transformer, seed: int) -> None:
-    """Concrete adapter values for a shape-only model: A ~ U(+-1/sqrt(in)), B = 0."""
+def _adapter_init(leaf: str, shape: tuple[int, ...], dtype: Any) -> Callable:
+    """key -> an adapter's initial value: A ~ U(+-1/sqrt(in)) (PEFT's default), B = 0."""
+    if leaf == "lora_a":
+        bound = 1.0 / math.sqrt(shape[0])
+        return lambda key: jax.random.uniform(key, shape, dtype, -bound, bound)
+    return lambda key: jnp.zeros(shape, dtype)
+
+
+def _init_lora(model: Transformer, seed: int, mesh: Mesh | None, rules: Rules) -> None:
+    """Concrete adapter values for a shape-only model, made in their shards when there is a
+    mesh (threefry draws the same values either way)."""
     key = jax.random.key(seed)
     for i, (path, var) in enumerate(_flat_params(nnx.state(model, nnx.LoRAParam))):
-        if path[-1] == "lora_a":
-            bound = 1.0 / math.sqrt(var.shape[0])
-            k = jax.random.fold_in(key, i)
-            var.set_value(jax.random.uniform(k, var.shape, var.dtype, -bound, bound))
-        else:
-            var.set_value(jnp.zeros(var.shape, var.dtype))
+        init = _adapter_init(path[-1], tuple(var.shape), var.dtype)
+        if mesh is not None:
+            init = jax.jit(init, out_shardings=variable_sharding(var, mesh, rules))
+        var.set_value(init(jax.random.fold_in(key, i)))
+
+
+def plain_model(config: ModelConfig, params: nnx.State, *, device: Any = None) -> Transformer:
+    """A LoRA-free `Transformer` of `config` holding `params` (a plain model's `nnx.Param`
+    state, e.g. the trainer's weights with any adapters merged): the rollout engine's copy
+    without a second read of the checkpoint.
+
+    With `device` (a `jax.Device` or `Sharding`) every array is copied there: the trainer's
+    state is donated to its step, so the engine needs buffers of its own. Without, the model
+    holds `params` as they are (enough for a structure whose values are replaced before use).
+    """
+    model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    if device is not None:
+        params = jax.tree.map(lambda x: jax.device_put(jnp.copy(x), device), params)
+    nnx.update(model, params)
+    return model
 
 
 def save_pretrained(

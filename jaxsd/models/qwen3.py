@@ -16,13 +16,12 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jaxsd.models.config import ModelConfig, RopeScaling
+from jaxsd.models.attention import apply_rope, attend_with, attention_mask
+from jaxsd.models.config import ModelConfig
 from jaxsd.models.lora import Linear, LoraConfig, _param
+from jaxsd.models.sharding import RESIDUAL_AXES, MeshRules, constrain
 
 Cache = dict[str, Any]  # {"k": tuple of L [B, S, K, D], "v": same, "index": int32 []}
-# Finite stand-in for -inf: a fully masked row (a left-padding query) then gets uniform
-# weights instead of NaN; its output is never read.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -30,128 +29,6 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return weight.astype(x.dtype) * normed.astype(x.dtype)
-
-
-def apply_rope(
-    x_BxTxNxD: jax.Array,
-    positions_BxT: jax.Array,
-    theta: float,
-    scaling: RopeScaling | None = None,
-) -> jax.Array:
-    """Rotary embedding, HF rotate-half convention: x cos + rotate_half(x) sin.
-
-    With `scaling` (YaRN, Llama 3), its inverse frequencies and its scale on cos and sin
-    (transformers' order: scale in fp32, then cast)."""
-    d = x_BxTxNxD.shape[-1]
-    if scaling is None:
-        inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
-    else:
-        inv_freq = jnp.asarray(scaling.inv_freq(d, theta))
-    freqs_BxTxD2 = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
-    emb = jnp.concatenate([freqs_BxTxD2, freqs_BxTxD2], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(emb), jnp.sin(emb)
-    if scaling is not None and scaling.attention_scale() != 1.0:
-        cos, sin = cos * scaling.attention_scale(), sin * scaling.attention_scale()
-    cos, sin = cos.astype(x_BxTxNxD.dtype), sin.astype(x_BxTxNxD.dtype)
-    x1, x2 = jnp.split(x_BxTxNxD, 2, axis=-1)
-    return x_BxTxNxD * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
-
-
-def attention_mask(
-    query_slots_T: jax.Array, key_valid_BxS: jax.Array, window: int | None
-) -> jax.Array:
-    """[B, T, S] bool: key slot s is visible to query slot q iff s <= q, valid, within window."""
-    s_S = jnp.arange(key_valid_BxS.shape[1])
-    mask_TxS = s_S[None, :] <= query_slots_T[:, None]
-    if window is not None:
-        # HF sliding window: q - s < window, counted in slots (cache positions).
-        mask_TxS &= query_slots_T[:, None] - s_S[None, :] < window
-    return mask_TxS[None] & key_valid_BxS[:, None, :].astype(bool)
-
-
-def attend(
-    q_BxTxNxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, mask_BxTxS: jax.Array
-) -> jax.Array:
-    """softmax(q k^T / sqrt(D) + mask) v with grouped kv heads (head n uses kv head n // G)."""
-    b, t, n, d = q_BxTxNxD.shape
-    k = k_BxSxKxD.shape[2]
-    g = n // k
-    # Queries head-major, [B, K, G*T, D]: every kv head is then one plain [G*T, D] x [D, S]
-    # matmul. Contracting the [B, T, K, G, D] layout directly is ~4x slower on XLA:CPU.
-    q_BxKxXxD = q_BxTxNxD.reshape(b, t, k, g, d).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, d)
-    out_BxKxXxD = _attend_grouped(q_BxKxXxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS)
-    return out_BxKxXxD.reshape(b, k, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, n, d)
-
-
-def attend_with(
-    impl: str,
-    q_BxTxNxD: jax.Array,
-    k_BxSxKxD: jax.Array,
-    v_BxSxKxD: jax.Array,
-    mask_BxTxS: jax.Array,
-    causal: bool = False,
-) -> jax.Array:
-    """`attend` by implementation: "jaxsd" (ours) or jax.nn.dot_product_attention's "xla" /
-    "cudnn" (the mask becomes an additive bias). `causal`: query t is key slot t (T == S),
-    so the kernel may skip the upper triangle; the mask must already say the same."""
-    if impl == "jaxsd":
-        return attend(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS)
-    return jax.nn.dot_product_attention(
-        q_BxTxNxD,
-        k_BxSxKxD,
-        v_BxSxKxD,
-        mask=mask_BxTxS[:, None],
-        is_causal=causal,
-        implementation=impl,
-    )
-
-
-def _probs(q_BxKxXxD: jax.Array, k_BxSxKxD: jax.Array, mask_BxTxS: jax.Array) -> jax.Array:
-    """fp32 attention weights [B, K, G*T, S] of head-major queries."""
-    b, kh, x, d = q_BxKxXxD.shape
-    t, s = mask_BxTxS.shape[1:]
-    scores = jnp.einsum("bkxd,bskd->bkxs", q_BxKxXxD, k_BxSxKxD, preferred_element_type=jnp.float32)
-    scores_BxKxGxTxS = scores.reshape(b, kh, x // t, t, s) * d**-0.5
-    scores_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], scores_BxKxGxTxS, _MASK_VALUE)
-    return jax.nn.softmax(scores_BxKxGxTxS, axis=-1).reshape(b, kh, x, s)
-
-
-@jax.custom_vjp
-def _attend_grouped(q_BxKxXxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS):
-    probs = _probs(q_BxKxXxD, k_BxSxKxD, mask_BxTxS).astype(v_BxSxKxD.dtype)
-    return jnp.einsum("bkxs,bskd->bkxd", probs, v_BxSxKxD)
-
-
-def _attend_fwd(q_BxKxXxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS):
-    p_BxKxXxS = _probs(q_BxKxXxD, k_BxSxKxD, mask_BxTxS)
-    out = jnp.einsum("bkxs,bskd->bkxd", p_BxKxXxS.astype(v_BxSxKxD.dtype), v_BxSxKxD)
-    return out, (q_BxKxXxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS, p_BxKxXxS, out)
-
-
-def _attend_bwd(res, do_BxKxXxD):
-    # The softmax backward ds = p * (dp - sum_s p dp) with sum_s p_s dp_s = do . o (o = p v):
-    # a sum over D instead of another pass over the [..., S] weights. Masked scores were
-    # replaced by a constant, so their gradient is 0 (p is already 0 there except on fully
-    # masked rows, whose weights are uniform).
-    q, k, v, mask, p, out = res
-    b, kh, x, d = q.shape
-    t, s = mask.shape[1:]
-    do32 = do_BxKxXxD.astype(jnp.float32)
-    dp = jnp.einsum("bkxd,bskd->bkxs", do_BxKxXxD, v, preferred_element_type=jnp.float32)
-    delta = jnp.sum(do32 * out.astype(jnp.float32), axis=-1, keepdims=True)
-    ds = (p * (dp - delta)).reshape(b, kh, x // t, t, s)
-    ds = jnp.where(mask[:, None, None], ds, 0.0).reshape(b, kh, x, s).astype(q.dtype)
-    # The 1/sqrt(D) of the scores goes on the [..., D] results: a scalar inside the [..., S]
-    # fusion above is materialised as a full broadcast on XLA:CPU.
-    dq = jnp.einsum("bkxs,bskd->bkxd", ds, k, preferred_element_type=jnp.float32) * d**-0.5
-    dk = jnp.einsum("bkxs,bkxd->bskd", ds, q, preferred_element_type=jnp.float32) * d**-0.5
-    dv = jnp.einsum(
-        "bkxs,bkxd->bskd", p.astype(v.dtype), do_BxKxXxD, preferred_element_type=jnp.float32
-    )
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
-
-
-_attend_grouped.defvjp(_attend_fwd, _attend_bwd)
 
 
 class RMSNorm(nnx.Module):
@@ -342,11 +219,24 @@ def _spec(x: Any) -> tuple[Any, ...]:
 
 
 class Transformer(nnx.Module):
-    """Decoder-only LM: `__call__` gives logits, `hidden_states` the trunk, `logits` the head."""
+    """Decoder-only LM: `__call__` gives logits, `hidden_states` the trunk, `logits` the head.
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, lora: LoraConfig | None = None):
+    `mesh_rules`: the mesh and logical rules the trainer shards this model with; the residual
+    stream between layers is then constrained to the `RESIDUAL_AXES` layout (None: no
+    constraint, e.g. the single-device rollout engine).
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        lora: LoraConfig | None = None,
+        mesh_rules: MeshRules | None = None,
+    ):
         self.config = config
         self.lora_config = lora
+        self.mesh_rules = mesh_rules
         emb = nnx.initializers.normal(0.02)(
             rngs.params(), (config.vocab_size, config.hidden_size), config.param_jnp_dtype
         )
@@ -397,6 +287,7 @@ class Transformer(nnx.Module):
         # padding rows change; no real row reads them.
         see_self = cache is None and self.config.attention != "jaxsd"
         call = nnx.remat(_call_layer) if self.config.remat and cache is None else _call_layer
+        x = constrain(x, RESIDUAL_AXES, self.mesh_rules)
         for i, layer in enumerate(self.layers):
             window = self.config.layer_window(i)
             if window not in masks:
@@ -408,6 +299,7 @@ class Transformer(nnx.Module):
             index = None if cache is None else cache["index"]
             rows = output_index if i == last else None
             x, (k, v) = call(layer, x, positions_BxT, masks[window], kv, index, rows)
+            x = constrain(x, RESIDUAL_AXES, self.mesh_rules)
             new_k.append(k)
             new_v.append(v)
         return self.norm(x), (tuple(new_k), tuple(new_v))

@@ -1,13 +1,16 @@
 """Logical axis names -> mesh axes (a MaxText-style rules table).
 
 Every parameter carries its logical axes as nnx metadata (`out_sharding`, set by
-`lora._param`), e.g. a q_proj kernel is ("embed", "heads"). One rules table maps logical
-names to mesh axes; a single device, 8 GPUs and a TPU pod differ only in the mesh.
+`lora._param`), e.g. a q_proj kernel is ("embed", "heads"); activations and the train batch
+name theirs where they are constrained or fed (("batch", "length", "embed")). One rules table
+(the config's `mesh.rules`, `DEFAULT_RULES` by default) maps logical names to mesh axes; a
+single device, 8 GPUs and a TPU pod differ only in the mesh.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -30,6 +33,33 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("head_dim", None),
     ("layers", None),
 )
+LOGICAL_AXES = tuple(name for name, _ in DEFAULT_RULES)
+# The residual stream [B, T, H] between decoder layers.
+RESIDUAL_AXES = ("batch", "length", "embed")
+
+
+def rules_to_strings(rules: Rules = DEFAULT_RULES) -> dict[str, str]:
+    """Rules as the config writes them: {"batch": "data,fsdp", "length": "", ...}."""
+    out = {}
+    for name, target in rules:
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        out[name] = ",".join(axes)
+    return out
+
+
+def rule_axes(rules: Rules, name: str) -> tuple[str, ...]:
+    """The mesh axes logical axis `name` maps to under `rules` (() = replicated)."""
+    target = dict(rules)[name]
+    return (target,) if isinstance(target, str) else tuple(target or ())
+
+
+def rules_from_strings(table: Mapping[str, str]) -> tuple[tuple[str, Any], ...]:
+    """The config's `mesh.rules` mapping -> a rules table ("" = replicated, "a,b" = both)."""
+    rules = []
+    for name, value in table.items():
+        axes = tuple(a.strip() for a in str(value).split(",") if a.strip())
+        rules.append((name, None if not axes else axes[0] if len(axes) == 1 else axes))
+    return tuple(rules)
 
 
 def logical_axes_of(var: nnx.Variable) -> tuple[str | None, ...] | None:
@@ -70,6 +100,35 @@ def logical_to_mesh_spec(
     return PartitionSpec(*spec)
 
 
+@dataclasses.dataclass(frozen=True)
+class MeshRules:
+    """A mesh and its rules table: what a sharded model needs to place its activations."""
+
+    mesh: Mesh
+    rules: tuple[tuple[str, Any], ...] = DEFAULT_RULES
+
+    def sharding(self, logical_axes: LogicalAxes, shape: Sequence[int]) -> NamedSharding:
+        """NamedSharding of an array of `shape` whose dimensions carry `logical_axes`."""
+        return NamedSharding(
+            self.mesh, logical_to_mesh_spec(logical_axes, self.rules, self.mesh, shape)
+        )
+
+
+def constrain(x: jax.Array, logical_axes: LogicalAxes, mesh_rules: MeshRules | None) -> jax.Array:
+    """`x` pinned to the rules' layout for `logical_axes` (a no-op without a mesh or on one
+    device), so that XLA's sharding propagation cannot pick another one."""
+    if mesh_rules is None or mesh_rules.mesh.size == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, mesh_rules.sharding(logical_axes, x.shape))
+
+
+def variable_sharding(var: nnx.Variable, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    """Where a variable lives on `mesh`: by its logical axes, replicated without any."""
+    axes = logical_axes_of(var)
+    spec = PartitionSpec() if axes is None else logical_to_mesh_spec(axes, rules, mesh, var.shape)
+    return NamedSharding(mesh, spec)
+
+
 def param_shardings(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> nnx.State:
     """Same-structure tree of NamedSharding for `state` (use as jit in/out_shardings).
 
@@ -78,13 +137,7 @@ def param_shardings(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES) 
 
     def one(x: Any) -> Any:
         if isinstance(x, nnx.Variable):
-            axes = logical_axes_of(x)
-            spec = (
-                PartitionSpec()
-                if axes is None
-                else logical_to_mesh_spec(axes, rules, mesh, x.shape)
-            )
-            return x.replace(NamedSharding(mesh, spec))
+            return x.replace(variable_sharding(x, mesh, rules))
         return NamedSharding(mesh, PartitionSpec())
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))

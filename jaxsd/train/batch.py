@@ -26,6 +26,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from jaxsd.algorithms.base import NO_LOSS, LossWeights
+from jaxsd.models.sharding import DEFAULT_RULES, Rules
 from jaxsd.train.mesh import batch_sharding
 
 __all__ = [
@@ -280,10 +281,10 @@ def build_batch(
     return TrainBatch(**out)
 
 
-def batch_shardings(mesh: Mesh) -> TrainBatch:
-    """One sharding per field: sequences split over the data-parallel axes of `mesh`."""
+def batch_shardings(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> TrainBatch:
+    """One sharding per field, from the `batch` (and, for [B, T] fields, `length`) rules."""
     ndims = {name: 1 for name in _PER_SEQUENCE}
-    return TrainBatch(*(batch_sharding(mesh, ndims.get(f, 2)) for f in TrainBatch._fields))
+    return TrainBatch(*(batch_sharding(mesh, ndims.get(f, 2), rules) for f in TrainBatch._fields))
 
 
 def global_batch(local: TrainBatch, shardings: TrainBatch) -> TrainBatch:

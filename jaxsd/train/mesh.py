@@ -10,9 +10,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxsd.models.sharding import DEFAULT_RULES, Rules, logical_to_mesh_spec
+
 __all__ = [
     "AXES",
-    "BATCH_AXES",
     "batch_sharding",
     "distributed_args",
     "initialize_distributed",
@@ -23,8 +24,6 @@ __all__ = [
 ]
 
 AXES = ("data", "fsdp", "tensor")
-# The batch (sequences) is split over every data-parallel axis; fsdp also splits params.
-BATCH_AXES = ("data", "fsdp")
 _AUTO = (jax.sharding.AxisType.Auto,) * len(AXES)
 
 
@@ -62,9 +61,11 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence | None = None
     return Mesh(np.asarray(devices).reshape(resolved), AXES, axis_types=_AUTO)
 
 
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    """Leading (sequence) axis split over the data-parallel axes, the rest replicated."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    """A batch field [B] or [B, T]: B by the `batch` rule (by default every data-parallel axis,
+    fsdp included), T by the `length` rule (replicated by default)."""
+    logical = ("batch", "length", *([None] * max(ndim - 2, 0)))[:ndim]
+    return NamedSharding(mesh, logical_to_mesh_spec(logical, rules, mesh))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

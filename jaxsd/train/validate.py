@@ -11,7 +11,8 @@ from jaxsd import algorithms
 from jaxsd.losses.aggregate import AGG_MODES as LOSS_AGG_MODES
 from jaxsd.models.config import ATTENTION_IMPLS
 from jaxsd.models.lora import LORA_TARGETS
-from jaxsd.train.mesh import resolve_mesh_shape
+from jaxsd.models.sharding import DEFAULT_RULES, LOGICAL_AXES, Rules, rule_axes, rules_from_strings
+from jaxsd.train.mesh import AXES, resolve_mesh_shape
 from jaxsd.train.step import POLICY_LOSSES
 
 ENGINES = ("jax", "vllm")
@@ -95,6 +96,45 @@ def _check_lora(cfg: Any) -> None:
     )
 
 
+def _check_rule(name: str, value: Any) -> None:
+    if name not in LOGICAL_AXES:
+        raise ValueError(
+            f"config mesh.rules.{name} is not a logical axis; the model and batch use "
+            f"{', '.join(LOGICAL_AXES)}"
+        )
+    use = f"use comma-separated mesh axes of {AXES}, each at most once ('' = replicated)"
+    if not isinstance(value, str):
+        raise ValueError(f"config mesh.rules.{name}={value!r} is invalid: {use}")
+    axes = [a.strip() for a in value.split(",") if a.strip()]
+    unknown = [a for a in axes if a not in AXES]
+    if unknown:
+        raise ValueError(f"config mesh.rules.{name}={value!r}: no mesh axis {unknown[0]!r}; {use}")
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"config mesh.rules.{name}={value!r} names a mesh axis twice; {use}")
+
+
+def mesh_rules(cfg: Any) -> Rules:
+    """`mesh.rules` (logical axis -> "mesh,axes") as a rules table; DEFAULT_RULES without it."""
+    if "rules" not in _get(cfg, "mesh"):
+        return DEFAULT_RULES
+    table = dict(_get(cfg, "mesh.rules"))
+    for name, value in table.items():
+        _check_rule(name, value)
+    missing = [n for n in LOGICAL_AXES if n not in table]
+    if missing:
+        raise ValueError(
+            f"config mesh.rules has no rule for {missing}; give each logical axis one "
+            "('' = replicated), as configs/base.py does"
+        )
+    return rules_from_strings({name: table[name] for name in LOGICAL_AXES})
+
+
+def _batch_shards(shape: dict[str, int], rules: Rules) -> int:
+    """How many ways the `batch` rule splits the sequences (1 while an axis is still -1)."""
+    sizes = [shape[a] for a in rule_axes(rules, "batch")]
+    return 1 if -1 in sizes else math.prod(sizes)
+
+
 def _check_micro_batches(cfg: Any, batch: int, batch_shards: int) -> None:
     """Each micro-batch must hold a whole number of rows on every data-parallel shard."""
     if "micro_batches" not in _get(cfg, "optim"):
@@ -104,8 +144,8 @@ def _check_micro_batches(cfg: Any, batch: int, batch_shards: int) -> None:
     if batch % (n * batch_shards):
         raise ValueError(
             f"config optim.micro_batches={n} does not split the batch task.questions_per_step × "
-            f"rollout.n = {batch} into equal slices over mesh.data × mesh.fsdp = {batch_shards} "
-            f"shards ({n} × {batch_shards} must divide {batch}); pick a divisor of "
+            f"rollout.n = {batch} into equal slices over the {batch_shards} shards of "
+            f"mesh.rules.batch ({n} × {batch_shards} must divide {batch}); pick a divisor of "
             f"{batch // batch_shards}"
         )
 
@@ -357,14 +397,17 @@ def _check_model(cfg: Any) -> None:
 def _check_batch(cfg: Any, num_devices: int | None) -> None:
     """The mesh resolves on the devices and the batch splits over its shards and micro-batches."""
     shape = mesh_shape(cfg, num_devices)
-    batch_shards = shape["data"] * shape["fsdp"]
+    rules = mesh_rules(cfg)
+    batch_shards = _batch_shards(shape, rules)
     batch = _get(cfg, "task.questions_per_step") * _get(cfg, "rollout.n")
-    if shape["data"] != -1 and shape["fsdp"] != -1 and batch % batch_shards:
+    if batch % batch_shards:
+        axes = " × ".join(f"mesh.{a}" for a in rule_axes(rules, "batch"))
         raise ValueError(
             f"config batch task.questions_per_step × rollout.n = {batch} is not divisible by "
-            f"mesh.data × mesh.fsdp = {batch_shards}; change task.questions_per_step or the mesh"
+            f"{axes} = {batch_shards} (the axes of mesh.rules.batch); change "
+            "task.questions_per_step, the mesh or mesh.rules.batch"
         )
-    _check_micro_batches(cfg, batch, batch_shards if batch_shards > 0 else 1)
+    _check_micro_batches(cfg, batch, batch_shards)
 
 
 def validate_config(
