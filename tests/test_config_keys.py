@@ -20,6 +20,7 @@ import ml_collections
 import pytest
 
 from jaxsd import algorithms
+from jaxsd.models.sharding import LOGICAL_AXES
 from jaxsd.train.settings import run_settings
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -125,6 +126,8 @@ ALTERNATIVES: dict[str, Callable[[Any], list[Any]]] = {
     "loss.loss_agg_norm": lambda v: [1024.0] if v is None else [v * 2],
     "rollout.kv_cache_dtype": lambda v: ["bfloat16" if v != "bfloat16" else ""],
     "resume_step": lambda v: [3] if v is None else [None],
+    # mesh.rules.<logical axis>: a sharded axis replicated, a replicated one sharded
+    **{f"mesh.rules.{name}": lambda v: ["" if v else "tensor"] for name in LOGICAL_AXES},
 }
 
 

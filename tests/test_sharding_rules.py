@@ -221,6 +221,23 @@ def test_one_device_mesh_adds_no_constraint(tiny_model_dir):
     np.testing.assert_array_equal(model(ids), ref(ids))
 
 
+def test_engine_copy_comes_from_the_trainer_params_not_the_disk(tiny_model_dir):
+    from flax import nnx
+
+    from jaxsd.models import LoraConfig, from_pretrained, merge_lora
+    from jaxsd.models.io import plain_model
+
+    trainer, config = from_pretrained(tiny_model_dir, lora=LoraConfig(rank=2, alpha=4.0))
+    params = nnx.state(merge_lora(trainer), nnx.Param)  # B = 0: W + (alpha/r) A B = W
+    engine = plain_model(config, params, device=jax.devices()[0])
+    ref, _ = from_pretrained(tiny_model_dir)
+    assert not list(nnx.to_flat_state(nnx.state(engine, nnx.LoRAParam)))
+    for x in jax.tree.leaves(params):
+        x.delete()  # the trainer's buffers go (a donated state): the engine keeps its own
+    ids = jnp.asarray(np.random.RandomState(2).randint(0, 1024, (2, 5)))
+    np.testing.assert_array_equal(engine(ids), ref(ids))
+
+
 def _q_spec(state, mesh, rules) -> P:
     from jaxsd.models.sharding import param_shardings
 
