@@ -221,21 +221,65 @@ def test_one_device_mesh_adds_no_constraint(tiny_model_dir):
     np.testing.assert_array_equal(model(ids), ref(ids))
 
 
-def test_engine_copy_comes_from_the_trainer_params_not_the_disk(tiny_model_dir):
+def test_engine_model_is_taken_from_the_trainer_state(tiny_model_dir):
+    import optax
     from flax import nnx
 
-    from jaxsd.models import LoraConfig, from_pretrained, merge_lora
-    from jaxsd.models.io import plain_model
+    from jaxsd.models import LoraConfig, from_pretrained
+    from jaxsd.models.lora import trainable_filter
+    from jaxsd.train.rollout_worker import engine_model, engine_params_fn
+    from jaxsd.train.state import train_state_from_model
 
-    trainer, config = from_pretrained(tiny_model_dir, lora=LoraConfig(rank=2, alpha=4.0))
-    params = nnx.state(merge_lora(trainer), nnx.Param)  # B = 0: W + (alpha/r) A B = W
-    engine = plain_model(config, params, device=jax.devices()[0])
+    lora = LoraConfig(rank=2, alpha=4.0)
+    trainer, config = from_pretrained(tiny_model_dir, lora=lora, remat=True)
+    graphdef, state, _ = train_state_from_model(
+        trainer, optax.sgd(0.1), trainable=trainable_filter(lora)
+    )
+    params_fn = engine_params_fn(graphdef, lora)  # W + (alpha/r) A B with B = 0: W
+    engine = engine_model("jax", config, params_fn, state)
+    assert not engine.config.remat and not list(nnx.to_flat_state(nnx.state(engine, nnx.LoRAParam)))
+    shapes = engine_model("vllm", config, params_fn, state)  # vLLM reads its own copy
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(nnx.state(shapes)))
     ref, _ = from_pretrained(tiny_model_dir)
-    assert not list(nnx.to_flat_state(nnx.state(engine, nnx.LoRAParam)))
-    for x in jax.tree.leaves(params):
-        x.delete()  # the trainer's buffers go (a donated state): the engine keeps its own
+    for x in jax.tree.leaves((state.params, state.frozen)):
+        x.delete()  # the state is donated to the step: the engine has buffers of its own
     ids = jnp.asarray(np.random.RandomState(2).randint(0, 1024, (2, 5)))
     np.testing.assert_array_equal(engine(ids), ref(ids))
+
+
+def test_build_reads_the_checkpoint_once_with_the_config_rules(tmp_path, monkeypatch):
+    from flax import nnx
+
+    from jaxsd.models import io
+    from jaxsd.train.build import build
+
+    reads: dict[str, int] = {}
+    block = io._TensorSource.block
+
+    def counted(self, name, index):
+        reads[name] = reads.get(name, 0) + 1
+        return block(self, name, index)
+
+    monkeypatch.setattr(io._TensorSource, "block", counted)
+    cfg = _config(embed="", length="tensor")
+    cfg.run_dir = str(tmp_path / "run")
+    run = build(cfg)
+    try:
+        learner = run.learner
+        assert reads and set(reads.values()) == {1}  # every tensor read once, for the trainer
+        q = learner.state_shardings.params["layers"][0]["self_attn"]["q_proj"]["kernel"]
+        assert jax.tree.leaves(q)[0].spec == P(None, "tensor")
+        assert learner.batch_shardings.student_tokens.spec == P(("data", "fsdp"), "tensor")
+        trained = nnx.merge(learner.graphdef, learner.state.params)
+        assert trained.mesh_rules.rules == run.settings.rules
+        engine = run.worker.engine.model
+        assert engine.mesh_rules is None  # the single-device sampler constrains nothing
+        ours = dict(nnx.to_flat_state(nnx.state(engine, nnx.Param)))
+        for path, var in nnx.to_flat_state(learner.state.params):
+            np.testing.assert_array_equal(ours[path][...], var[...])
+            assert ours[path][...].unsafe_buffer_pointer() != var[...].unsafe_buffer_pointer()
+    finally:
+        run.close()
 
 
 def _q_spec(state, mesh, rules) -> P:

@@ -364,19 +364,14 @@ def _init_lora(model: Transformer, seed: int, mesh: Mesh | None, rules: Rules) -
         var.set_value(init(jax.random.fold_in(key, i)))
 
 
-def plain_model(config: ModelConfig, params: nnx.State, *, device: Any = None) -> Transformer:
+def plain_model(config: ModelConfig, params: nnx.State | None = None) -> Transformer:
     """A LoRA-free `Transformer` of `config` holding `params` (a plain model's `nnx.Param`
     state, e.g. the trainer's weights with any adapters merged): the rollout engine's copy
-    without a second read of the checkpoint.
-
-    With `device` (a `jax.Device` or `Sharding`) every array is copied there: the trainer's
-    state is donated to its step, so the engine needs buffers of its own. Without, the model
-    holds `params` as they are (enough for a structure whose values are replaced before use).
-    """
+    without a second read of the checkpoint. Without `params`, shapes only (values set later
+    with `nnx.update`)."""
     model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
-    if device is not None:
-        params = jax.tree.map(lambda x: jax.device_put(jnp.copy(x), device), params)
-    nnx.update(model, params)
+    if params is not None:
+        nnx.update(model, params)
     return model
 
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from jaxsd import algorithms
 from jaxsd.eval import stop_token_ids
-from jaxsd.models import from_pretrained
+from jaxsd.models import from_pretrained, read_config
 from jaxsd.models.lora import trainable_filter
 from jaxsd.tasks import Task, get_task
 from jaxsd.tasks.reprompt import chat_token_ids
@@ -29,7 +29,13 @@ from jaxsd.train.batch import batch_shardings
 from jaxsd.train.learner import Learner
 from jaxsd.train.mesh import make_mesh
 from jaxsd.train.optimizer import make_optimizer, make_schedule
-from jaxsd.train.rollout_worker import ChatPrompts, RolloutWorker, engine_params_fn, start_engine
+from jaxsd.train.rollout_worker import (
+    ChatPrompts,
+    RolloutWorker,
+    engine_model,
+    engine_params_fn,
+    start_engine,
+)
 from jaxsd.train.settings import (
     DataSettings,
     ModelSettings,
@@ -195,7 +201,7 @@ def _optimizer(optim: OptimSettings) -> tuple[Any, Any]:
 
 
 def _learner(settings: RunSettings, model_dir: pathlib.Path, prompts: ChatPrompts, pad_id: int):
-    """The trainer's copy of the weights, placed on the mesh, and its jitted step."""
+    """The weights, read once straight into their shards on the mesh, and the jitted step."""
     model_cfg, step_cfg = settings.model, settings.step
     schedule, tx = _optimizer(settings.optim)
     mesh = make_mesh(settings.mesh)
@@ -207,18 +213,20 @@ def _learner(settings: RunSettings, model_dir: pathlib.Path, prompts: ChatPrompt
         seed=settings.loop.seed,
         attention=model_cfg.attention,
         remat=model_cfg.remat,
+        mesh=mesh,
+        rules=settings.rules,
     )
     graphdef, state, shardings = train_state_from_model(
         train_model, tx, mesh=mesh, seed=settings.loop.seed, teacher_mode=step_cfg.teacher_mode,
-        trainable=trainable_filter(model_cfg.lora),
+        trainable=trainable_filter(model_cfg.lora), rules=settings.rules,
     )  # fmt: skip
-    b_shardings = batch_shardings(mesh)
+    b_shardings = batch_shardings(mesh, settings.rules)
     train_step = make_train_step(
         graphdef, tx, step_cfg, state_shardings=shardings, batch_shardings=b_shardings,
         schedule=schedule,
     )  # fmt: skip
     profile = settings.loop.profile_teacher_forward and step_cfg.needs_teacher
-    return Learner(
+    learner = Learner(
         state=state,
         graphdef=graphdef,
         state_shardings=shardings,
@@ -231,6 +239,7 @@ def _learner(settings: RunSettings, model_dir: pathlib.Path, prompts: ChatPrompt
         vocab_size=model_config.vocab_size,
         teacher_forward=make_teacher_forward(graphdef) if profile else None,
     )
+    return learner, model_config
 
 
 def build(cfg: Any) -> Run:
@@ -244,16 +253,15 @@ def build(cfg: Any) -> Run:
     prompts = ChatPrompts(tokenizer, settings.prompts)
     # Prompt budgets and the task's data are checked before the model loads (minutes for an 8B).
     run_data = _run_data(cfg, settings, prompts, loaded)
-    model, model_config = from_pretrained(
-        model_dir,
-        dtype=jnp.dtype(settings.model.param_dtype),
-        compute_dtype=jnp.dtype(settings.model.compute_dtype),
-    )  # the rollout engine's copy
-    validate_config(cfg, vocab_size=model_config.vocab_size, num_devices=jax.device_count())
+    vocab_size = read_config(model_dir).vocab_size
+    validate_config(cfg, vocab_size=vocab_size, num_devices=jax.device_count())
     stop_ids = stop_token_ids(model_dir, tokenizer)
     pad = tokenizer.pad_token_id
-    learner = _learner(settings, model_dir, prompts, int(pad if pad is not None else stop_ids[0]))
+    pad_id = int(pad if pad is not None else stop_ids[0])
+    learner, model_config = _learner(settings, model_dir, prompts, pad_id)
     engine_params = engine_params_fn(learner.graphdef, settings.model.lora)
+    # The engine's copy comes from the trainer's params: the checkpoint is read once.
+    model = engine_model(settings.engine.kind, model_config, engine_params, learner.state)
     engine, weights = start_engine(settings.engine, model, model_dir, engine_params)
     worker = RolloutWorker(
         engine=engine,

@@ -24,7 +24,8 @@ from jax.experimental import multihost_utils
 
 from jaxsd import algorithms
 from jaxsd.eval import eval_metrics_for_log, evaluate
-from jaxsd.models import to_hf_state_dict
+from jaxsd.models import ModelConfig, to_hf_state_dict
+from jaxsd.models.io import plain_model
 from jaxsd.models.lora import LoraConfig, merge_lora
 from jaxsd.rollout.engine import RolloutResult, SamplingConfig, check_weights_step
 from jaxsd.tasks import Task
@@ -98,6 +99,28 @@ def _local(x: jax.Array) -> jax.Array:
     return jnp.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def _single_device_copy(params: nnx.State, state: Any) -> nnx.State:
+    """`params` on this host's first device, in buffers of their own: the state is donated to
+    the next step, and the embedded sampler is the single-device engine."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    # Only the state's own buffers need the copy (a LoRA merge already made new ones).
+    copy = jnp.copy if params is state.params else (lambda x: x)
+    return jax.tree.map(lambda x: jax.device_put(copy(_local(x)), device), params)
+
+
+def engine_model(kind: str, config: ModelConfig, engine_params: Callable, state: Any) -> Any:
+    """The rollout engine's model, taken from the trainer's state (no second checkpoint read).
+
+    The embedded engine (`kind` "jax") gets a single-device copy of `engine_params(state)`;
+    vLLM workers load the checkpoint themselves, so theirs is shapes only, filled by
+    `PublishedWeights.publish`. Either way a plain model with our attention and no remat.
+    """
+    config = dataclasses.replace(config, attention="jaxsd", remat=False)
+    if kind != "jax":
+        return plain_model(config)
+    return plain_model(config, _single_device_copy(engine_params(state), state))
+
+
 class EmbeddedWeights:
     """Weights for the in-process JAX engine: a single-device copy of the trainer's params."""
 
@@ -106,14 +129,7 @@ class EmbeddedWeights:
         self.max_staleness = max_staleness
 
     def publish(self, state: Any, step: int) -> dict[str, float]:
-        # The state is donated to the next step, so the engine gets its own copy, gathered onto
-        # one device: the embedded sampler is the single-device engine.
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        params = self.engine_params(state)
-        # Only the state's own buffers need the copy (a LoRA merge already made new ones).
-        copy = jnp.copy if params is state.params else (lambda x: x)
-        params = jax.tree.map(lambda x: jax.device_put(copy(_local(x)), device), params)
-        self.engine.set_params(params, step)
+        self.engine.set_params(_single_device_copy(self.engine_params(state), state), step)
         return {}
 
     def staleness(self, result: RolloutResult, step: int) -> int:

@@ -18,7 +18,7 @@ from jaxsd.tasks import Task, get_task
 from jaxsd.tasks.custom import task_from_config
 from jaxsd.train import observe
 from jaxsd.train.step import StepConfig
-from jaxsd.train.validate import lora_targets, mesh_shape, validate_config
+from jaxsd.train.validate import lora_targets, mesh_rules, mesh_shape, validate_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +154,7 @@ class RunSettings:
     step: StepConfig
     optim: OptimSettings
     mesh: tuple[int, int, int]  # (data, fsdp, tensor), -1 resolved when devices are known
+    rules: tuple  # `mesh.rules`: logical axis -> mesh axes (jaxsd.models.sharding)
     model: ModelSettings
     prompts: PromptSettings
     data: DataSettings
@@ -239,6 +240,7 @@ def run_settings(cfg: Any, num_devices: int | None = None) -> RunSettings:
             grad_clip=cfg.optim.grad_clip,
         ),
         mesh=(shape["data"], shape["fsdp"], shape["tensor"]),
+        rules=mesh_rules(cfg),
         model=model_settings(cfg),
         prompts=PromptSettings(
             max_prompt_len=cfg.task.max_prompt_len,
