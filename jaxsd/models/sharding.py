@@ -38,19 +38,18 @@ LOGICAL_AXES = tuple(name for name, _ in DEFAULT_RULES)
 RESIDUAL_AXES = ("batch", "length", "embed")
 
 
+def _as_tuple(target: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    return (target,) if isinstance(target, str) else tuple(target or ())
+
+
 def rules_to_strings(rules: Rules = DEFAULT_RULES) -> dict[str, str]:
     """Rules as the config writes them: {"batch": "data,fsdp", "length": "", ...}."""
-    out = {}
-    for name, target in rules:
-        axes = (target,) if isinstance(target, str) else tuple(target or ())
-        out[name] = ",".join(axes)
-    return out
+    return {name: ",".join(_as_tuple(target)) for name, target in rules}
 
 
 def rule_axes(rules: Rules, name: str) -> tuple[str, ...]:
     """The mesh axes logical axis `name` maps to under `rules` (() = replicated)."""
-    target = dict(rules)[name]
-    return (target,) if isinstance(target, str) else tuple(target or ())
+    return _as_tuple(dict(rules)[name])
 
 
 def rules_from_strings(table: Mapping[str, str]) -> tuple[tuple[str, Any], ...]:
@@ -86,8 +85,7 @@ def logical_to_mesh_spec(
     for i, name in enumerate(logical_axes):
         if name is not None and name not in table:
             raise ValueError(f"logical axis {name!r} has no rule; rules cover {sorted(table)}")
-        target = None if name is None else table[name]
-        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        axes = () if name is None else _as_tuple(table[name])
         axes = tuple(a for a in axes if a not in used and (mesh is None or a in mesh.shape))
         if mesh is not None and shape is not None and axes:
             size = 1
