@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxsd.models.config import RopeScaling
+from jaxsd.models.rope import RopeScaling
 
 # Finite stand-in for -inf: a fully masked row (a left-padding query) then gets uniform
 # weights instead of NaN; its output is never read.
