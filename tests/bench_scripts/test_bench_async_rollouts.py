@@ -1,26 +1,14 @@
 """bench/async_rollouts.py (tests of a bench script, not of jaxsd): the command it runs per mode
 and the figures it reads back from a run's metrics."""
 
-import importlib.util
 import json
 import pathlib
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 
-
-def _bench():
-    spec = importlib.util.spec_from_file_location(
-        "async_rollouts", ROOT / "bench/async_rollouts.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_modes_differ_only_in_async_steps():
-    bench = _bench()
+def test_modes_differ_only_in_async_steps(repo_module):
+    bench = repo_module("bench/async_rollouts.py")
     args = bench.argparse.Namespace(steps=5, seed=1, engine="vllm", set=["rollout.n=4"])
     sync = bench.train_command("configs/sdpo.py", pathlib.Path("/r"), 0, args)
     ahead = bench.train_command("configs/sdpo.py", pathlib.Path("/r"), 1, args)
@@ -31,7 +19,7 @@ def test_modes_differ_only_in_async_steps():
     assert sync[-2:] == ["--config.rollout.async_steps=0", "--config.rollout.n=4"]
 
 
-def test_figures_leave_out_step_one_and_take_the_last_evaluation(tmp_path):
+def test_figures_leave_out_step_one_and_take_the_last_evaluation(tmp_path, repo_module):
     rows = [
         {"step": 0, "eval/mean@16": 0.1},
         {"step": 1, "time/step_s": 50.0, "time/rollout_s": 9.0, "time/train_s": 40.0,
@@ -42,7 +30,7 @@ def test_figures_leave_out_step_one_and_take_the_last_evaluation(tmp_path):
          "time/rollout_wait_s": 0.75, "rollout/staleness": 1.0, "eval/mean@16": 0.4},
     ]  # fmt: skip
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    figures = _bench().run_figures(tmp_path)
+    figures = repo_module("bench/async_rollouts.py").run_figures(tmp_path)
     assert figures["step_s_median"] == pytest.approx(3.0)
     assert figures["steps_s_total"] == pytest.approx(6.0)
     assert figures["rollout_s_median"] == pytest.approx(1.0)
