@@ -127,6 +127,29 @@ def task_report(
 _AVERAGED = ("mean@", "maj@", "best@", "mean_reward")
 
 
+def band_reports(
+    rewards_PxK: Any,
+    extracted_PxK: Sequence[Sequence[str | None]],
+    bands: Sequence[str | None],
+    *,
+    success_threshold: float = SUCCESS_THRESHOLD,
+) -> dict[str, float]:
+    """`<metric>/band=<band>` for each band of the records (the miniature task tags every
+    record with one): each metric of `task_report` on that band's prompts alone. Records
+    without a band are only in the whole-task metrics; no band at all gives {}."""
+    rewards = np.asarray(rewards_PxK, dtype=np.float64)
+    if len(bands) != rewards.shape[0]:
+        raise ValueError(f"{len(bands)} bands for {rewards.shape[0]} prompts")
+    out: dict[str, float] = {}
+    for band in sorted({b for b in bands if b is not None}):
+        rows = [p for p, b in enumerate(bands) if b == band]
+        rep = task_report(
+            rewards[rows], [extracted_PxK[p] for p in rows], success_threshold=success_threshold
+        )
+        out.update({f"{k}/band={band}": v for k, v in rep.items() if k.startswith(_AVERAGED)})
+    return out
+
+
 def average_reports(reports: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """Per-task reports plus their unweighted average over tasks (METHODS §9, §10)."""
     if not reports:
@@ -134,8 +157,9 @@ def average_reports(reports: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     ks = {r["k"] for r in reports.values()}
     if len(ks) != 1:
         raise ValueError(f"tasks were evaluated with different k {sorted(ks)}; use one n")
-    keys = [k for k in next(iter(reports.values())) if k.startswith(_AVERAGED)]
-    average = {key: float(np.mean([r[key] for r in reports.values()])) for key in keys}
+    # Per-band keys exist only for tasks with bands: each key averages the tasks that have it.
+    keys = dict.fromkeys(k for r in reports.values() for k in r if k.startswith(_AVERAGED))
+    average = {key: float(np.mean([r[key] for r in reports.values() if key in r])) for key in keys}
     return {"tasks": {name: dict(r) for name, r in reports.items()}, "average": average}
 
 
@@ -180,6 +204,8 @@ def evaluate(
             row["responses"] = list(group)
         per_record.append(row)
     report = task_report(rewards, extracted, success_threshold=success_threshold)
+    bands = [r.get("band") for r in records]
+    report.update(band_reports(rewards, extracted, bands, success_threshold=success_threshold))
     report.update(
         task=getattr(task, "name", type(task).__name__),
         temperature=temperature,

@@ -47,13 +47,19 @@ SHAPE = dict(
 
 NEAR_MISS_OFFSETS = (-4, -3, -2, -1, 1, 2, 3, 4)
 NOISE_MODES = ("iid", "deck", "off_by_one")
+ARITHMETIC_TASKS = ("arithmetic", "miniature")  # answers are integers in <answer></answer>
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", default="assets/tiny_base", help="output HF folder")
     p.add_argument("--seed", type=int, default=0, help="model init, SFT order, sampling")
-    p.add_argument("--task", default="arithmetic", choices=("arithmetic", "tool_call"))
+    p.add_argument("--task", default="arithmetic", choices=("arithmetic", "tool_call", "miniature"))
+    p.add_argument(
+        "--band_correct",
+        default="",
+        help="miniature: per-band --correct_frac, e.g. easy=1,intermediate=0.5,hard=0.05",
+    )
     p.add_argument("--digits", type=int, default=2, help="arithmetic operand digits")
     p.add_argument("--n_tools", type=int, default=2, help="tool_call tools per prompt")
     p.add_argument("--task_seed", type=int, default=0, help="the task's split seed")
@@ -94,7 +100,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def task_kwargs(args: argparse.Namespace, train_size: int) -> dict[str, Any]:
-    extra = {"digits": args.digits} if args.task == "arithmetic" else {"n_tools": args.n_tools}
+    extra = {
+        "arithmetic": {"digits": args.digits},
+        "tool_call": {"n_tools": args.n_tools},
+        "miniature": {},
+    }[args.task]
     return dict(seed=args.task_seed, train_size=train_size, test_size=args.test_size, **extra)
 
 
@@ -105,7 +115,7 @@ def answer_text(value: int | str) -> str:
 
 def reference_response(task_name: str, record: dict[str, Any]) -> str:
     """The short correct response in the format the task's verifier expects."""
-    if task_name == "arithmetic":
+    if task_name in ARITHMETIC_TASKS:
         return answer_text(record["answer"])
     (call,) = json.loads(record["answer"])
     return f"Action: {call['Action']}\nAction Input: {call['Action_Input']}"
@@ -115,7 +125,7 @@ def wrong_response(
     task_name: str, record: dict[str, Any], rng: random.Random, avoid: str | None = None
 ) -> str:
     """A plausible wrong response (near-miss answer / wrong argument), never `avoid`."""
-    if task_name == "arithmetic":
+    if task_name in ARITHMETIC_TASKS:
         while True:
             value = int(record["answer"]) + rng.choice(NEAR_MISS_OFFSETS)
             if answer_text(value) != avoid:
@@ -137,7 +147,7 @@ def noisy_deck(
     habit). Independent draws ("iid", empty deck) leave a wrong answer the most frequent one
     for some problems when each has few copies, and the SFT model learns that wrong mode."""
     right = reference_response(task_name, record)
-    if noise == "iid" or correct_frac >= 1.0 or task_name != "arithmetic":
+    if noise == "iid" or correct_frac >= 1.0 or task_name not in ARITHMETIC_TASKS:
         return []
     offsets = NEAR_MISS_OFFSETS if noise == "deck" else (1,) * len(NEAR_MISS_OFFSETS)
     wrong = [answer_text(int(record["answer"]) + d) for d in offsets for _ in range(3)]
@@ -177,8 +187,35 @@ def sft_pair(
     return messages, wrong_response(task.name, record, rng, avoid=rejected)
 
 
+def record_correct_frac(record: dict[str, Any], correct_frac: float | dict[str, float]) -> float:
+    """The record's fraction of right student targets: one number, or one per band."""
+    if not isinstance(correct_frac, dict):
+        return correct_frac
+    if record.get("band") not in correct_frac:
+        raise ValueError(
+            f"--band_correct has no fraction for band {record.get('band')!r} of record "
+            f"{record['id']}; name every band (e.g. easy=1,intermediate=0.5,hard=0.05)"
+        )
+    return correct_frac[record["band"]]
+
+
+def parse_band_correct(spec: str) -> dict[str, float]:
+    """Parse "easy=1,hard=0.05" into {"easy": 1.0, "hard": 0.05}, each in (0, 1]."""
+    out = {}
+    for entry in spec.split(","):
+        name, _, value = entry.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"--band_correct entry {entry!r} must be band=fraction") from None
+        if not 0.0 < out[name.strip()] <= 1.0:
+            raise ValueError(f"--band_correct {entry!r}: the fraction must be in (0, 1]")
+    return out
+
+
 def build_examples(
-    task, records, tokenizer, mix: list[float], seed: int, correct_frac: float = 1.0,
+    task, records, tokenizer, mix: list[float], seed: int,
+    correct_frac: float | dict[str, float] = 1.0,
     copies: int = 1, noise: str = "iid",
 ) -> list:  # fmt: skip
     """`copies` examples per record, each with its format drawn with probabilities `mix`;
@@ -186,12 +223,13 @@ def build_examples(
     if noise not in NOISE_MODES:
         raise ValueError(f"noise={noise!r}; use one of {NOISE_MODES}")
     rng = random.Random(seed)
-    decks = [noisy_deck(task.name, r, correct_frac, noise, rng) for r in records]
+    fracs = [record_correct_frac(r, correct_frac) for r in records]
+    decks = [noisy_deck(task.name, r, f, noise, rng) for r, f in zip(records, fracs, strict=True)]
     examples = []
     for _ in range(copies):
         kinds = rng.choices(("plain", "solution", "feedback"), weights=mix, k=len(records))
-        for record, kind, deck in zip(records, kinds, decks, strict=True):
-            messages, target = sft_pair(task, record, kind, rng, correct_frac, deck)
+        for record, kind, deck, frac in zip(records, kinds, decks, fracs, strict=True):
+            messages, target = sft_pair(task, record, kind, rng, frac, deck)
             examples.append(encode_example(tokenizer, messages, target, max_len=256))
     return examples
 
@@ -235,6 +273,9 @@ def measure(model, tokenizer, task, records, *, n, seed, m) -> dict[str, float]:
                 n=n, temperature=temperature, top_p=top_p, seed=seed, m=m,
             )  # fmt: skip
             out[f"{who}_mean@{n}_{tag}"] = round(float(c.mean()), 4)
+            for band in sorted({r["band"] for r in records if "band" in r}):
+                rows = [i for i, r in enumerate(records) if r.get("band") == band]
+                out[f"{who}_mean@{n}_{tag}_band={band}"] = round(float(c[rows].mean()), 4)
             if who == "student":
                 out[f"student_frac_mixed_{tag}"] = round(float(np.mean(np.ptp(c, axis=1) > 0)), 4)
     greedy = correctness(
@@ -336,8 +377,9 @@ def main(argv: list[str]) -> dict[str, Any]:
     model, config = from_pretrained(work)
     if not 0.0 < args.correct_frac <= 1.0:
         raise ValueError(f"--correct_frac={args.correct_frac} must be in (0, 1]")
+    correct = parse_band_correct(args.band_correct) if args.band_correct else args.correct_frac
     examples = build_examples(
-        task, sft_records, tokenizer, mix, args.seed, args.correct_frac, args.copies, args.noise
+        task, sft_records, tokenizer, mix, args.seed, correct, args.copies, args.noise
     )
     cfg = SFTConfig(
         steps=args.max_steps,
@@ -386,6 +428,7 @@ def main(argv: list[str]) -> dict[str, Any]:
         "init": args.init,
         "sft_on": args.sft_on,
         "correct_frac": args.correct_frac,
+        "band_correct": args.band_correct,
         "noise": args.noise,
         "target": args.target,
         "test_size": args.test_size,

@@ -190,3 +190,38 @@ def test_eval_script_on_tiny_model_matches_direct_sampling(tiny_model_dir, tmp_p
     assert rep["mean@2"] == pytest.approx(rewards.mean())
     assert rep["best@2"] == pytest.approx(np.mean(rewards.max(axis=1) >= 0.5))
     assert rep["num_prompts"] == 3 and rep["model"] == str(tiny_model_dir)
+
+
+def _band_generate(prompts, *, n, temperature, top_p, top_k, min_p, seed):
+    """Sums always right; differences right on even k, the answer + 1 on odd k; products
+    always the answer + 1."""
+    groups = []
+    for messages in prompts:
+        a, op, b = re.fullmatch(r"(\d)([+*-])(\d)=\?", messages[-1]["content"]).groups()
+        value = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+        right = [op == "+" or (op == "-" and k % 2 == 0) for k in range(n)]
+        groups.append([f"<answer>{value if r else value + 1}</answer>" for r in right])
+    return groups
+
+
+def test_evaluate_reports_every_metric_per_band():
+    task = get_task("miniature", train_size=3, test_size=6)
+    records = task.load("test")
+    out = E.evaluate(_band_generate, task, records, n=4)
+    rep = out["report"]
+    # by hand: easy 4/4 right; intermediate 2/4 (right first, so a 2-2 vote goes to it); hard 0/4
+    assert rep["mean@4/band=easy"] == 1.0 and rep["maj@4/band=easy"] == 1.0
+    assert rep["mean@4/band=intermediate"] == 0.5 and rep["maj@4/band=intermediate"] == 1.0
+    assert rep["best@4/band=intermediate"] == 1.0
+    assert rep["mean@4/band=hard"] == 0.0 and rep["best@4/band=hard"] == 0.0
+    assert rep["mean@4"] == pytest.approx(1.5 / 3)  # 2 prompts per band: the bands' mean
+    # eval/<metric>/band=<band> in the log; a task without bands does not dilute them
+    plain = E.task_report(np.ones((1, 4)), [["1"] * 4])
+    flat = E.eval_metrics_for_log({"miniature": rep, "arithmetic": plain})
+    assert flat["eval/mean@4/band=intermediate"] == 0.5
+    assert flat["eval/miniature/mean@4/band=hard"] == 0.0
+    assert flat["eval/mean@4"] == pytest.approx((0.5 + 1.0) / 2)
+    assert not any("band=" in k for k in E.evaluate(
+        _scripted_generate([]), get_task("arithmetic", test_size=2, train_size=1),
+        get_task("arithmetic", test_size=2, train_size=1).load("test"),
+    )["report"])  # fmt: skip

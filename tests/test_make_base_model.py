@@ -52,3 +52,25 @@ def test_wrong_response_avoids_the_rejected_answer():
     }
     assert "<answer>-2</answer>" not in answers and "<answer>-3</answer>" not in answers
     assert len(answers) == 7
+
+
+def test_band_correct_gives_each_band_its_own_fraction_of_right_targets():
+    fracs = mbm.parse_band_correct("easy=1,intermediate=0.5,hard=0.05")
+    assert fracs == {"easy": 1.0, "intermediate": 0.5, "hard": 0.05}
+    rng = random.Random(0)
+    right = "<answer>-3</answer>"
+    for band, expected in (("intermediate", 24 / 48), ("hard", 1 / 25)):
+        frac = mbm.record_correct_frac({"answer": "-3", "band": band, "id": "t/0"}, fracs)
+        deck = mbm.noisy_deck("miniature", RECORD, frac, "off_by_one", rng)
+        # 24 wrong targets (the answer + 1) and round(24 f / (1 - f)) right ones
+        assert collections.Counter(deck) == {
+            right: round(expected * len(deck)),
+            "<answer>-2</answer>": 24,
+        }
+    easy = {"answer": "-3", "band": "easy", "id": "t/1"}
+    easy_frac = mbm.record_correct_frac(easy, fracs)
+    assert mbm.noisy_deck("miniature", easy, easy_frac, "off_by_one", rng) == []  # always right
+    with pytest.raises(ValueError, match="no fraction for band 'odd' of record t/2"):
+        mbm.record_correct_frac({"band": "odd", "id": "t/2"}, fracs)
+    with pytest.raises(ValueError, match="must be in"):
+        mbm.parse_band_correct("hard=0")

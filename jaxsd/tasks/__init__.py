@@ -3,7 +3,7 @@
 `get_task(name, **kwargs)` builds a registered task; `task_names()` lists them.
 """
 
-from jaxsd.tasks import code, math, science, synthetic, tool_use  # noqa: F401  (registers tasks)
+from jaxsd.tasks import code, math, miniature, science, synthetic, tool_use  # noqa: F401
 from jaxsd.tasks.base import (
     DataFileError,
     RecordError,
