@@ -15,6 +15,8 @@ Presets (`PRESETS`):
 - "gpu_0p6b": the whole RL step on one H100/H200: a random-init Qwen3-0.6B-shaped model made
   on the fly (no hub), the embedded sampler, 32 questions x 8 rollouts x up to 1024 tokens,
   a few steps with the per-step time split (`bench/gpu_rl_step.sh`).
+- "miniature": the papers' claims in miniature (docs/miniature.md): `assets/miniature_base` on
+  the `miniature` task's easy / intermediate / hard bands, 60 steps, per-band held-out metrics.
 
 Settings: any config key by its dotted name (`seed=1`, `optim.lr=3e-5`, `model.remat=true`),
 and the short names in `ALIASES` (`steps` = `total_steps`). A value takes the type of the key's
@@ -33,9 +35,20 @@ import ml_collections
 from jaxsd import algorithms
 from jaxsd.models.sharding import DEFAULT_RULES, rules_to_strings
 
-PRESETS = ("default", "smoke", "qwen3_8b", "gpu_0p6b")
+PRESETS = ("default", "smoke", "qwen3_8b", "gpu_0p6b", "miniature")
 ALIASES = {"steps": "total_steps"}  # short setting names of the config argument
 _BOOLS = {"true": True, "false": False}
+
+# The miniature comparison (docs/miniature.md) runs each method with its paper defaults, and one
+# rule for the settings counted in optimizer steps: they shrink by MINIATURE_STEPS / PAPER_STEPS
+# (the qwen3_8b preset's 200 steps), so a 10-step warm-up becomes 3 of 60.
+PAPER_STEPS = 200
+MINIATURE_STEPS = 60
+
+
+def miniature_steps(paper_value: int) -> int:
+    """A paper duration in optimizer steps, scaled to the miniature run (at least 1)."""
+    return max(1, round(paper_value * MINIATURE_STEPS / PAPER_STEPS))
 
 
 class ConfigArg(NamedTuple):
@@ -390,5 +403,20 @@ def preset_config(preset: str, *, run_name: str = "sdpo") -> ml_collections.Conf
         c.loss.chunk_size = 1024
         c.optim.micro_batches = 8  # 256 rows of up to ~3k tokens: 32 rows per slice
         c.optim.lr = 1e-5
+    elif preset == "miniature":
+        _miniature(c)
     c.run_dir = f"runs/{run_name}_{preset}_{{hash}}"
     return c
+
+
+def _miniature(c: ml_collections.ConfigDict) -> None:
+    """Shared settings of the miniature comparison: the same for every method."""
+    c.total_steps = MINIATURE_STEPS
+    c.eval_every = 20
+    c.checkpoint_every = 20
+    c.model.path = "assets/miniature_base"
+    c.task.name = "miniature"
+    # 80 questions per band for RL, 20 per band held out (assets/miniature_base/README.md)
+    c.task.kwargs = ml_collections.ConfigDict(dict(train_size=240, test_size=60))
+    c.task.questions_per_step = 12  # 3 epochs in 60 steps: DRIFT's EMA and buffer see revisits
+    c.optim.warmup_steps = miniature_steps(10)  # table A.2's 10 warm-up steps

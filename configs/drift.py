@@ -15,4 +15,6 @@ def get_config(arg=None):
         c.algorithm.warmup_steps = 1  # reach stage 2 within the 3 smoke steps
     elif c.preset == "default":
         c.algorithm.warmup_steps = 5
+    elif c.preset == "miniature":  # the paper's stage-1 steps, scaled as every duration
+        c.algorithm.warmup_steps = base.miniature_steps(c.algorithm.warmup_steps)
     return base.apply_settings(c, arg.settings)

@@ -24,7 +24,7 @@ METHOD_FILES = (
     "ssopd",
     "drift",
 )
-PRESETS = (None, "smoke", "qwen3_8b", "gpu_0p6b")
+PRESETS = (None, "smoke", "qwen3_8b", "gpu_0p6b", "miniature")
 EXPECTED_ALGORITHM = {"grpo_no_norm": "grpo"}
 
 
@@ -287,3 +287,25 @@ def test_train_script_names_an_unknown_nested_override(run_repo_script):
     )  # fmt: skip
     assert result.returncode != 0
     assert "optim.learning_rate does not exist; did you mean optim.lr?" in result.stderr
+
+
+def test_miniature_preset_is_paper_defaults_scaled_by_one_rule(configs):
+    """docs/miniature.md: every method keeps its defaults, durations in steps shrink by
+    60 / 200, and everything outside `algorithm` is the same for every method."""
+    shared = None
+    for method in METHOD_FILES:
+        cfg = configs[(method, "miniature")]
+        algo = algorithms.get_algorithm(cfg.algorithm.name)
+        own = {("grpo_no_norm", "normalize"): False}
+        if method == "drift":  # its stage-1 length is counted in steps: 10 * 60 / 200
+            own[(method, "warmup_steps")] = round(algo.warmup_steps * 60 / 200)
+        for key in set(cfg.algorithm) - {"name"}:
+            assert cfg.algorithm[key] == own.get((method, key), getattr(algo, key)), (method, key)
+        rest = cfg.to_dict()
+        for key in ("algorithm", "run_dir", "paced_offline_n"):
+            rest.pop(key, None)
+        assert rest == (shared := shared or rest), method
+    assert configs[("drift", "miniature")].algorithm.warmup_steps == 3
+    assert (shared["total_steps"], shared["optim"]["warmup_steps"]) == (60, 3)
+    assert shared["task"]["name"] == "miniature"
+    assert shared["model"]["path"] == "assets/miniature_base"

@@ -8,6 +8,7 @@ import ast
 import importlib.util
 import json
 import pathlib
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,6 +42,30 @@ def first_eval(run_dir: str | pathlib.Path, metric: str) -> float | None:
     return values[0] if values else None
 
 
+def last_evals(run_dir: str | pathlib.Path) -> dict[str, float]:
+    """Every `eval/...` value of the run's last evaluation (per-band metrics included)."""
+    rows = [r for r in read_metrics(run_dir) if any(k.startswith("eval/") for k in r)]
+    return {k: v for k, v in rows[-1].items() if k.startswith("eval/")} if rows else {}
+
+
+def is_finished(run_dir: str | pathlib.Path, total_steps: int, metric: str) -> bool:
+    """The run logged `metric` at `total_steps` (so rerunning the comparison skips it)."""
+    if not (pathlib.Path(run_dir) / "metrics.jsonl").is_file():
+        return False
+    rows = read_metrics(run_dir)
+    return any(r.get("step") == total_steps and r.get(metric) is not None for r in rows)
+
+
+def progress_line(done: int, total: int, label: str, trained_s: Sequence[float]) -> str:
+    """`[3/40] sdpo_s2 (2 trained, 95 s each, ~59 min left)`: what runs next and the ETA."""
+    if not trained_s:
+        return f"[{done + 1}/{total}] {label}"
+    each = float(np.mean(trained_s))
+    left = each * (total - done) / 60
+    eta = f"{len(trained_s)} trained, {each:.0f} s each, ~{left:.0f} min left"
+    return f"[{done + 1}/{total}] {label} ({eta})"
+
+
 # Per-step metric families the loop logs (metrics.jsonl keys, before any "/").
 _STEP_PREFIXES = ("rollout/", "loss", "grad_norm", "lr", "entropy", "distill/", "pg/", "kl/",
                   "ssopd/", "rhythm/", "algo/", "perf/", "time/", "mem/", "epoch")  # fmt: skip
@@ -56,7 +81,8 @@ def check_metric(metric: str, cfg: Any) -> None:
     heads = [f"mean@{n}", f"maj@{n}", f"best@{n}", "mean_reward"]
     evals = [f"eval/{h}" for h in heads] + [f"eval/{task}/{h}" for h in heads]
     if metric.startswith("eval/"):
-        if metric not in evals:
+        # a banded task (jaxsd.tasks.miniature) also logs `<metric>/band=<band>`
+        if metric.split("/band=")[0] not in evals:
             raise ValueError(
                 f"--metric {metric!r} is not logged by preset {cfg.get('preset')!r} "
                 f"(rollout.eval_n={n}, task {task!r}); it logs {evals}"
@@ -89,21 +115,29 @@ def compare(
             _set(cfg, key, value)
         check_metric(metric, cfg)
     runs: dict[str, dict[str, Any]] = {}
-    for method in methods:
-        for seed in seeds:
-            cfg = load_config(method, preset)
-            cfg.seed = seed
-            cfg.run_dir = str(out_dir / f"{method}_s{seed}")
-            for key, value in (overrides or {}).items():
-                _set(cfg, key, value)
+    trained_s: list[float] = []
+    for k, (method, seed) in enumerate((m, s) for m in methods for s in seeds):
+        cfg = load_config(method, preset)
+        cfg.seed = seed
+        cfg.run_dir = str(out_dir / f"{method}_s{seed}")
+        for key, value in (overrides or {}).items():
+            _set(cfg, key, value)
+        label = f"{method}_s{seed}"
+        if is_finished(cfg.run_dir, cfg.total_steps, metric):  # resumable run by run
+            print(f"[{k + 1}/{len(methods) * len(seeds)}] {label}: finished before", flush=True)
+        else:
+            print(progress_line(k, len(methods) * len(seeds), label, trained_s), flush=True)
+            t0 = time.perf_counter()
             train(cfg)
-            runs[f"{method}_s{seed}"] = {
-                "method": method,
-                "seed": seed,
-                "start": first_eval(cfg.run_dir, metric),
-                "end": final_eval(cfg.run_dir, metric),
-                "run_dir": cfg.run_dir,
-            }
+            trained_s.append(time.perf_counter() - t0)
+        runs[label] = {
+            "method": method,
+            "seed": seed,
+            "start": first_eval(cfg.run_dir, metric),
+            "end": final_eval(cfg.run_dir, metric),
+            "ends": last_evals(cfg.run_dir),
+            "run_dir": cfg.run_dir,
+        }
     summary = {"metric": metric, "runs": runs, "methods": {}}
     for method in methods:
         ends = [r["end"] for r in runs.values() if r["method"] == method and r["end"] is not None]
