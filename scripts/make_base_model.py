@@ -285,7 +285,9 @@ def measure(model, tokenizer, task, records, *, n, seed, m) -> dict[str, float]:
     return out
 
 
-def readme(argv: list[str], result: dict[str, Any], history: list[dict[str, Any]]) -> str:
+def readme(
+    argv: list[str], result: dict[str, Any], history: list[dict[str, Any]], name: str = "tiny_base"
+) -> str:
     """assets/tiny_base/README.md: how the folder was made and what it measured."""
     cmd = " ".join([".venv/bin/python scripts/make_base_model.py", *argv])
     n = result["eval_n"]
@@ -297,9 +299,12 @@ def readme(argv: list[str], result: dict[str, Any], history: list[dict[str, Any]
         if result["target"] > 1.0
         else f"the step cap, WITHOUT reaching the target pass rate {result['target']}"
     )
+    bands = sorted({k.split("band=")[1] for k in result if "_band=" in k})
     rows = "\n".join(
-        f"| {who} | {result[f'{who}_mean@{n}_t1']:.3f} | {result[f'{who}_mean@{n}_t06']:.3f} |"
+        f"| {who}{label} | {result[f'{who}_mean@{n}_t1{tag}']:.3f} "
+        f"| {result[f'{who}_mean@{n}_t06{tag}']:.3f} |"
         for who in ("student", "teacher")
+        for label, tag in [("", ""), *((f", band {b}", f"_band={b}") for b in bands)]
     )
     curve = "\n".join(
         f"| {h['step']} | {h['nll']:.3f} | "
@@ -317,12 +322,16 @@ def readme(argv: list[str], result: dict[str, Any], history: list[dict[str, Any]
         else "train split"
     )
     noise = (
-        f"Student-format targets are right {result['correct_frac']:.0%} of the time, "
+        f"Student-format targets are right a per-band fraction of the time "
+        f"(`{result['band_correct']}`), noise mode `{result['noise']}` otherwise "
+        f"(`noisy_deck` in the script)."
+        if result.get("band_correct")
+        else f"Student-format targets are right {result['correct_frac']:.0%} of the time, "
         f"noise mode `{result['noise']}` otherwise (`noisy_deck` in the script)."
         if result.get("correct_frac", 1.0) < 1.0
         else "All targets are right."
     )
-    return f"""# tiny_base: the shipped tiny Qwen3 base model
+    return f"""# {name}: a shipped tiny Qwen3 base model
 
 A {result["num_params"]:,}-parameter Qwen3 (`{json.dumps(SHAPE)}`), {origin}, then SFT
 with `jaxsd.train.sft` on the `{result["task"]}` task's {records}
@@ -444,7 +453,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     (out / "make_base_model.json").write_text(
         json.dumps({"args": vars(args), "result": result, "history": history}, indent=1)
     )
-    (out / "README.md").write_text(readme(argv, result, history))
+    (out / "README.md").write_text(readme(argv, result, history, out.name))
     shutil.rmtree(work)
     print(json.dumps(result))
     return result

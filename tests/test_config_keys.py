@@ -94,6 +94,7 @@ ALTERNATIVES: dict[str, Callable[[Any], list[Any]]] = {
     "task.name": lambda v: [
         {
             "arithmetic": "tool_call",
+            "miniature": "arithmetic",
             "math_aime": "math500",
             "mbpp": "humaneval",
             "livecodebench": "mbpp",
