@@ -29,6 +29,7 @@ ALL = [
     "math500",
     "math_aime",
     "mbpp",
+    "miniature",
     "sciknoweval",
     "sciknoweval_biology",
     "sciknoweval_chemistry",
