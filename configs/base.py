@@ -41,7 +41,8 @@ _BOOLS = {"true": True, "false": False}
 
 # The miniature comparison (docs/miniature.md) runs each method with its paper defaults, and one
 # rule for the settings counted in optimizer steps: they shrink by MINIATURE_STEPS / PAPER_STEPS
-# (the qwen3_8b preset's 200 steps), so a 10-step warm-up becomes 3 of 60.
+# (the qwen3_8b preset's 200 steps), so a 10-step warm-up becomes 3 of 60. A `steps=` setting
+# changes the run's length only, not these scaled durations.
 PAPER_STEPS = 200
 MINIATURE_STEPS = 60
 
