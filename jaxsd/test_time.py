@@ -123,7 +123,7 @@ def run_test_time(cfg: Any) -> dict[str, Any]:
     t0 = time.perf_counter()
     cfg = run_config.resolve_run_dir(cfg)  # `{hash}` in run_dir -> the config's hash
     run = build(cfg)
-    threshold = getattr(run.algorithm, "success_threshold", 0.5)
+    threshold = run.algorithm.success_threshold
     try:
         initial = jax.tree.map(jnp.copy, run.learner.state)
         run.worker.update_weights(run.learner.state, 0)

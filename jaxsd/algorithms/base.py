@@ -230,6 +230,7 @@ class Algorithm(Protocol):
 
     name: str
     state_type: ClassVar[type[HostState]]  # its memory's type; checkpoints restore through it
+    success_threshold: float  # reward >= this counts as solved (pass rates, metrics)
 
     def init_state(self, seed: int) -> HostState:
         """The state before the first step."""

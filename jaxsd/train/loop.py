@@ -36,15 +36,16 @@ def train_one_step(run: Run, step: int) -> dict[str, Any]:
     """Rollout -> verify -> plan -> train step -> update weights, for 0-based step `step`.
 
     With `rollout.async_steps=1` this step's rollouts were sampled while the previous step
-    trained (`run.ahead`), and the next step's are sampled while this one trains.
+    trained (`run.ahead`), and the engine receives this step's starting weights and samples
+    the next step's rollouts with them while this one trains.
     """
     t_start = time.perf_counter()
     records, epoch = run.data.for_step(step, run.settings)
     groups, stats = run.ahead if run.ahead is not None else run.worker.collect(records, step)
-    run.ahead = None
-    ahead = None
+    run.ahead, ahead = None, None
     if run.settings.rollout.async_steps and step + 1 < run.settings.loop.total_steps:
-        ahead = run.worker.submit(run.data.for_step(step + 1, run.settings)[0], step + 1)
+        upcoming, _ = run.data.for_step(step + 1, run.settings)
+        ahead = run.worker.submit(upcoming, step + 1, run.learner.state)
     maybe_inject_crash(step)
     stats.update(learn_on_groups(run, groups, step, epoch, sampling_ahead=ahead))
     stats["time/step_s"] = time.perf_counter() - t_start
@@ -56,22 +57,21 @@ def learn_on_groups(
 ) -> dict[str, Any]:
     """Plan -> train step -> update weights: optimizer step `step` + 1 on verified groups.
 
-    `sampling_ahead` (the next step's rollouts, in flight) is awaited before the engine's
-    weights change. Test-time self-distillation (jaxsd.test_time) calls this on its groups.
+    `sampling_ahead` (the next step's rollouts, in flight) is awaited; the new weights then
+    go to the engine with the next step's `submit` (or before an evaluation), else here.
+    Test-time self-distillation (jaxsd.test_time) calls this on its groups.
     """
     plans, run.host_state, algo_metrics = run.algorithm.plan(groups, run.host_state, epoch=epoch)
     learned = run.learner.learn(groups, plans, step)
-    if sampling_ahead is not None:
+    if sampling_ahead is None:
+        stats = run.worker.update_weights(run.learner.state, step + 1)
+    else:
         t_wait = time.perf_counter()
         run.ahead = sampling_ahead.result()
-        learned["time/rollout_wait_s"] = time.perf_counter() - t_wait
-    stats = run.worker.update_weights(run.learner.state, step + 1)
-    threshold = getattr(run.algorithm, "success_threshold", 0.5)
+        stats = {"time/rollout_wait_s": time.perf_counter() - t_wait}
+    threshold = run.algorithm.success_threshold
     stats.update(observe.group_metrics(groups, plans, threshold, run.settings.rollout.n))
-    stats.update({f"algo/{k}": v for k, v in algo_metrics.items()})
-    stats.update(learned)
-    stats["epoch"] = epoch
-    return stats
+    return stats | {f"algo/{k}": v for k, v in algo_metrics.items()} | learned | {"epoch": epoch}
 
 
 def start_or_resume(run: Run, checkpointer: Checkpointer) -> int:
@@ -180,6 +180,7 @@ def _steps(run: Run, checkpointer: Checkpointer, start: int, stop: GracefulStop,
             samples = row.pop(observe.SAMPLES)
             if loop.eval_every and (done % loop.eval_every == 0 or done == loop.total_steps):
                 t_eval = time.perf_counter()
+                run.worker.update_weights(run.learner.state, done)  # behind when sampling ahead
                 row.update(run.evaluate())
                 row["time/eval_s"] = time.perf_counter() - t_eval
                 summary["eval_end"] = {k: v for k, v in row.items() if k.startswith("eval/")}

@@ -128,8 +128,13 @@ class EmbeddedWeights:
         self.engine, self.engine_params = engine, engine_params
         self.max_staleness = max_staleness
 
-    def publish(self, state: Any, step: int) -> dict[str, float]:
-        self.engine.set_params(_single_device_copy(self.engine_params(state), state), step)
+    def snapshot(self, state: Any, step: int) -> nnx.State:
+        """The weights to serve, in buffers of their own (the next train step donates
+        `state`'s)."""
+        return _single_device_copy(self.engine_params(state), state)
+
+    def serve(self, snapshot: nnx.State, step: int) -> dict[str, float]:
+        self.engine.set_params(snapshot, step)
         return {}
 
     def staleness(self, result: RolloutResult, step: int) -> int:
@@ -145,9 +150,18 @@ class PublishedWeights:
     def __init__(self, model: nnx.Module, sync: Any, engine_params: Callable):
         self.model, self.sync, self.engine_params = model, sync, engine_params
 
-    def publish(self, state: Any, step: int) -> dict[str, float]:
+    def snapshot(self, state: Any, step: int) -> dict[str, np.ndarray] | None:
+        """HF-named host copies of the weights to serve; None for a step not published
+        (`publish_every`)."""
+        if not self.sync.should_publish(step):
+            return None
         nnx.update(self.model, self.engine_params(state))
-        timing = self.sync.after_step(step, lambda: to_hf_state_dict(self.model, self.model.config))
+        return to_hf_state_dict(self.model, self.model.config)
+
+    def serve(self, snapshot: dict[str, np.ndarray] | None, step: int) -> dict[str, float]:
+        """Save the snapshot as weights step `step`, then (as the sync decides) wait for the
+        workers to load it."""
+        timing = self.sync.after_step(step, lambda: snapshot)
         return {f"time/publish_{k}": v for k, v in (timing or {}).items()}
 
     def staleness(self, result: RolloutResult, step: int) -> int:
@@ -171,6 +185,7 @@ class RolloutWorker:
     seed: int
     slowest_rollout_s: float = 0.0  # sets the automatic rollout timeout
     restarts: int = 0
+    served_step: int | None = None  # the optimizer step whose weights the engine has
     _background: ThreadPoolExecutor | None = None  # sampling ahead (rollout.async_steps)
 
     @property
@@ -179,9 +194,16 @@ class RolloutWorker:
         return isinstance(self.weights, EmbeddedWeights)
 
     def update_weights(self, state: Any, step: int) -> dict[str, float]:
-        """Serve the params of optimizer step `step` from now on; returns publish timings."""
+        """Serve the params of optimizer step `step` from now on; returns publish timings
+        (none when that step is served already)."""
+        if step == self.served_step:
+            return {}
         t0 = time.perf_counter()
-        stats = self.weights.publish(state, step)
+        return self._serve(self.weights.snapshot(state, step), step, t0)
+
+    def _serve(self, snapshot: Any, step: int, t0: float) -> dict[str, float]:
+        stats = self.weights.serve(snapshot, step)
+        self.served_step = step
         return {**stats, "time/publish_s": time.perf_counter() - t0}
 
     def collect(
@@ -209,12 +231,31 @@ class RolloutWorker:
         }
         return algorithms.group_rollouts(rollouts), stats
 
-    def submit(self, records: Sequence[dict], step: int) -> Future:
-        """`collect(records, step)` in the background (rollout.async_steps): the engine samples
-        while the caller trains; `.result()` gives the groups and their metrics."""
+    def submit(self, records: Sequence[dict], step: int, state: Any) -> Future:
+        """Serve `state`'s weights (optimizer step `step` - 1), then `collect(records, step)`,
+        in the background (rollout.async_steps): the engine is brought up to date and samples
+        while the caller trains on `state`. `.result()` gives the groups and their metrics.
+
+        Only the weights' copy is taken here, before `state` is donated to the next train step;
+        saving and loading them overlap the train step too (one process: a multi-host save
+        synchronises the processes, so there it stays in front).
+        """
         if self._background is None:
             self._background = ThreadPoolExecutor(1, thread_name_prefix="jaxsd-rollout")
-        return self._background.submit(self.collect, list(records), step)
+        weights_step, t0 = step - 1, time.perf_counter()
+        if weights_step == self.served_step or jax.process_count() > 1:
+            published = self.update_weights(state, weights_step)
+            return self._background.submit(self._collect_with, published, list(records), step)
+        snapshot, records = self.weights.snapshot(state, weights_step), list(records)
+
+        def serve_then_collect() -> tuple[list[algorithms.Group], dict[str, float]]:
+            return self._collect_with(self._serve(snapshot, weights_step, t0), records, step)
+
+        return self._background.submit(serve_then_collect)
+
+    def _collect_with(self, stats: dict, records: Sequence[dict], step: int) -> tuple[list, dict]:
+        groups, collected = self.collect(records, step)
+        return groups, {**stats, **collected}
 
     def collect_all(
         self, records: Sequence[dict], per_call: int, n: int | None, purpose: int
