@@ -343,5 +343,19 @@ def test_missing_rule_and_batch_rule_divisibility_are_errors():
         validate_config(cfg, num_devices=3)
 
 
+@pytest.mark.parametrize(("tensor", "fsdp", "bad"), [(3, 1, 3), (2, 16, 32), (2, 8, None)])
+def test_a_length_rule_must_split_every_padded_length(tensor, fsdp, bad):
+    """Padded lengths are powers of two from 16: 3 or 32 shards cannot split them, 16 can."""
+    from jaxsd.train.validate import validate_config
+
+    cfg = _config(length="tensor,fsdp", batch="data")
+    cfg.mesh.update(data=1, fsdp=fsdp, tensor=tensor)
+    if bad is None:
+        validate_config(cfg, num_devices=tensor * fsdp)
+        return
+    with pytest.raises(ValueError, match=rf"mesh.rules.length='tensor,fsdp' .* = {bad} shards"):
+        validate_config(cfg, num_devices=tensor * fsdp)
+
+
 if __name__ == "__main__":
     _subprocess_main(sys.argv[1])

@@ -29,6 +29,10 @@ from jaxsd.algorithms.base import NO_LOSS, LossWeights
 from jaxsd.models.sharding import DEFAULT_RULES, Rules
 from jaxsd.train.mesh import batch_sharding
 
+# The padded lengths of train batches and of the embedded sampler: 16 ... 32768 tokens. Powers
+# of two, so a `length` sharding rule splits them evenly when it splits 16.
+LENGTH_BUCKETS = tuple(2**i for i in range(4, 16))
+
 __all__ = [
     "TrainBatch",
     "TrainSample",

@@ -18,9 +18,16 @@ import numpy as np
 
 from jaxsd import algorithms
 from jaxsd import metrics as metrics_lib
-from jaxsd.train.batch import TrainBatch, TrainSample, build_batch, global_batch, process_rows
+from jaxsd.train.batch import (
+    LENGTH_BUCKETS,
+    TrainBatch,
+    TrainSample,
+    build_batch,
+    global_batch,
+    process_rows,
+)
 from jaxsd.train.checkpoint import Checkpointer
-from jaxsd.train.rollout_worker import LENGTH_BUCKETS, ChatPrompts
+from jaxsd.train.rollout_worker import ChatPrompts
 from jaxsd.train.step import STATE_FINITE_PREFIX, StepConfig
 
 # Which config keys most likely make each part of the new state non-finite.

@@ -32,9 +32,9 @@ from jaxsd.tasks import Task
 from jaxsd.tasks.base import verify_all
 from jaxsd.tasks.reprompt import chat_token_ids
 from jaxsd.train import data
+from jaxsd.train.batch import LENGTH_BUCKETS
 from jaxsd.train.settings import EngineSettings, EvalSettings, PromptSettings, RolloutSettings
 
-LENGTH_BUCKETS = tuple(2**i for i in range(4, 16))  # 16 ... 32768 tokens
 EVAL_PURPOSE = 1  # data.sampling_seed purposes: 0 = training rollouts
 # The automatic rollout timeout: a multiple of the slowest rollout so far, with a floor (the
 # first request after start or a weights load may pay for compilation or a cold cache).

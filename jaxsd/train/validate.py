@@ -12,6 +12,7 @@ from jaxsd.losses.aggregate import AGG_MODES as LOSS_AGG_MODES
 from jaxsd.models.config import ATTENTION_IMPLS
 from jaxsd.models.lora import LORA_TARGETS
 from jaxsd.models.sharding import DEFAULT_RULES, LOGICAL_AXES, Rules, rule_axes, rules_from_strings
+from jaxsd.train.batch import LENGTH_BUCKETS
 from jaxsd.train.mesh import AXES, resolve_mesh_shape
 from jaxsd.train.step import POLICY_LOSSES
 
@@ -408,6 +409,22 @@ def _check_batch(cfg: Any, num_devices: int | None) -> None:
             "task.questions_per_step, the mesh or mesh.rules.batch"
         )
     _check_micro_batches(cfg, batch, batch_shards)
+    _check_length_shards(shape, rules)
+
+
+def _check_length_shards(shape: dict[str, int], rules: Rules) -> None:
+    """Every padded length (LENGTH_BUCKETS) splits evenly over the `length` rule's axes."""
+    axes = rule_axes(rules, "length")
+    shards = math.prod(shape[a] for a in axes)
+    shortest = min(LENGTH_BUCKETS)
+    if shards > 0 and shortest % shards:  # -1 (devices unknown) makes shards negative
+        sizes = " × ".join(f"mesh.{a}" for a in axes)
+        raise ValueError(
+            f"config mesh.rules.length={','.join(axes)!r} splits token positions over {sizes} "
+            f"= {shards} shards, but sequences are padded to powers of two from {shortest} "
+            f"tokens; map length to axes whose sizes multiply to a power of two <= {shortest}, "
+            'or to "" (not split)'
+        )
 
 
 def validate_config(
