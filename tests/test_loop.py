@@ -258,12 +258,15 @@ def test_lora_run_trains_only_adapters_and_serves_the_merged_weights(tmp_path):
     check_engine(run.worker.engine.model)  # the embedded engine serves the trainer's copy, merged
 
     class RecordingSync:  # the vLLM path: what would be published to the weights folder
+        def should_publish(self, step):
+            return True
+
         def after_step(self, step, hf_state_dict):
             self.published = (step, hf_state_dict())
 
     sync = RecordingSync()
     vllm_path = PublishedWeights(run.worker.engine.model, sync, run.worker.weights.engine_params)
-    vllm_path.publish(run.learner.state, 2)
+    vllm_path.serve(vllm_path.snapshot(run.learner.state, 2), 2)
     step, tensors = sync.published
     want = expected_engine_weights()
     assert step == 2
