@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import struct
+import time
 
 import ml_collections
 import pytest
@@ -46,6 +47,28 @@ def _tfrecords(path: str):
         pos += 12 + length + 4
 
 
+def _wandb_history_and_config(path: str, steps: int, wait_s: float = 10.0):
+    """History records and config of a W&B offline run file, re-read for up to `wait_s` until
+    `steps` history records are in it (W&B's service process writes the file)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        history, config = [], {}
+        for data in _leveldb_records(open(path, "rb").read(), header=7):
+            record = pb.Record()
+            record.ParseFromString(data)
+            kind = record.WhichOneof("record_type")
+            if kind == "history":
+                item = record.history.item
+                history.append({i.key or "/".join(i.nested_key): i.value_json for i in item})
+            elif kind == "run":
+                config.update({i.key: json.loads(i.value_json) for i in record.run.config.update})
+        if len(history) >= steps or time.monotonic() > deadline:
+            return history, config
+        time.sleep(0.2)
+
+
 def test_wandb_offline_mlflow_and_tensorboard_get_scalars_config_and_samples(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -58,19 +81,8 @@ def test_wandb_offline_mlflow_and_tensorboard_get_scalars_config_and_samples(tmp
         writer.write_samples(2, [SAMPLE])
 
     # W&B: the offline run file holds each step's scalars.
-    from wandb.proto import wandb_internal_pb2 as pb
-
     (wandb_file,) = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
-    history, config = [], {}
-    for data in _leveldb_records(open(wandb_file, "rb").read(), header=7):
-        record = pb.Record()
-        record.ParseFromString(data)
-        kind = record.WhichOneof("record_type")
-        if kind == "history":
-            items = {i.key or "/".join(i.nested_key): i.value_json for i in record.history.item}
-            history.append(items)
-        elif kind == "run":
-            config.update({i.key: json.loads(i.value_json) for i in record.run.config.update})
+    history, config = _wandb_history_and_config(wandb_file, steps=2)
     assert [
         (json.loads(h["_step"]), json.loads(h["loss"]), json.loads(h["eval/mean@16"]))
         for h in history
